@@ -1,0 +1,139 @@
+"""Model configuration and the named flavors (eve_tiny, eve_base, eve_large)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class EVEConfig:
+    """Architecture of EVE: a shared Transformer over [image; text] with hard- and soft-router FFNs.
+
+    Defaults are EVE-Base as described in the paper (Sec. 3, 4.1).
+    """
+
+    # Inputs (paper eq. 1-3).
+    image_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    vocab_size: int = 30522  # BERT uncased WordPiece vocabulary
+    max_text_len: int = 40  # text positions, including [CLS] and [SEP]
+    pad_token_id: int = 0
+
+    # Shared encoder.
+    num_layers: int = 12
+    hidden_size: int = 768
+    num_heads: int = 12
+    ffn_size: int = 3072
+    qkv_bias: bool = True  # BEiT v2 style: q and v biases, no k bias
+    layer_scale_init: float | None = 0.1  # layer scale gamma on both residual branches; None disables it
+    rel_pos_bias: bool = True  # per-block relative position bias among image tokens (BEiT v2)
+    drop_path_rate: float = 0.1
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    # Soft router (modality-aware MoE) on the top blocks; the others use the hard router.
+    soft_router_blocks: list[int] | None = None  # 0-based; None -> the top `num_soft_blocks` blocks
+    num_soft_blocks: int = 2
+    num_experts: int = 32
+    top_k: int = 2
+    ep_size: int = 1
+    drop_tokens: bool = False  # the paper's best-effort routing: no token is ever dropped
+    capacity_factor: float = 1.0  # only used when drop_tokens is True
+    modality_routing: bool = True  # router logits = W (x + b_m), paper eq. 6
+    top2_second_expert_sampling: bool = False  # DeepSpeed's Gumbel-noise 2nd expert; off = plain top-2
+
+    # Pre-training heads.
+    mlm_head_hidden: int | None = None  # two-layer MLP text decoder; None -> hidden_size
+    decoder_depth: int = 8  # MIM pixel decoder (MAE style)
+    decoder_width: int = 512
+    decoder_heads: int = 16
+    decoder_ffn_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def soft_blocks(self) -> list[int]:
+        """0-based indices of the soft-router blocks."""
+        if self.soft_router_blocks is not None:
+            return sorted(self.soft_router_blocks)
+        return list(range(self.num_layers - self.num_soft_blocks, self.num_layers))
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"model config: {msg}")
+
+        need(self.image_size % self.patch_size == 0,
+             f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}")
+        need(self.hidden_size % self.num_heads == 0,
+             f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
+        need(self.decoder_width % self.decoder_heads == 0,
+             f"decoder_width={self.decoder_width} must be divisible by decoder_heads={self.decoder_heads}")
+        need(0 <= self.num_soft_blocks <= self.num_layers,
+             f"num_soft_blocks={self.num_soft_blocks} must be in [0, num_layers={self.num_layers}]")
+        for b in self.soft_blocks:
+            need(0 <= b < self.num_layers,
+                 f"soft_router_blocks entry {b} outside [0, {self.num_layers - 1}]")
+        need(self.num_experts >= 1, f"num_experts={self.num_experts} must be >= 1")
+        need(self.top_k in (1, 2), f"top_k={self.top_k}: DeepSpeed's MoE supports 1 or 2")
+        need(self.top_k <= self.num_experts, f"top_k={self.top_k} > num_experts={self.num_experts}")
+        need(self.ep_size >= 1 and self.num_experts % self.ep_size == 0,
+             f"ep_size={self.ep_size} must divide num_experts={self.num_experts}")
+        need(self.max_text_len >= 3, f"max_text_len={self.max_text_len} must be >= 3 ([CLS] x [SEP])")
+        need(0.0 <= self.drop_path_rate < 1.0, f"drop_path_rate={self.drop_path_rate} must be in [0, 1)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EVEConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"model config: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+        return cls(**d)
+
+
+def eve_tiny(**overrides) -> EVEConfig:
+    """A CPU-sized EVE: 4 blocks of width 128, 4 experts on the top block, 64 px images."""
+    base = dict(
+        image_size=64, patch_size=16, num_layers=4, hidden_size=128, num_heads=4, ffn_size=512,
+        num_soft_blocks=1, num_experts=4, drop_path_rate=0.0, layer_scale_init=None,
+        decoder_depth=2, decoder_width=128, decoder_heads=4,
+    )
+    return EVEConfig(**{**base, **overrides})
+
+
+def eve_base(**overrides) -> EVEConfig:
+    """EVE-Base: 12 blocks, width 768, soft router (32 experts, top-2) on the top 2 blocks."""
+    return EVEConfig(**overrides)
+
+
+def eve_large(**overrides) -> EVEConfig:
+    """EVE-Large: 24 blocks, width 1024, soft router on the top 3 blocks."""
+    base = dict(
+        num_layers=24, hidden_size=1024, num_heads=16, ffn_size=4096, num_soft_blocks=3,
+        layer_scale_init=1e-5, drop_path_rate=0.1,
+    )
+    return EVEConfig(**{**base, **overrides})
+
+
+FLAVORS = {"eve_tiny": eve_tiny, "eve_base": eve_base, "eve_large": eve_large}
+
+
+def get_config(name: str, **overrides) -> EVEConfig:
+    if name not in FLAVORS:
+        raise ValueError(f"unknown model flavor {name!r}; choose one of {sorted(FLAVORS)}")
+    return FLAVORS[name](**overrides)
+

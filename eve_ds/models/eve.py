@@ -1,0 +1,134 @@
+"""EVE: one shared Transformer over [image; text] tokens (paper Sec. 3.1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from timm.layers import PatchEmbed, trunc_normal_
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from eve_ds.models.config import EVEConfig
+from eve_ds.models.layers import Block, SoftRouterFFN, Tokens
+
+
+@dataclass
+class EncoderOutput:
+    """hidden: (B, N, D) after the final norm, tokens ordered [image cls; patches; text].
+
+    aux_loss: sum of the soft-router blocks' load-balancing losses (eq. 7 without α) of this call.
+    expert_counts: {block index: (2, E) routes to each expert from image (row 0) and text (row 1) tokens}.
+    """
+
+    hidden: Tensor
+    n_image: int
+    aux_loss: Tensor
+    expert_counts: dict[int, Tensor] = field(default_factory=dict)
+
+    @property
+    def image(self) -> Tensor:
+        return self.hidden[:, : self.n_image]
+
+    @property
+    def text(self) -> Tensor:
+        return self.hidden[:, self.n_image :]
+
+
+class EVEModel(nn.Module):
+    """Embeddings (eq. 1-3) + blocks (hard router below, soft router on `cfg.soft_blocks`) + final norm."""
+
+    def __init__(self, cfg: EVEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.patch_embed = PatchEmbed(cfg.image_size, cfg.patch_size, cfg.in_chans, d)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, d))
+        self.word_embed = nn.Embedding(cfg.vocab_size, d, padding_idx=cfg.pad_token_id)
+        self.text_pos_embed = nn.Parameter(torch.zeros(1, cfg.max_text_len, d))
+        self.type_embed = nn.Embedding(2, d)  # 0: image, 1: text
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.num_layers).tolist()
+        soft = set(cfg.soft_blocks)
+        self.blocks = nn.ModuleList(Block(cfg, i in soft, dpr[i]) for i in range(cfg.num_layers))
+        self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.grad_checkpointing = False
+        # Drawn from the global RNG so that every rank (same seed) agrees; see init_experts.
+        self.expert_seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        self.apply(self._init_weights)
+        for p in (self.cls_token, self.pos_embed, self.text_pos_embed):
+            trunc_normal_(p, std=cfg.init_std)
+        self.init_experts(ep_rank=0)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=self.cfg.init_std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            trunc_normal_(m.weight, std=self.cfg.init_std)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def init_experts(self, ep_rank: int) -> None:
+        """(Re)initialise this rank's experts; global expert g gets the same weights for any ep_size."""
+        for i, block in enumerate(self.blocks):
+            if isinstance(block.ffn, SoftRouterFFN):
+                block.ffn.moe.init_experts(ep_rank, self.expert_seed + i, self.cfg.init_std)
+
+    # -- embeddings ---------------------------------------------------------------------------------------
+
+    def embed_image(self, image: Tensor, keep_ids: Tensor | None = None) -> Tensor:
+        """image: (B, C, H, W); keep_ids: (B, n) indices of the patches that enter (MIM), None = all.
+        -> (B, 1 + n, D) = [cls; patches] + position + image type embeddings."""
+        x = self.patch_embed(image) + self.pos_embed[:, 1:]
+        if keep_ids is not None:
+            x = torch.gather(x, 1, keep_ids[..., None].expand(-1, -1, x.shape[-1]))
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1) + self.type_embed.weight[0]
+
+    def embed_text(self, text_ids: Tensor) -> Tensor:
+        """text_ids: (B, L) starting with [CLS] -> (B, L, D)."""
+        L = text_ids.shape[1]
+        if L > self.cfg.max_text_len:
+            raise ValueError(f"text length {L} > max_text_len={self.cfg.max_text_len}")
+        return self.word_embed(text_ids) + self.text_pos_embed[:, :L] + self.type_embed.weight[1]
+
+    # -- encoder ------------------------------------------------------------------------------------------
+
+    def forward(self, image: Tensor | None = None, text_ids: Tensor | None = None,
+                text_mask: Tensor | None = None, keep_ids: Tensor | None = None) -> EncoderOutput:
+        """Encode [image; text]; either part may be absent (image-only / text-only passes).
+
+        image: (B, C, H, W); text_ids, text_mask: (B, L) with text_mask 1 on real tokens;
+        keep_ids: (B, n) visible patch indices for the asymmetric MIM pass.
+        """
+        parts, n_image = [], 0
+        if image is not None:
+            parts.append(self.embed_image(image, keep_ids))
+            n_image = parts[0].shape[1]
+        if text_ids is not None:
+            parts.append(self.embed_text(text_ids))
+        if not parts:
+            raise ValueError("EVEModel needs an image, a text or both")
+        x = torch.cat(parts, dim=1)
+        B, N = x.shape[:2]
+        valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
+        key_padding = None
+        if text_ids is not None and text_mask is not None:
+            valid[:, n_image:] = text_mask.bool()
+            if not bool(valid.all()):
+                key_padding = ~valid
+        tokens = Tokens(n_image, keep_ids, key_padding, valid)
+        aux = x.new_zeros((), dtype=torch.float32)
+        counts: dict[int, Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            if self.grad_checkpointing and self.training:
+                x, l_aux, c = checkpoint(block, x, tokens, use_reentrant=False)
+            else:
+                x, l_aux, c = block(x, tokens)
+            if l_aux is not None:
+                aux = aux + l_aux.float()
+                counts[i] = c
+        return EncoderOutput(self.norm(x), n_image, aux, counts)

@@ -1,0 +1,172 @@
+"""Blocks of the shared encoder: one self-attention for both modalities, a hard- or soft-router FFN."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
+from torch import Tensor, nn
+
+from eve_ds.models.config import EVEConfig
+from eve_ds.models.moe import IMAGE, TEXT, ModalityMoE
+
+
+@dataclass
+class Tokens:
+    """What every block needs to know about the token sequence [image; text].
+
+    n_image: length of the image part (image [CLS] + the patches that entered), 0 when there is no image.
+    patch_ids: (B, n_image - 1) indices of those patches in the full grid, None when all patches entered.
+    key_padding: (B, N) True on text padding, None when there is none.
+    valid: (B, N) True on real tokens (everything but text padding).
+    """
+
+    n_image: int
+    patch_ids: Tensor | None
+    key_padding: Tensor | None
+    valid: Tensor
+
+
+class RelativePositionBias(nn.Module):
+    """BEiT's relative position bias among image tokens: a learned (2G-1)^2 + 3 entry table per head,
+    the 3 extra entries for cls->patch, patch->cls and cls->cls."""
+
+    def __init__(self, grid: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_relative_distance = (2 * grid - 1) ** 2 + 3
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(self.num_relative_distance, num_heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (grid - 1)  # (P, P, 2)
+        n = grid * grid + 1
+        index = torch.zeros(n, n, dtype=torch.long)
+        index[1:, 1:] = rel[..., 0] * (2 * grid - 1) + rel[..., 1]
+        index[0, 1:] = self.num_relative_distance - 3
+        index[1:, 0] = self.num_relative_distance - 2
+        index[0, 0] = self.num_relative_distance - 1
+        self.register_buffer("relative_position_index", index, persistent=False)
+
+    def forward(self, patch_ids: Tensor | None) -> Tensor:
+        """-> (H, n, n) for all 1 + P image tokens, or (B, H, n, n) for [cls; patches[patch_ids]]."""
+        table = self.relative_position_bias_table
+        if patch_ids is None:
+            return table[self.relative_position_index].permute(2, 0, 1)
+        ids = torch.cat([patch_ids.new_zeros(patch_ids.shape[0], 1), patch_ids + 1], dim=1)  # (B, n)
+        index = self.relative_position_index[ids[:, :, None], ids[:, None, :]]  # (B, n, n)
+        return table[index].permute(0, 3, 1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention shared by both modalities (SDPA), with BEiT's q/v-only biases."""
+
+    def __init__(self, cfg: EVEConfig) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        if cfg.qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(d))
+            self.v_bias = nn.Parameter(torch.zeros(d))
+        else:
+            self.q_bias = self.v_bias = None
+        self.proj = nn.Linear(d, d)
+        self.rel_pos = RelativePositionBias(cfg.grid_size, cfg.num_heads) if cfg.rel_pos_bias else None
+
+    def attn_bias(self, tokens: Tokens, n: int, dtype: torch.dtype) -> Tensor | None:
+        """Additive mask (B or 1, H or 1, N, N): relative position bias on the image block, -inf on padding."""
+        bias = None
+        if self.rel_pos is not None and tokens.n_image > 0:
+            rel = self.rel_pos(tokens.patch_ids)
+            rel = rel if rel.dim() == 4 else rel.unsqueeze(0)
+            pad = n - tokens.n_image
+            bias = F.pad(rel, (0, pad, 0, pad)).to(dtype)
+        if tokens.key_padding is not None:
+            neg = torch.zeros(tokens.key_padding.shape, dtype=dtype, device=tokens.key_padding.device)
+            neg = neg.masked_fill(tokens.key_padding, torch.finfo(dtype).min)[:, None, None, :]
+            bias = neg if bias is None else bias + neg
+        return bias
+
+    def forward(self, x: Tensor, tokens: Tokens) -> Tensor:
+        """x: (B, N, D) -> (B, N, D)."""
+        B, N, D = x.shape
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, bias).view(B, N, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, Dh)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.attn_bias(tokens, N, q.dtype))
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class HardRouterFFN(nn.Module):
+    """One pre-norm FFN per modality; token i goes to the FFN of its modality (no gate, no loss)."""
+
+    def __init__(self, cfg: EVEConfig) -> None:
+        super().__init__()
+        d, f = cfg.hidden_size, cfg.ffn_size
+        self.norm_image = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.norm_text = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.ffn_image = Mlp(d, f, act_layer=nn.GELU)
+        self.ffn_text = Mlp(d, f, act_layer=nn.GELU)
+
+    def forward(self, x: Tensor, tokens: Tokens) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        # The image part is always first, so the split is a slice, not a gather.
+        n = tokens.n_image
+        parts = []
+        if n > 0:
+            parts.append(self.ffn_image(self.norm_image(x[:, :n])))
+        if n < x.shape[1]:
+            parts.append(self.ffn_text(self.norm_text(x[:, n:])))
+        return torch.cat(parts, dim=1), None, None
+
+
+class SoftRouterFFN(nn.Module):
+    """Pre-norm modality-aware MoE over the real tokens (text padding never reaches the router)."""
+
+    def __init__(self, cfg: EVEConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.moe = ModalityMoE(cfg.hidden_size, cfg.ffn_size, cfg.num_experts, cfg.ep_size, cfg.top_k,
+                               cfg.drop_tokens, cfg.capacity_factor, cfg.modality_routing,
+                               cfg.top2_second_expert_sampling)
+
+    def forward(self, x: Tensor, tokens: Tokens) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (out (B, N, D), l_aux, expert counts (2, E): routes per expert of image / text tokens)."""
+        h = self.norm(x)
+        modality = torch.full(x.shape[:2], IMAGE, dtype=torch.long, device=x.device)
+        modality[:, tokens.n_image:] = TEXT
+        valid = tokens.valid
+        routed, l_aux, routes = self.moe(h[valid], modality[valid])
+        out = torch.zeros_like(h).masked_scatter(valid[..., None], routed.to(h.dtype))
+        counts = torch.zeros(2, self.moe.num_experts, device=x.device)
+        mod = modality[valid].expand(routes.shape[0], -1).reshape(-1)
+        counts.index_put_((mod, routes.reshape(-1).long()), torch.ones_like(mod, dtype=counts.dtype),
+                          accumulate=True)
+        return out, l_aux, counts
+
+
+class Block(nn.Module):
+    """Pre-norm block: x += γ1 · Attn(LN(x)); x += γ2 · FFN(x), FFN = hard or soft router (own norms)."""
+
+    def __init__(self, cfg: EVEConfig, soft: bool, drop_path: float) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.soft = soft
+        self.norm1 = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn = SoftRouterFFN(cfg) if soft else HardRouterFFN(cfg)
+        if cfg.layer_scale_init is not None:
+            self.gamma_1 = nn.Parameter(cfg.layer_scale_init * torch.ones(d))
+            self.gamma_2 = nn.Parameter(cfg.layer_scale_init * torch.ones(d))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, tokens: Tokens) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """x: (B, N, D) -> (x, l_aux or None, expert counts (2, E) or None)."""
+        a = self.attn(self.norm1(x), tokens)
+        x = x + self.drop_path(a if self.gamma_1 is None else self.gamma_1 * a)
+        f, l_aux, counts = self.ffn(x, tokens)
+        x = x + self.drop_path(f if self.gamma_2 is None else self.gamma_2 * f)
+        return x, l_aux, counts

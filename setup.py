@@ -1,0 +1,38 @@
+"""EVE-DS: open pre-training for EVE (masked signal modeling + modality-aware MoE) on DeepSpeed."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="eve-ds",
+    version="0.1.0",
+    description="Pre-training EVE (AAAI 2024) with DeepSpeed ZeRO-2 and expert parallelism",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["eve_ds", "eve_ds.*"]),
+    package_data={"eve_ds": ["configs/*.yaml", "assets/bert-base-uncased/*", "ds_configs/*.json"]},
+    install_requires=[
+        "torch>=2.3",
+        "torchvision",
+        # DeepSpeed's MoE gate interface changed in 0.19.4 (TopKGate/top2gating signatures); built against 0.19.8.
+        "deepspeed>=0.19.4,<0.20",
+        "transformers>=4.40",
+        "timm>=1.0",
+        "webdataset>=0.2.86",
+        "accelerate>=0.30",
+        "pyyaml>=6",
+        "wandb>=0.17",
+        "safetensors>=0.4",
+        "pillow>=10",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
+    entry_points={
+        "console_scripts": [
+            "eve-pretrain=eve_ds.train.cli:main",
+            "eve-evaluate=eve_ds.train.evaluate:main",
+            "eve-info=eve_ds.models.info:main",
+        ]
+    },
+)
