@@ -1,0 +1,3 @@
+from eve_ds.train.cli import main
+
+raise SystemExit(main())

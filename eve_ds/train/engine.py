@@ -1,0 +1,118 @@
+"""The one place that builds the DeepSpeed engine: merged DeepSpeed config, parameter groups, optimizer,
+schedule, `deepspeed.initialize`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import deepspeed
+import torch
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from torch import nn
+
+from eve_ds.train.config import REPO_ROOT, ConfigError, RunConfig
+
+logger = logging.getLogger(__name__)
+
+DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
+# ds_configs/*.json may hold only these: batch sizes, optimizer and schedule come from the run config.
+DS_ALLOWED_KEYS = {"bf16", "fp16", "zero_optimization", "communication_data_type", "comms_logger",
+                   "prescale_gradients", "gradient_predivide_factor", "sparse_gradients", "wall_clock_breakdown",
+                   "zero_allow_untested_optimizer", "activation_checkpointing", "flops_profiler"}
+
+
+def load_ds_file(name_or_path: str) -> dict:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = DS_CONFIG_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        names = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
+        raise ConfigError(f"train.ds_config={name_or_path!r}: no file {path} (packaged: {names})")
+    ds = json.loads(path.read_text())
+    extra = sorted(set(ds) - DS_ALLOWED_KEYS)
+    if extra:
+        raise ConfigError(f"{path}: keys {extra} belong in the run config (batch, optimizer, schedule, "
+                          f"clipping); a DeepSpeed file holds only {sorted(DS_ALLOWED_KEYS)}")
+    return ds
+
+
+def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
+    t = cfg.train
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
+            f"{t.micro_batch_size} x world size {world_size}")
+    return t.global_batch_size // per_step
+
+
+def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
+    """ds_configs/<name>.json (ZeRO / precision / communication) + batch, accumulation and clipping."""
+    ds = load_ds_file(cfg.train.ds_config)
+    if cfg.train.device == "cpu" and ds.get("bf16", {}).get("enabled"):
+        logger.warning("bf16 on CPU is slow and not what the CPU tests use; see ds_configs/zero2_cpu.json")
+    ds.update(
+        train_batch_size=cfg.train.global_batch_size,
+        train_micro_batch_size_per_gpu=cfg.train.micro_batch_size,
+        gradient_accumulation_steps=grad_accum_steps(cfg, world_size),
+        gradient_clipping=cfg.optim.grad_clip,
+        steps_per_print=10**9,
+        zero_allow_untested_optimizer=True,  # the client optimizer below is torch's AdamW
+    )
+    return ds
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases, norms, 1-d scales (layer scale γ, router modality bias), embeddings, tokens and position
+    tables are exempt from weight decay, as in BEiT/MAE."""
+    keys = ("embed", "token", "relative_position_bias_table", "modality_bias")
+    return param.ndim <= 1 or any(k in name for k in keys)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if no_weight_decay(name, p) else decay).append(p)
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    # Expert parameters get groups of their own: ZeRO-2 reduces them over the expert-data-parallel group.
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def lr_lambda(cfg: RunConfig):
+    """Multiplier of the peak LR at a step: linear warm-up, then cosine (or linear) decay to min_lr."""
+    o, total = cfg.optim, cfg.train.max_steps
+    floor = o.min_lr / o.lr
+
+    def f(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
+        return floor + (1 - floor) * shape
+
+    return f
+
+
+def build_engine(cfg: RunConfig, model: nn.Module, world_size: int, device: str):
+    """-> (engine, optimizer, lr_scheduler, merged DeepSpeed config)."""
+    ds_config = build_ds_config(cfg, world_size)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
+                                  eps=o.eps, fused=device == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                          lr_scheduler=scheduler, config=ds_config)
+    return engine, optimizer, scheduler, ds_config
+
+
+def expert_parallel_rank(rank: int, ep_size: int) -> int:
+    """Rank within the expert-parallel group, as DeepSpeed lays groups out (consecutive ranks form one
+    expert-parallel group). Needed before `deepspeed.initialize`, which creates the groups."""
+    return rank % ep_size
