@@ -1,0 +1,286 @@
+"""The trainer: config, schedule, DeepSpeed config merge, end-to-end runs, exact resume, signals, faults.
+
+Runs go through the real DeepSpeed engine (CPU accelerator, gloo) on a small synthetic corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from eve_ds.train.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("eve_cache")
+
+
+def small(cache_dir: Path, **extra) -> list[str]:
+    """Overrides for a seconds-long tiny run on a small synthetic corpus shared by the module."""
+    base = {
+        "data.cache_dir": str(cache_dir), "data.synthetic_num_train": 512, "data.synthetic_num_val": 64,
+        "data.num_workers": 1, "train.micro_batch_size": 8, "train.global_batch_size": 8,
+        "train.log_every": 1, "train.eval_batches": 2, "optim.warmup_steps": 2,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+def env() -> dict:
+    """The environment of a fresh process: no distributed variables left by an in-process run."""
+    e = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    return e
+
+
+def run_train(run_dir: Path, overrides: list[str], nproc: int = 1, **kw) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "eve_ds.train"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(29500 + os.getpid() % 1000), "-m", "eve_ds.train"]
+    cmd += ["--run-dir", str(run_dir), *overrides]
+    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600, **kw)
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def complete_steps(run_dir: Path) -> list[int]:
+    root = run_dir / "checkpoints"
+    return sorted(int(p.name[5:]) for p in root.glob("step_*") if (p / "eve_complete.json").exists())
+
+
+# -- config -----------------------------------------------------------------------------------------------
+
+
+def test_packaged_configs_have_the_paper_recipe():
+    base, large = load_config("eve_base_4m", _data_env()), load_config("eve_large_16m", _data_env())
+    for cfg in (base, large):
+        assert cfg.optim.betas == [0.9, 0.98] and cfg.optim.weight_decay == 0.05
+        assert cfg.optim.warmup_steps == 10_000 and cfg.optim.schedule == "cosine"
+        assert cfg.train.global_batch_size == 2048
+        assert cfg.model.image_size == 224 and cfg.model.patch_size == 16
+        assert cfg.objective.image_mask_ratio == 0.75 and cfg.objective.text_mask_ratio == 0.5
+        assert cfg.objective.aux_loss_weight == 0.001
+        assert cfg.objective.objectives == ["mlm", "mim_pixel"]
+        assert cfg.model.num_experts == 32 and cfg.model.top_k == 2 and not cfg.model.drop_tokens
+    assert (base.optim.lr, base.train.max_steps, base.model.soft_blocks) == (5e-4, 480_000, [10, 11])
+    assert (large.optim.lr, large.train.max_steps, large.model.soft_blocks) == (2e-4, 280_000, [21, 22, 23])
+    assert "cc12m" in [c.name for c in large.data.train]
+
+
+def _data_env() -> list[str]:
+    os.environ.setdefault("EVE_DATA_ROOT", "/data")
+    return []
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=1e-3", "unknown config key 'optim.lrr'; did you mean optim.lr?"),
+        ("trian.max_steps=3", "unknown config key 'trian'; did you mean train?"),
+        ("train.max_steps=abc", "train.max_steps='abc' is invalid: expected an integer"),
+        ("optim.schedule=step", "optim.schedule='step' is invalid: expected one of cosine, linear, constant"),
+        ("model.ep_size=3", "ep_size=3 must divide num_experts=4"),
+        ("model.flavor=eve_huge", "model.flavor='eve_huge' is invalid"),
+        ("wandb.mode=maybe", "wandb.mode='maybe' is invalid: expected one of online, offline, disabled"),
+        ("data.hflip=2", "hflip=2.0 must be a probability"),
+        ("objective.objectives=[mlm,foo]", "unknown ['foo']"),
+    ],
+)
+def test_config_errors_name_the_key_and_the_allowed_values(override, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config("eve_tiny_synthetic", [override])
+    assert message in str(err.value)
+
+
+def test_overrides_and_flavor_defaults():
+    cfg = load_config("eve_tiny_synthetic", ["model.ep_size=2", "optim.lr=5e-4", "train.stop_after=7"])
+    assert cfg.model.ep_size == 2 and cfg.optim.lr == 5e-4 and cfg.train.stop_after == 7
+    assert cfg.model.hidden_size == 128 and cfg.model.soft_blocks == [3]  # eve_tiny flavor defaults
+
+
+def test_schedule_warmup_then_cosine_to_min_lr():
+    from eve_ds.train.engine import lr_lambda
+
+    cfg = load_config("eve_tiny_synthetic", ["optim.warmup_steps=10", "train.max_steps=110", "optim.lr=1e-3",
+                                              "optim.min_lr=1e-5"])
+    f = lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.01 + 0.99 * 0.5)  # half-way through the cosine
+    assert f(110) == pytest.approx(0.01)  # min_lr / lr
+    assert all(f(s) >= f(s + 1) for s in range(10, 110))
+
+
+def test_ds_config_merge_derives_accumulation_and_keeps_ds_files_to_zero_and_precision(tmp_path):
+    from eve_ds.train.engine import build_ds_config, load_ds_file
+
+    cfg = load_config("eve_base_4m", _data_env())
+    ds = build_ds_config(cfg, world_size=16)
+    assert ds["gradient_accumulation_steps"] == 2048 // (128 * 16)
+    assert ds["train_batch_size"] == 2048 and ds["zero_optimization"]["stage"] == 2
+    assert ds["bf16"]["enabled"] and ds["zero_optimization"]["reduce_scatter"]
+    with pytest.raises(ConfigError, match="not a multiple"):
+        build_ds_config(load_config("eve_base_4m", ["train.micro_batch_size=100"]), world_size=16)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 8}))
+    with pytest.raises(ConfigError, match="belong in the run config"):
+        load_ds_file(str(bad))
+
+
+def test_weight_decay_exemptions():
+    from eve_ds.objectives import PretrainingModel
+    from eve_ds.train.engine import no_weight_decay
+
+    cfg = load_config("eve_tiny_synthetic")
+    model = PretrainingModel(cfg.model, cfg.objective)
+    exempt = {n for n, p in model.named_parameters() if no_weight_decay(n, p)}
+    for name in ("encoder.cls_token", "encoder.pos_embed", "encoder.word_embed.weight",
+                 "encoder.blocks.0.attn.q_bias", "encoder.blocks.0.norm1.weight",
+                 "encoder.blocks.3.ffn.moe.deepspeed_moe.gate.modality_bias",
+                 "encoder.blocks.0.attn.rel_pos.relative_position_bias_table"):
+        assert name in exempt, name
+    for name in ("encoder.blocks.0.attn.qkv.weight", "encoder.blocks.0.ffn.ffn_image.fc1.weight",
+                 "encoder.blocks.3.ffn.moe.deepspeed_moe.gate.wg.weight", "objectives.mlm.head.dense.weight"):
+        assert name not in exempt, name
+
+
+# -- end to end -------------------------------------------------------------------------------------------
+
+
+def test_default_run_trains_validates_and_checkpoints(tmp_path, cache_dir):
+    from eve_ds.train.cli import main
+
+    run = tmp_path / "run"
+    overrides = small(cache_dir, **{"train.max_steps": 4, "train.checkpoint_every": 2, "train.eval_every": 2})
+    assert main(["--run-dir", str(run), *overrides]) == 0
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for r in train:
+        for k in ("loss", "mlm_loss", "mim_loss", "aux_loss", "lr", "grad_norm", "samples_per_s"):
+            assert math.isfinite(r[k]), k
+        assert r["loss"] == pytest.approx(r["mlm_loss"] + r["mim_loss"] + r["aux_loss"], rel=1e-5)
+        assert sum(r["expert_load/block3/image"]) == pytest.approx(1.0)
+    assert any("val/mlm_loss" in r for r in records)
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert 0 <= final["attr_word_acc"] <= 1 and 0 <= final["attr_word_acc_shuffled_images"] <= 1
+    assert complete_steps(run) == [2, 4]
+    assert (run / "config.yaml").exists() and json.loads((run / "ds_config.json").read_text())["train_batch_size"] == 8
+    # Running again with the same run dir resumes and finds the run complete.
+    assert main(["--run-dir", str(run), *overrides]) == 0
+    assert len(train_losses(run)) == 4
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, cache_dir):
+    overrides = small(cache_dir, **{"train.max_steps": 6, "train.checkpoint_every": 3, "train.eval_every": 100,
+                                    "data.num_workers": 2})
+    ref = tmp_path / "ref"
+    assert run_train(ref, overrides).returncode == 0
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "eve_ds.train", "--run-dir", str(run), *overrides,
+                             "train.stop_after=5"], env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while 3 not in complete_steps(run) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 3 in complete_steps(run)
+    assert run_train(run, overrides).returncode == 0
+    assert train_losses(run) == train_losses(ref)  # same data, masks and dropout: bitwise on CPU
+    assert len(train_losses(ref)) == 6
+
+
+def test_sigterm_saves_and_exits_with_the_preemption_code(tmp_path, cache_dir):
+    from eve_ds.train import EXIT_PREEMPTED
+
+    run = tmp_path / "run"
+    overrides = small(cache_dir, **{"train.max_steps": 10_000, "train.checkpoint_every": 10_000,
+                                    "train.eval_every": 10_000})
+    proc = subprocess.Popen([sys.executable, "-m", "eve_ds.train", "--run-dir", str(run), *overrides],
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(_lines(run / "metrics.jsonl")) < 2:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    steps = complete_steps(run)
+    assert len(steps) == 1 and steps[0] >= 2
+    assert json.loads((run / "checkpoints" / f"step_{steps[0]:08d}" / "trainer_state.json").read_text())[
+        "step"] == steps[0]
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_an_interrupted_save_is_never_resumed_from(tmp_path, cache_dir):
+    """A tag dir without its completion marker (what a kill during a save leaves) is skipped and removed."""
+    run = tmp_path / "run"
+    overrides = small(cache_dir, **{"train.max_steps": 4, "train.checkpoint_every": 2, "train.eval_every": 100})
+    assert run_train(run, [*overrides, "train.stop_after=2"]).returncode == 0
+    partial = run / "checkpoints" / "step_00000003"
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"\x80\x02truncated")
+    (run / "checkpoints" / "latest").write_text("step_00000003")  # even a pointer to it is not trusted
+    result = run_train(run, overrides)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stderr and "step_00000002" in result.stderr
+    assert complete_steps(run) == [2, 4] and not partial.exists()
+
+
+def test_nonfinite_losses_stop_the_run_naming_the_last_good_checkpoint(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    overrides = small(cache_dir, **{"train.max_steps": 40, "train.checkpoint_every": 2, "train.eval_every": 100,
+                                    "train.max_nonfinite_steps": 2, "optim.lr": 1e30, "optim.warmup_steps": 0,
+                                    "optim.grad_clip": 0.0})
+    result = run_train(run, overrides)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "non-finite losses in a row" in result.stderr
+    assert "last good checkpoint" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_ranks_zero2_expert_parallel_train_checkpoint_and_resume(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    overrides = small(cache_dir, **{"model.ep_size": 2, "train.global_batch_size": 16, "train.max_steps": 4,
+                                    "train.checkpoint_every": 2, "train.eval_every": 2})
+    first = run_train(run, [*overrides, "train.stop_after=2"], nproc=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert complete_steps(run) == [2]
+    tag = run / "checkpoints" / "step_00000002"
+    experts = sorted(p.name for p in tag.glob("layer_*_expert_*_model_states.pt"))
+    assert len(experts) == 4  # all 4 global experts saved, two from each expert-parallel rank
+    assert len(list(tag.glob("zero_pp_rank_*_optim_states.pt"))) == 2
+    assert "expert-parallel 2 x expert-data-parallel 1" in first.stderr
+    second = run_train(run, overrides, nproc=2)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert sorted(train_losses(run)) == [1, 2, 3, 4]
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["step"] == 4 and math.isfinite(final["mlm_loss"])
