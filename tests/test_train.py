@@ -284,3 +284,33 @@ def test_two_ranks_zero2_expert_parallel_train_checkpoint_and_resume(tmp_path, c
     assert sorted(train_losses(run)) == [1, 2, 3, 4]
     final = json.loads((run / "final_metrics.json").read_text())
     assert final["step"] == 4 and math.isfinite(final["mlm_loss"])
+
+
+@pytest.mark.slow
+def test_a_dead_rank_makes_the_other_exit_instead_of_hanging(tmp_path, cache_dir):
+    """Two ranks started by hand (no torchrun agent to clean up): SIGKILL one mid-run; the survivor must
+    fail with an error well within train.dist_timeout_s, not wait forever in a collective."""
+    run = tmp_path / "run"
+    overrides = small(cache_dir, **{"model.ep_size": 2, "train.global_batch_size": 16, "train.max_steps": 10_000,
+                                    "train.checkpoint_every": 10_000, "train.eval_every": 10_000,
+                                    "train.dist_timeout_s": 60})
+    port = str(29000 + os.getpid() % 500)
+    procs = []
+    for rank in range(2):
+        e = dict(env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, "-m", "eve_ds.train", "--run-dir", str(run), *overrides],
+                                      env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    deadline = time.time() + 300
+    while time.time() < deadline and len(_lines(run / "metrics.jsonl")) < 2:
+        assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-2000:]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    try:
+        _, err = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode not in (0, None)
+    assert time.time() - killed_at < 90
