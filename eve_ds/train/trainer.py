@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from eve_ds.data import build_train_loader, build_val_loader, load_tokenizer
+from eve_ds.data import build_train_loader, build_val_loader, ensure_synthetic_corpus, load_tokenizer
 from eve_ds.objectives import PretrainingModel
 from eve_ds.train.checkpoint import CheckpointManager, latest_complete, resume_options
 from eve_ds.train.config import RunConfig, save_config
-from eve_ds.train.distributed import all_reduce_max, init_distributed, resolve_device
+from eve_ds.train.distributed import all_reduce_max, barrier, init_distributed, resolve_device
 from eve_ds.train.engine import build_engine, expert_parallel_rank, grad_accum_steps
 from eve_ds.train.evaluate import attribute_ids_if_synthetic, evaluate
 from eve_ds.train.io import atomic_write_json
@@ -90,13 +90,10 @@ class Trainer:
         tag = self.resume_from
         self.engine.load_checkpoint(str(tag.parent), tag=tag.name, **resume_options(tag))
         saved = json.loads((tag / "trainer_state.json").read_text())
-        if saved["world_size"] != self.world or saved["num_workers"] != self.cfg.data.num_workers:
-            logger.warning("resuming with world size %d / %d loader workers (saved: %d / %d): the data "
-                           "stream is re-derived for the new layout; sample order is not the one an "
-                           "uninterrupted run would have seen", self.world, self.cfg.data.num_workers,
-                           saved["world_size"], saved["num_workers"])
-            per_rank = self.cfg.train.micro_batch_size * self.world
-            saved["batches_consumed"] = saved["samples_seen"] // per_rank
+        if saved["world_size"] != self.world:
+            logger.warning("resuming with world size %d (saved: %d): weights and optimizer state carry over; "
+                           "the data stream is re-derived for the new layout", self.world, saved["world_size"])
+        # The data loader compares its layout with the saved one (`saved_layout`) and says what changed.
         self.state.update(saved, world_size=self.world, num_workers=self.cfg.data.num_workers)
         self.metrics.truncate_after(self.state["step"])
         logger.info("resumed from %s (step %d)", tag, self.state["step"])
@@ -178,12 +175,9 @@ class Trainer:
                       samples_per_s=window_samples / max(window_s, 1e-9),
                       skipped_samples=self.state["skipped_samples"],
                       skipped_nonfinite=self.state["skipped_nonfinite"],
-                      epoch=self.state["samples_seen"] / max(1, self._epoch_size()))
+                      epoch=self.state["samples_seen"] / max(1, self.epoch_samples))
         self.metrics.log(record)
         return record
-
-    def _epoch_size(self) -> int:
-        return getattr(self, "_virtual_epoch", 0) or 1
 
     def validate(self) -> dict:
         spec = self._val_spec()
@@ -214,11 +208,16 @@ class Trainer:
         if start >= t.max_steps:
             logger.info("run in %s is already complete (step %d of %d)", self.run_dir, start, t.max_steps)
             return self._finish(final=not (self.run_dir / "final_metrics.json").exists(), saved=True)
+        if cfg.data.synthetic and self.rank == 0:  # generate once, before the other ranks look for it
+            ensure_synthetic_corpus(cfg.data.cache_dir, cfg.data.synthetic_num_train, cfg.data.synthetic_num_val,
+                                    cfg.data.synthetic_seed, cfg.model.image_size)
+        barrier()
         loader = build_train_loader(cfg.data, image_size=cfg.model.image_size, max_text_len=cfg.model.max_text_len,
                                     batch_size=t.micro_batch_size, rank=self.rank, world_size=self.world,
                                     seed=t.seed, start_batch=self.state["batches_consumed"],
-                                    tokenizer=self.tokenizer)
-        self._virtual_epoch = int(getattr(loader, "epoch_size", 0) or 0)
+                                    tokenizer=self.tokenizer, saved_layout=self.state.get("data_layout"))
+        self.state["data_layout"] = loader.layout
+        self.epoch_samples = loader.num_samples
         data_iter = iter(loader)
         if resumed:  # after iter(): creating the loader iterator draws from the torch RNG
             self.ckpt.load_rng(self.resume_from)
