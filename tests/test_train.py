@@ -29,9 +29,15 @@ def cache_dir(tmp_path_factory) -> Path:
 def small(cache_dir: Path, **extra) -> list[str]:
     """Overrides for a seconds-long tiny run on a small synthetic corpus shared by the module."""
     base = {
-        "data.cache_dir": str(cache_dir), "data.synthetic_num_train": 512, "data.synthetic_num_val": 64,
-        "data.num_workers": 1, "train.micro_batch_size": 8, "train.global_batch_size": 8,
-        "train.log_every": 1, "train.eval_batches": 2, "optim.warmup_steps": 2,
+        "data.cache_dir": str(cache_dir),
+        "data.synthetic_num_train": 512,
+        "data.synthetic_num_val": 64,
+        "data.num_workers": 1,
+        "train.micro_batch_size": 8,
+        "train.global_batch_size": 8,
+        "train.log_every": 1,
+        "train.eval_batches": 2,
+        "optim.warmup_steps": 2,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -52,8 +58,17 @@ def run_train(run_dir: Path, overrides: list[str], nproc: int = 1, **kw) -> subp
     if nproc == 1:
         cmd = [sys.executable, "-m", "eve_ds.train"]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29500 + os.getpid() % 1000), "-m", "eve_ds.train"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+            "-m",
+            "eve_ds.train",
+        ]
     cmd += ["--run-dir", str(run_dir), *overrides]
     return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600, **kw)
 
@@ -125,8 +140,10 @@ def test_overrides_and_flavor_defaults():
 def test_schedule_warmup_then_cosine_to_min_lr():
     from eve_ds.train.engine import lr_lambda
 
-    cfg = load_config("eve_tiny_synthetic", ["optim.warmup_steps=10", "train.max_steps=110", "optim.lr=1e-3",
-                                              "optim.min_lr=1e-5"])
+    cfg = load_config(
+        "eve_tiny_synthetic",
+        ["optim.warmup_steps=10", "train.max_steps=110", "optim.lr=1e-3", "optim.min_lr=1e-5"],
+    )
     f = lr_lambda(cfg)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0)
@@ -158,13 +175,22 @@ def test_weight_decay_exemptions():
     cfg = load_config("eve_tiny_synthetic")
     model = PretrainingModel(cfg.model, cfg.objective)
     exempt = {n for n, p in model.named_parameters() if no_weight_decay(n, p)}
-    for name in ("encoder.cls_token", "encoder.pos_embed", "encoder.word_embed.weight",
-                 "encoder.blocks.0.attn.q_bias", "encoder.blocks.0.norm1.weight",
-                 "encoder.blocks.3.ffn.moe.deepspeed_moe.gate.modality_bias",
-                 "encoder.blocks.0.attn.rel_pos.relative_position_bias_table"):
+    for name in (
+        "encoder.cls_token",
+        "encoder.pos_embed",
+        "encoder.word_embed.weight",
+        "encoder.blocks.0.attn.q_bias",
+        "encoder.blocks.0.norm1.weight",
+        "encoder.blocks.3.ffn.moe.deepspeed_moe.gate.modality_bias",
+        "encoder.blocks.0.attn.rel_pos.relative_position_bias_table",
+    ):
         assert name in exempt, name
-    for name in ("encoder.blocks.0.attn.qkv.weight", "encoder.blocks.0.ffn.ffn_image.fc1.weight",
-                 "encoder.blocks.3.ffn.moe.deepspeed_moe.gate.wg.weight", "objectives.mlm.head.dense.weight"):
+    for name in (
+        "encoder.blocks.0.attn.qkv.weight",
+        "encoder.blocks.0.ffn.ffn_image.fc1.weight",
+        "encoder.blocks.3.ffn.moe.deepspeed_moe.gate.wg.weight",
+        "objectives.mlm.head.dense.weight",
+    ):
         assert name not in exempt, name
 
 
@@ -189,22 +215,29 @@ def test_default_run_trains_validates_and_checkpoints(tmp_path, cache_dir):
     final = json.loads((run / "final_metrics.json").read_text())
     assert 0 <= final["attr_word_acc"] <= 1 and 0 <= final["attr_word_acc_shuffled_images"] <= 1
     assert complete_steps(run) == [2, 4]
-    assert (run / "config.yaml").exists() and json.loads((run / "ds_config.json").read_text())["train_batch_size"] == 8
+    assert (run / "config.yaml").exists() and json.loads((run / "ds_config.json").read_text())[
+        "train_batch_size"
+    ] == 8
     # Running again with the same run dir resumes and finds the run complete.
     assert main(["--run-dir", str(run), *overrides]) == 0
     assert len(train_losses(run)) == 4
 
 
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path, cache_dir):
-    overrides = small(cache_dir, **{"train.max_steps": 6, "train.checkpoint_every": 3, "train.eval_every": 100,
-                                    "data.num_workers": 2})
+    overrides = small(
+        cache_dir,
+        **{"train.max_steps": 6, "train.checkpoint_every": 3, "train.eval_every": 100, "data.num_workers": 2},
+    )
     ref = tmp_path / "ref"
     assert run_train(ref, overrides).returncode == 0
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "eve_ds.train", "--run-dir", str(run), *overrides,
-                             "train.stop_after=5"], env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eve_ds.train", "--run-dir", str(run), *overrides, "train.stop_after=5"],
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while 3 not in complete_steps(run) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -220,10 +253,16 @@ def test_sigterm_saves_and_exits_with_the_preemption_code(tmp_path, cache_dir):
     from eve_ds.train import EXIT_PREEMPTED
 
     run = tmp_path / "run"
-    overrides = small(cache_dir, **{"train.max_steps": 10_000, "train.checkpoint_every": 10_000,
-                                    "train.eval_every": 10_000})
-    proc = subprocess.Popen([sys.executable, "-m", "eve_ds.train", "--run-dir", str(run), *overrides],
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    overrides = small(
+        cache_dir, **{"train.max_steps": 10_000, "train.checkpoint_every": 10_000, "train.eval_every": 10_000}
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eve_ds.train", "--run-dir", str(run), *overrides],
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and len(_lines(run / "metrics.jsonl")) < 2:
         time.sleep(0.1)
@@ -232,8 +271,10 @@ def test_sigterm_saves_and_exits_with_the_preemption_code(tmp_path, cache_dir):
     assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
     steps = complete_steps(run)
     assert len(steps) == 1 and steps[0] >= 2
-    assert json.loads((run / "checkpoints" / f"step_{steps[0]:08d}" / "trainer_state.json").read_text())[
-        "step"] == steps[0]
+    assert (
+        json.loads((run / "checkpoints" / f"step_{steps[0]:08d}" / "trainer_state.json").read_text())["step"]
+        == steps[0]
+    )
 
 
 def _lines(path: Path) -> list[str]:
@@ -243,7 +284,9 @@ def _lines(path: Path) -> list[str]:
 def test_an_interrupted_save_is_never_resumed_from(tmp_path, cache_dir):
     """A tag dir without its completion marker (what a kill during a save leaves) is skipped and removed."""
     run = tmp_path / "run"
-    overrides = small(cache_dir, **{"train.max_steps": 4, "train.checkpoint_every": 2, "train.eval_every": 100})
+    overrides = small(
+        cache_dir, **{"train.max_steps": 4, "train.checkpoint_every": 2, "train.eval_every": 100}
+    )
     assert run_train(run, [*overrides, "train.stop_after=2"]).returncode == 0
     partial = run / "checkpoints" / "step_00000003"
     partial.mkdir()
@@ -257,9 +300,18 @@ def test_an_interrupted_save_is_never_resumed_from(tmp_path, cache_dir):
 
 def test_nonfinite_losses_stop_the_run_naming_the_last_good_checkpoint(tmp_path, cache_dir):
     run = tmp_path / "run"
-    overrides = small(cache_dir, **{"train.max_steps": 40, "train.checkpoint_every": 2, "train.eval_every": 100,
-                                    "train.max_nonfinite_steps": 2, "optim.lr": 1e30, "optim.warmup_steps": 0,
-                                    "optim.grad_clip": 0.0})
+    overrides = small(
+        cache_dir,
+        **{
+            "train.max_steps": 40,
+            "train.checkpoint_every": 2,
+            "train.eval_every": 100,
+            "train.max_nonfinite_steps": 2,
+            "optim.lr": 1e30,
+            "optim.warmup_steps": 0,
+            "optim.grad_clip": 0.0,
+        },
+    )
     result = run_train(run, overrides)
     assert result.returncode == 3, result.stderr[-3000:]
     assert "non-finite losses in a row" in result.stderr
@@ -269,8 +321,16 @@ def test_nonfinite_losses_stop_the_run_naming_the_last_good_checkpoint(tmp_path,
 @pytest.mark.slow
 def test_two_ranks_zero2_expert_parallel_train_checkpoint_and_resume(tmp_path, cache_dir):
     run = tmp_path / "run"
-    overrides = small(cache_dir, **{"model.ep_size": 2, "train.global_batch_size": 16, "train.max_steps": 4,
-                                    "train.checkpoint_every": 2, "train.eval_every": 2})
+    overrides = small(
+        cache_dir,
+        **{
+            "model.ep_size": 2,
+            "train.global_batch_size": 16,
+            "train.max_steps": 4,
+            "train.checkpoint_every": 2,
+            "train.eval_every": 2,
+        },
+    )
     first = run_train(run, [*overrides, "train.stop_after=2"], nproc=2)
     assert first.returncode == 0, first.stderr[-3000:]
     assert complete_steps(run) == [2]
@@ -291,16 +351,37 @@ def test_a_dead_rank_makes_the_other_exit_instead_of_hanging(tmp_path, cache_dir
     """Two ranks started by hand (no torchrun agent to clean up): SIGKILL one mid-run; the survivor must
     fail with an error well within train.dist_timeout_s, not wait forever in a collective."""
     run = tmp_path / "run"
-    overrides = small(cache_dir, **{"model.ep_size": 2, "train.global_batch_size": 16, "train.max_steps": 10_000,
-                                    "train.checkpoint_every": 10_000, "train.eval_every": 10_000,
-                                    "train.dist_timeout_s": 60})
+    overrides = small(
+        cache_dir,
+        **{
+            "model.ep_size": 2,
+            "train.global_batch_size": 16,
+            "train.max_steps": 10_000,
+            "train.checkpoint_every": 10_000,
+            "train.eval_every": 10_000,
+            "train.dist_timeout_s": 60,
+        },
+    )
     port = str(29000 + os.getpid() % 500)
     procs = []
     for rank in range(2):
-        e = dict(env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                 MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, "-m", "eve_ds.train", "--run-dir", str(run), *overrides],
-                                      env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        e = dict(
+            env(),
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "eve_ds.train", "--run-dir", str(run), *overrides],
+                env=e,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     deadline = time.time() + 300
     while time.time() < deadline and len(_lines(run / "metrics.jsonl")) < 2:
         assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-2000:]
@@ -313,4 +394,5 @@ def test_a_dead_rank_makes_the_other_exit_instead_of_hanging(tmp_path, cache_dir
         for p in procs:
             p.kill()
     assert procs[0].returncode not in (0, None)
+    assert "Error" in err  # an exception, not a silent exit
     assert time.time() - killed_at < 90

@@ -13,7 +13,6 @@ A tag directory without ``eve_complete.json`` (a crash or a kill during the save
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -54,16 +53,6 @@ def latest_complete(path: Path) -> Path | None:
         if tags:
             return tags[-1]
     return None
-
-
-def resume_options(tag_dir: Path) -> dict:
-    """Arguments for `engine.load_checkpoint`: a resharded checkpoint whose optimizer state was dropped
-    (its `reshard_info.json` says so) loads module weights only."""
-    info = Path(tag_dir) / "reshard_info.json"
-    if info.is_file() and json.loads(info.read_text()).get("optimizer_state") == "dropped":
-        logger.warning("%s: optimizer state was dropped by resharding; loading model weights only", tag_dir)
-        return {"load_optimizer_states": False, "load_lr_scheduler_states": False, "load_module_only": True}
-    return {"load_optimizer_states": True, "load_lr_scheduler_states": True}
 
 
 def rng_state() -> dict:
@@ -116,16 +105,6 @@ class CheckpointManager:
         for p in self.root.iterdir():
             if p.is_dir() and TAG_RE.match(p.name) and not (p / COMPLETE).exists() and p.name < newest:
                 shutil.rmtree(p, ignore_errors=True)
-
-    def load(self, engine, tag_dir: Path, load_optimizer: bool = True) -> dict:
-        """Load a complete checkpoint into the engine; restores nothing of the RNG (see `load_rng`)."""
-        path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                         load_optimizer_states=load_optimizer,
-                                         load_lr_scheduler_states=load_optimizer,
-                                         load_module_only=not load_optimizer)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
-        return json.loads((tag_dir / "trainer_state.json").read_text())
 
     def load_rng(self, tag_dir: Path) -> bool:
         f = tag_dir / f"rng_state_rank{self.rank}.pt"

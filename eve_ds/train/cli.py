@@ -1,8 +1,8 @@
 """`eve-pretrain` / `python -m eve_ds.train`: pre-train EVE.
 
-    eve-pretrain                                   # tiny model, synthetic corpus, CPU: a first run
-    eve-pretrain --config eve_base_4m --run-dir runs/base optim.lr=4e-4 model.ep_size=8
-    torchrun --nproc_per_node 2 -m eve_ds.train model.ep_size=2
+eve-pretrain                                   # tiny model, synthetic corpus, CPU: a first run
+eve-pretrain --config eve_base_4m --run-dir runs/base optim.lr=4e-4 model.ep_size=8
+torchrun --nproc_per_node 2 -m eve_ds.train model.ep_size=2
 """
 
 from __future__ import annotations
@@ -18,14 +18,24 @@ logger = logging.getLogger("eve_ds.train")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="eve-pretrain", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--config", default="eve_tiny_synthetic",
-                   help="packaged config name (eve_tiny_synthetic, eve_base_4m, eve_large_4m, eve_large_16m) "
-                        "or a YAML path")
-    p.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>); an existing "
-                                                   "one is resumed from its latest checkpoint")
+    p = argparse.ArgumentParser(
+        prog="eve-pretrain",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "--config",
+        default="eve_tiny_synthetic",
+        help="packaged config name (eve_tiny_synthetic, eve_base_4m, eve_large_4m, eve_large_16m) "
+        "or a YAML path",
+    )
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        help="run directory (default: runs/<config name>); an existing "
+        "one is resumed from its latest checkpoint",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p.parse_args(argv)
 

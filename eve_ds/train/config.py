@@ -9,6 +9,7 @@ defaults the other model keys override.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -97,14 +98,26 @@ class RunConfig:
         _check(t.device in ("auto", "cpu", "cuda"), "train.device", t.device, "one of auto, cpu, cuda")
         _check(o.lr > 0, "optim.lr", o.lr, "> 0")
         _check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"in [0, optim.lr={o.lr}]")
-        _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
-               "two values in [0, 1)")
+        _check(
+            len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+            "optim.betas",
+            o.betas,
+            "two values in [0, 1)",
+        )
         _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
-        _check(o.schedule in ("cosine", "linear", "constant"), "optim.schedule", o.schedule,
-               "one of cosine, linear, constant")
+        _check(
+            o.schedule in ("cosine", "linear", "constant"),
+            "optim.schedule",
+            o.schedule,
+            "one of cosine, linear, constant",
+        )
         _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
-        _check(self.wandb.mode in ("online", "offline", "disabled"), "wandb.mode", self.wandb.mode,
-               "one of online, offline, disabled")
+        _check(
+            self.wandb.mode in ("online", "offline", "disabled"),
+            "wandb.mode",
+            self.wandb.mode,
+            "one of online, offline, disabled",
+        )
         self.model.validate()
         self.objective.validate()
         self.data.validate()
@@ -174,8 +187,13 @@ def from_dict(raw: dict) -> RunConfig:
         model_cfg = get_config(flavor, **model)
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from e
-    sections = {"objective": ObjectiveConfig, "data": DataConfig, "optim": OptimConfig,
-                "train": TrainConfig, "wandb": WandbConfig}
+    sections = {
+        "objective": ObjectiveConfig,
+        "data": DataConfig,
+        "optim": OptimConfig,
+        "train": TrainConfig,
+        "wandb": WandbConfig,
+    }
     _reject_unknown(raw, RunConfig, "", extra=())
     kwargs: dict[str, Any] = {"model": model_cfg, "model_flavor": flavor, "name": raw.get("name", "eve")}
     for key, cls in sections.items():
@@ -213,7 +231,11 @@ def _reject_unknown(d: dict, cls: type, prefix: str, extra: tuple[str, ...]) -> 
         if key not in valid:
             near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
             where = f"{prefix}.{key}" if prefix else key
-            hint = f"; did you mean {', '.join((prefix + '.' if prefix else '') + n for n in near)}?" if near else ""
+            hint = (
+                f"; did you mean {', '.join((prefix + '.' if prefix else '') + n for n in near)}?"
+                if near
+                else ""
+            )
             raise ConfigError(f"unknown config key {where!r}{hint} (valid: {', '.join(sorted(valid))})")
 
 
@@ -266,10 +288,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r} is invalid: expected a number")
         return float(value)

@@ -34,8 +34,13 @@ def _slurm_master_addr() -> str:
     """First host of the allocation (`scontrol show hostnames` expands `node[01-04]`)."""
     nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True,
-                             text=True, timeout=30).stdout.split()
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.split()
         if out:
             return out[0]
     except (OSError, subprocess.SubprocessError):
@@ -73,8 +78,11 @@ def init_distributed(device: str, timeout_s: int) -> DistEnv:
         torch.cuda.set_device(denv.local_rank)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+        deepspeed.init_distributed(
+            dist_backend="nccl" if device == "cuda" else "gloo",
+            auto_mpi_discovery=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
     return denv
 
 

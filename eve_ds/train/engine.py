@@ -19,9 +19,20 @@ logger = logging.getLogger(__name__)
 
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 # ds_configs/*.json may hold only these: batch sizes, optimizer and schedule come from the run config.
-DS_ALLOWED_KEYS = {"bf16", "fp16", "zero_optimization", "communication_data_type", "comms_logger",
-                   "prescale_gradients", "gradient_predivide_factor", "sparse_gradients", "wall_clock_breakdown",
-                   "zero_allow_untested_optimizer", "activation_checkpointing", "flops_profiler"}
+DS_ALLOWED_KEYS = {
+    "bf16",
+    "fp16",
+    "zero_optimization",
+    "communication_data_type",
+    "comms_logger",
+    "prescale_gradients",
+    "gradient_predivide_factor",
+    "sparse_gradients",
+    "wall_clock_breakdown",
+    "zero_allow_untested_optimizer",
+    "activation_checkpointing",
+    "flops_profiler",
+}
 
 
 def load_ds_file(name_or_path: str) -> dict:
@@ -34,8 +45,10 @@ def load_ds_file(name_or_path: str) -> dict:
     ds = json.loads(path.read_text())
     extra = sorted(set(ds) - DS_ALLOWED_KEYS)
     if extra:
-        raise ConfigError(f"{path}: keys {extra} belong in the run config (batch, optimizer, schedule, "
-                          f"clipping); a DeepSpeed file holds only {sorted(DS_ALLOWED_KEYS)}")
+        raise ConfigError(
+            f"{path}: keys {extra} belong in the run config (batch, optimizer, schedule, "
+            f"clipping); a DeepSpeed file holds only {sorted(DS_ALLOWED_KEYS)}"
+        )
     return ds
 
 
@@ -45,7 +58,8 @@ def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
     if t.global_batch_size % per_step:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
-            f"{t.micro_batch_size} x world size {world_size}")
+            f"{t.micro_batch_size} x world size {world_size}"
+        )
     return t.global_batch_size // per_step
 
 
@@ -77,8 +91,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if no_weight_decay(name, p) else decay).append(p)
-    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
-              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
     # Expert parameters get groups of their own: ZeRO-2 reduces them over the expert-data-parallel group.
     return split_params_into_different_moe_groups_for_optimizer(groups)
 
@@ -104,11 +120,13 @@ def build_engine(cfg: RunConfig, model: nn.Module, world_size: int, device: str)
     """-> (engine, optimizer, lr_scheduler, merged DeepSpeed config)."""
     ds_config = build_ds_config(cfg, world_size)
     o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
-                                  eps=o.eps, fused=device == "cuda")
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=device == "cuda"
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                          lr_scheduler=scheduler, config=ds_config)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
     return engine, optimizer, scheduler, ds_config
 
 

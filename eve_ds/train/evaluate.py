@@ -26,8 +26,16 @@ def _to_device(batch: dict, device: str, dtype: torch.dtype) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, loader, *, device: str, dtype: torch.dtype = torch.float32, seed: int = 1234,
-             max_batches: int = 0, attr_token_ids: list[int] | None = None) -> dict[str, float]:
+def evaluate(
+    model,
+    loader,
+    *,
+    device: str,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 1234,
+    max_batches: int = 0,
+    attr_token_ids: list[int] | None = None,
+) -> dict[str, float]:
     """Mean MSM metrics over `loader` (all ranks together when distributed).
 
     Masks come from a generator seeded per batch, so every call (and every checkpoint) sees the same
@@ -98,8 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-batches", type=int, default=0, help="0 = the whole set")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--synthetic", action="store_true",
-                   help="also report attribute-word accuracy (synthetic corpus); default: from the config")
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="also report attribute-word accuracy (synthetic corpus); default: from the config",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
@@ -110,12 +121,20 @@ def main(argv: list[str] | None = None) -> int:
     data_cfg = run.get("data") or {}
     tokenizer = load_tokenizer(data_cfg.get("tokenizer", "bert-base-uncased"))
     synthetic = args.synthetic or bool(data_cfg.get("synthetic", False))
-    attr_ids = attribute_ids_if_synthetic(DataConfig(train=[], synthetic=True), tokenizer) if synthetic else None
+    attr_ids = (
+        attribute_ids_if_synthetic(DataConfig(train=[], synthetic=True), tokenizer) if synthetic else None
+    )
     mcfg = model.model_cfg
-    loader = build_val_loader(args.data, image_size=mcfg.image_size, max_text_len=mcfg.max_text_len,
-                              batch_size=args.batch_size, tokenizer=tokenizer)
-    metrics = evaluate(model, loader, device=device, seed=args.seed, max_batches=args.max_batches,
-                       attr_token_ids=attr_ids)
+    loader = build_val_loader(
+        args.data,
+        image_size=mcfg.image_size,
+        max_text_len=mcfg.max_text_len,
+        batch_size=args.batch_size,
+        tokenizer=tokenizer,
+    )
+    metrics = evaluate(
+        model, loader, device=device, seed=args.seed, max_batches=args.max_batches, attr_token_ids=attr_ids
+    )
     if args.json:
         print(json.dumps(metrics, sort_keys=True))
     else:

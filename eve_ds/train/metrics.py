@@ -56,8 +56,11 @@ class MetricsWriter:
             return
         from eve_ds.train.io import atomic_write_text
 
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        keep = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
         atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, record: dict) -> None:
@@ -83,8 +86,16 @@ def _init_wandb(cfg, run_dir: Path, config: dict | None):
     if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
         logger.warning("wandb.mode=online but no API key is configured: logging offline to %s", run_dir)
         mode = "offline"
-    return wandb.init(project=cfg.project, name=cfg.name or run_dir.name, entity=cfg.entity, mode=mode,
-                      dir=str(run_dir), config=config, resume="allow", id=_wandb_id(run_dir))
+    return wandb.init(
+        project=cfg.project,
+        name=cfg.name or run_dir.name,
+        entity=cfg.entity,
+        mode=mode,
+        dir=str(run_dir),
+        config=config,
+        resume="allow",
+        id=_wandb_id(run_dir),
+    )
 
 
 def _wandb_id(run_dir: Path) -> str:

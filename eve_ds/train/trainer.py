@@ -12,9 +12,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from eve_ds.convert import resume_options
 from eve_ds.data import build_train_loader, build_val_loader, ensure_synthetic_corpus, load_tokenizer
 from eve_ds.objectives import PretrainingModel
-from eve_ds.train.checkpoint import CheckpointManager, latest_complete, resume_options
+from eve_ds.train import EXIT_PREEMPTED
+from eve_ds.train.checkpoint import CheckpointManager, latest_complete
 from eve_ds.train.config import RunConfig, save_config
 from eve_ds.train.distributed import all_reduce_max, barrier, init_distributed, resolve_device
 from eve_ds.train.engine import build_engine, expert_parallel_rank, grad_accum_steps
@@ -25,7 +27,6 @@ from eve_ds.train.metrics import MetricsWriter, setup_logging
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
-from eve_ds.train import EXIT_PREEMPTED  # noqa: E402  (85: saved after a signal; requeue)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -47,8 +48,15 @@ class Trainer:
         self._build_model()
         self.engine, _, self.scheduler, ds_config = build_engine(cfg, self.model, self.world, self.device)
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
-        self.state = {"step": 0, "batches_consumed": 0, "samples_seen": 0, "skipped_nonfinite": 0,
-                      "skipped_samples": 0, "world_size": self.world, "num_workers": cfg.data.num_workers}
+        self.state = {
+            "step": 0,
+            "batches_consumed": 0,
+            "samples_seen": 0,
+            "skipped_nonfinite": 0,
+            "skipped_samples": 0,
+            "world_size": self.world,
+            "num_workers": cfg.data.num_workers,
+        }
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
             atomic_write_json(self.run_dir / "ds_config.json", ds_config)
@@ -59,10 +67,18 @@ class Trainer:
         ep = self.cfg.model.ep_size
         if self.world % ep:
             raise ValueError(f"model.ep_size={ep} must divide the world size {self.world}")
-        logger.info("layout: world %d = data-parallel %d; expert-parallel %d x expert-data-parallel %d; "
-                    "micro-batch %d x grad-accum %d x %d ranks = global batch %d", self.world, self.world, ep,
-                    self.world // ep, self.cfg.train.micro_batch_size, self.accum, self.world,
-                    self.cfg.train.global_batch_size)
+        logger.info(
+            "layout: world %d = data-parallel %d; expert-parallel %d x expert-data-parallel %d; "
+            "micro-batch %d x grad-accum %d x %d ranks = global batch %d",
+            self.world,
+            self.world,
+            ep,
+            self.world // ep,
+            self.cfg.train.micro_batch_size,
+            self.accum,
+            self.world,
+            self.cfg.train.global_batch_size,
+        )
 
     def _build_model(self) -> None:
         cfg = self.cfg
@@ -78,8 +94,12 @@ class Trainer:
             report = load_init_weights(self.model, cfg.train.init_from, ep_rank=ep_rank)
             logger.info("initialised from %s: %s", cfg.train.init_from, report)
         n = sum(p.numel() for p in self.model.parameters())
-        logger.info("model %s: %.1fM parameters on this rank (ep_size=%d)", cfg.model_flavor, n / 1e6,
-                    cfg.model.ep_size)
+        logger.info(
+            "model %s: %.1fM parameters on this rank (ep_size=%d)",
+            cfg.model_flavor,
+            n / 1e6,
+            cfg.model.ep_size,
+        )
 
     # -- resume -------------------------------------------------------------------------------------------
 
@@ -88,11 +108,17 @@ class Trainer:
         if self.resume_from is None:
             return False
         tag = self.resume_from
-        self.engine.load_checkpoint(str(tag.parent), tag=tag.name, **resume_options(tag))
+        # Optimizer state is not loaded when a reshard dropped it or the layout (world, ep_size) changed.
+        opts = resume_options(tag, world_size=self.world, ep_size=self.cfg.model.ep_size)
+        self.engine.load_checkpoint(str(tag.parent), tag=tag.name, **opts)
         saved = json.loads((tag / "trainer_state.json").read_text())
         if saved["world_size"] != self.world:
-            logger.warning("resuming with world size %d (saved: %d): weights and optimizer state carry over; "
-                           "the data stream is re-derived for the new layout", self.world, saved["world_size"])
+            logger.warning(
+                "resuming with world size %d (saved: %d): weights and optimizer state carry over; "
+                "the data stream is re-derived for the new layout",
+                self.world,
+                saved["world_size"],
+            )
         # The data loader compares its layout with the saved one (`saved_layout`) and says what changed.
         self.state.update(saved, world_size=self.world, num_workers=self.cfg.data.num_workers)
         self.metrics.truncate_after(self.state["step"])
@@ -100,8 +126,11 @@ class Trainer:
         return True
 
     def save(self) -> Path:
-        eve_config = {"model": self.cfg.model.to_dict(), "objective": vars(self.cfg.objective),
-                      "run": self.cfg.to_dict()}
+        eve_config = {
+            "model": self.cfg.model.to_dict(),
+            "objective": vars(self.cfg.objective),
+            "run": self.cfg.to_dict(),
+        }
         return self.ckpt.save(self.engine, self.state["step"], dict(self.state), eve_config)
 
     # -- signals ------------------------------------------------------------------------------------------
@@ -152,13 +181,18 @@ class Trainer:
                 if consecutive >= self.cfg.train.max_nonfinite_steps:
                     raise NonFiniteLossError(
                         f"{consecutive} non-finite losses in a row at step {self.state['step']}; last good "
-                        f"checkpoint: {last if last else 'none'}")
+                        f"checkpoint: {last if last else 'none'}"
+                    )
                 continue
             consecutive = 0
             outs.append(out)
         self.state["step"] = int(self.engine.global_steps)
         self.state["samples_seen"] += self.cfg.train.global_batch_size
-        keep = [k for k in outs[0] if k.endswith("_loss") or k in ("loss", "mlm_acc") or k.startswith("expert_load")]
+        keep = [
+            k
+            for k in outs[0]
+            if k.endswith("_loss") or k in ("loss", "mlm_acc") or k.startswith("expert_load")
+        ]
         return {"lr": lr, **{k: sum(o[k].detach().float() for o in outs) / len(outs) for k in keep}}
 
     def _log(self, step: int, m: dict, window_samples: int, window_s: float) -> None:
@@ -171,11 +205,14 @@ class Trainer:
         for k in m:
             if k.startswith("expert_load"):
                 record[f"{k}/image"], record[f"{k}/text"] = m[k][0].tolist(), m[k][1].tolist()
-        record.update(lr=m["lr"], grad_norm=_float(self.engine.get_global_grad_norm()),
-                      samples_per_s=window_samples / max(window_s, 1e-9),
-                      skipped_samples=self.state["skipped_samples"],
-                      skipped_nonfinite=self.state["skipped_nonfinite"],
-                      epoch=self.state["samples_seen"] / max(1, self.epoch_samples))
+        record.update(
+            lr=m["lr"],
+            grad_norm=_float(self.engine.get_global_grad_norm()),
+            samples_per_s=window_samples / max(window_s, 1e-9),
+            skipped_samples=self.state["skipped_samples"],
+            skipped_nonfinite=self.state["skipped_nonfinite"],
+            epoch=self.state["samples_seen"] / max(1, self.epoch_samples),
+        )
         self.metrics.log(record)
         return record
 
@@ -183,16 +220,31 @@ class Trainer:
         spec = self._val_spec()
         if spec is None:
             return {}
-        loader = build_val_loader(spec, image_size=self.cfg.model.image_size,
-                                  max_text_len=self.cfg.model.max_text_len,
-                                  batch_size=self.cfg.train.micro_batch_size, rank=self.rank,
-                                  world_size=self.world, tokenizer=self.tokenizer)
+        loader = build_val_loader(
+            spec,
+            image_size=self.cfg.model.image_size,
+            max_text_len=self.cfg.model.max_text_len,
+            batch_size=self.cfg.train.micro_batch_size,
+            rank=self.rank,
+            world_size=self.world,
+            tokenizer=self.tokenizer,
+        )
         attr = attribute_ids_if_synthetic(self.cfg.data, self.tokenizer)
-        m = evaluate(self.engine.module, loader, device=self.device, dtype=self.dtype, seed=self.cfg.train.seed,
-                     max_batches=self.cfg.train.eval_batches, attr_token_ids=attr)
+        m = evaluate(
+            self.engine.module,
+            loader,
+            device=self.device,
+            dtype=self.dtype,
+            seed=self.cfg.train.seed,
+            max_batches=self.cfg.train.eval_batches,
+            attr_token_ids=attr,
+        )
         self.metrics.log({"step": self.state["step"], **{f"val/{k}": v for k, v in m.items()}})
-        logger.info("validation at step %d: %s", self.state["step"],
-                    ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+        logger.info(
+            "validation at step %d: %s",
+            self.state["step"],
+            ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()),
+        )
         return m
 
     def _val_spec(self) -> str | None:
@@ -209,13 +261,26 @@ class Trainer:
             logger.info("run in %s is already complete (step %d of %d)", self.run_dir, start, t.max_steps)
             return self._finish(final=not (self.run_dir / "final_metrics.json").exists(), saved=True)
         if cfg.data.synthetic and self.rank == 0:  # generate once, before the other ranks look for it
-            ensure_synthetic_corpus(cfg.data.cache_dir, cfg.data.synthetic_num_train, cfg.data.synthetic_num_val,
-                                    cfg.data.synthetic_seed, cfg.model.image_size)
+            ensure_synthetic_corpus(
+                cfg.data.cache_dir,
+                cfg.data.synthetic_num_train,
+                cfg.data.synthetic_num_val,
+                cfg.data.synthetic_seed,
+                cfg.model.image_size,
+            )
         barrier()
-        loader = build_train_loader(cfg.data, image_size=cfg.model.image_size, max_text_len=cfg.model.max_text_len,
-                                    batch_size=t.micro_batch_size, rank=self.rank, world_size=self.world,
-                                    seed=t.seed, start_batch=self.state["batches_consumed"],
-                                    tokenizer=self.tokenizer, saved_layout=self.state.get("data_layout"))
+        loader = build_train_loader(
+            cfg.data,
+            image_size=cfg.model.image_size,
+            max_text_len=cfg.model.max_text_len,
+            batch_size=t.micro_batch_size,
+            rank=self.rank,
+            world_size=self.world,
+            seed=t.seed,
+            start_batch=self.state["batches_consumed"],
+            tokenizer=self.tokenizer,
+            saved_layout=self.state.get("data_layout"),
+        )
         self.state["data_layout"] = loader.layout
         self.epoch_samples = loader.num_samples
         data_iter = iter(loader)
@@ -257,13 +322,19 @@ class Trainer:
             m = getattr(self, "final_val", None) or self.validate()
             if self.rank == 0:
                 last = self._last_train_record()
-                atomic_write_json(self.run_dir / "final_metrics.json",
-                                  {"step": self.state["step"], **{f"train_{k}": v for k, v in last.items()}, **m})
+                atomic_write_json(
+                    self.run_dir / "final_metrics.json",
+                    {"step": self.state["step"], **{f"train_{k}": v for k, v in last.items()}, **m},
+                )
         self.metrics.close()
         if self.rank == 0:
             ckpt = latest_complete(self.run_dir / "checkpoints")
-            logger.info("done. run dir: %s | checkpoint: %s | metrics: %s", self.run_dir, ckpt,
-                        self.run_dir / "metrics.jsonl")
+            logger.info(
+                "done. run dir: %s | checkpoint: %s | metrics: %s",
+                self.run_dir,
+                ckpt,
+                self.run_dir / "metrics.jsonl",
+            )
         return EXIT_OK
 
     def _last_train_record(self) -> dict:
@@ -273,7 +344,9 @@ class Trainer:
             for line in path.read_text().splitlines():
                 rec = json.loads(line)
                 if "loss" in rec:
-                    last = {k: rec[k] for k in ("loss", "mlm_loss", "mim_loss", "aux_loss", "mlm_acc") if k in rec}
+                    last = {
+                        k: rec[k] for k in ("loss", "mlm_loss", "mim_loss", "aux_loss", "mlm_acc") if k in rec
+                    }
         return last
 
 

@@ -1,0 +1,18 @@
+"""Checkpoint conversion: DeepSpeed checkpoints -> consolidated exports (native / Hugging Face), resharding
+to another expert-parallel size, and initial weights from BEiT v2 (CLI: ``tools/convert_ckpt.py``)."""
+
+from eve_ds.convert.beit import import_beitv2, load_init_weights
+from eve_ds.convert.checkpoint import ConvertError
+from eve_ds.convert.export import export, load_encoder, load_pretraining_model
+from eve_ds.convert.reshard import reshard, resume_options
+
+__all__ = [
+    "ConvertError",
+    "export",
+    "import_beitv2",
+    "load_encoder",
+    "load_init_weights",
+    "load_pretraining_model",
+    "reshard",
+    "resume_options",
+]

@@ -1,0 +1,84 @@
+"""`tools/convert_ckpt.py`: export, reshard and import EVE checkpoints.
+
+    convert_ckpt.py export SRC DST [--dtype fp32|bf16] [--format native|hf]
+    convert_ckpt.py reshard SRC DST --ep-size B [--world-size W] [--strict-optimizer]
+    convert_ckpt.py import-beitv2 SRC DST --model eve_base|eve_large [--bert BERT_STATE_DICT]
+
+SRC of export/reshard: a run dir (its checkpoints/latest), a checkpoints dir or a DeepSpeed tag dir
+(export also takes a native export). DST is written next to itself first and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from eve_ds.convert.checkpoint import ConvertError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="convert_ckpt.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="DeepSpeed checkpoint -> one consolidated folder")
+    e.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    e.add_argument("--format", default="native", choices=["native", "hf"], dest="fmt")
+    r = sub.add_parser("reshard", help="DeepSpeed checkpoint -> run dir for another ep_size / world size")
+    r.add_argument("--ep-size", type=int, required=True)
+    r.add_argument(
+        "--world-size", type=int, default=None, help="target data-parallel size (default: the source's)"
+    )
+    r.add_argument(
+        "--strict-optimizer",
+        action="store_true",
+        help="fail instead of dropping optimizer state that cannot be resharded",
+    )
+    b = sub.add_parser("import-beitv2", help="timm BEiT v2 state dict -> EVE initial weights (native export)")
+    b.add_argument("--model", default="eve_base", choices=["eve_tiny", "eve_base", "eve_large"])
+    b.add_argument("--bert", default=None, help="HF BertModel state dict: word + position embeddings")
+    b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    for s in (e, r, b):
+        s.add_argument("src")
+        s.add_argument("dst")
+        s.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    from eve_ds.convert import export, import_beitv2, reshard
+
+    if args.cmd == "export":
+        export(args.src, args.dst, dtype=args.dtype, fmt=args.fmt, overwrite=args.overwrite)
+    elif args.cmd == "reshard":
+        reshard(
+            args.src,
+            args.dst,
+            args.ep_size,
+            world_size=args.world_size,
+            strict_optimizer=args.strict_optimizer,
+            overwrite=args.overwrite,
+        )
+    else:
+        import_beitv2(
+            args.src, args.dst, model=args.model, bert=args.bert, dtype=args.dtype, overwrite=args.overwrite
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not logging.getLogger().handlers:  # leave a caller's (or pytest's) logging alone
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        )
+    try:
+        run(args)
+    except ConvertError as e:
+        print(f"convert_ckpt.py {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dst}")
+    return 0

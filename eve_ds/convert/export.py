@@ -1,0 +1,150 @@
+"""Consolidated ("native") exports: one ``model.safetensors`` with every weight in the ep_size=1 layout,
+``config.json`` ({"model", "objective", "run", ...}) and the tokenizer files — loadable in one process
+with any ep_size, without DeepSpeed's checkpoint machinery."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from eve_ds.convert.checkpoint import (
+    ConvertError,
+    consolidated_state_dict,
+    model_config,
+    read_eve_config,
+    resolve_tag_dir,
+)
+from eve_ds.convert.io import copy_tokenizer, staging_dir, write_json
+from eve_ds.models.eve import EVEModel
+from eve_ds.objectives import ObjectiveConfig, PretrainingModel
+
+logger = logging.getLogger(__name__)
+
+NATIVE_FORMAT = "eve-native"
+WEIGHTS = "model.safetensors"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def is_native_export(path: Path) -> bool:
+    f = Path(path) / "config.json"
+    return (
+        f.is_file()
+        and (Path(path) / WEIGHTS).is_file()
+        and json.loads(f.read_text()).get("format") == NATIVE_FORMAT
+    )
+
+
+def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Weights (ep_size=1 names) and config dict of a native export, a DeepSpeed tag dir or a run dir."""
+    path = Path(path)
+    if is_native_export(path):
+        try:
+            sd = load_file(path / WEIGHTS)
+        except Exception as e:
+            raise ConvertError(f"{path / WEIGHTS}: cannot be read as safetensors ({e})") from e
+        return sd, json.loads((path / "config.json").read_text())
+    tag = resolve_tag_dir(path)
+    cfg = read_eve_config(tag)
+    sd, _ = consolidated_state_dict(tag, model_config(cfg).num_experts)
+    state = tag / "trainer_state.json"
+    cfg = {
+        **cfg,
+        "source": str(tag),
+        "step": json.loads(state.read_text()).get("step") if state.is_file() else None,
+    }
+    return sd, cfg
+
+
+def objective_config(cfg: dict) -> ObjectiveConfig:
+    try:
+        obj = ObjectiveConfig(**(cfg.get("objective") or {}))
+        obj.validate()
+    except (TypeError, ValueError) as e:
+        raise ConvertError(f"objective config: {e}") from e
+    return obj
+
+
+def load_checked(module: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict(strict) with a message that names the missing, unexpected and mis-shaped keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [
+        f"{k}: {tuple(sd[k].shape)} in {source}, {tuple(v.shape)} in the model"
+        for k, v in own.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = [
+            f"{len(missing)} missing {missing[:5]}" if missing else "",
+            f"{len(unexpected)} unexpected {unexpected[:5]}" if unexpected else "",
+            f"{len(shapes)} with another shape {shapes[:5]}" if shapes else "",
+        ]
+        raise ConvertError(
+            f"weights of {source} do not match the model config: " + "; ".join(p for p in parts if p)
+        )
+    module.load_state_dict(sd, strict=True)
+
+
+def build_pretraining_model(cfg: dict, ep_size: int = 1) -> PretrainingModel:
+    return PretrainingModel(model_config(cfg, ep_size=ep_size), objective_config(cfg))
+
+
+def load_pretraining_model(path: str | Path, device: str = "cpu") -> tuple[PretrainingModel, dict]:
+    """A native export dir, a DeepSpeed tag dir or a run dir -> (PretrainingModel with ep_size=1 in eval
+    mode, config dict {"model", "objective", "run"?, ...}); experts are gathered from their files."""
+    sd, cfg = read_source(path)
+    model = build_pretraining_model(cfg)
+    load_checked(model, sd, str(path))
+    cfg = {**cfg, "model": {**cfg["model"], "ep_size": 1}}
+    return model.to(device).eval(), cfg
+
+
+def load_encoder(path: str | Path, device: str = "cpu") -> EVEModel:
+    """Only the encoder (no objective heads) of a native export / DeepSpeed checkpoint, ep_size=1, eval."""
+    sd, cfg = read_source(path)
+    enc = {k[len("encoder.") :]: v for k, v in sd.items() if k.startswith("encoder.")}
+    model = EVEModel(model_config(cfg, ep_size=1), image_mask_token="mask_token" in enc)
+    load_checked(model, enc, str(path))
+    return model.to(device).eval()
+
+
+def write_native(dst: Path, state_dict: dict[str, torch.Tensor], cfg: dict, dtype: str) -> None:
+    """Write model.safetensors + config.json + tokenizer into the (staging) directory `dst`."""
+    if dtype not in DTYPES:
+        raise ConvertError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    sd = {
+        k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).detach().contiguous().cpu()
+        for k, v in state_dict.items()
+    }
+    save_file(sd, dst / WEIGHTS, metadata={"format": "pt"})
+    tokenizer = copy_tokenizer(cfg, dst)
+    meta = {k: v for k, v in cfg.items() if k not in ("format", "dtype", "tokenizer_files")}
+    write_json(
+        dst / "config.json", {**meta, "format": NATIVE_FORMAT, "dtype": dtype, "tokenizer_files": tokenizer}
+    )
+
+
+def export(
+    src: str | Path, dst: str | Path, dtype: str = "fp32", fmt: str = "native", overwrite: bool = False
+) -> Path:
+    """DeepSpeed checkpoint (any ep_size) or native export -> a native or Hugging Face folder at `dst`."""
+    if fmt not in ("native", "hf"):
+        raise ConvertError(f"--format {fmt!r}: choose native or hf")
+    if dtype not in DTYPES:
+        raise ConvertError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    model, cfg = load_pretraining_model(src)
+    with staging_dir(dst, overwrite) as tmp:
+        if fmt == "native":
+            write_native(tmp, model.state_dict(), cfg, dtype)
+        else:
+            from eve_ds.convert.hf_export import write_hf
+
+            write_hf(tmp, model.encoder, cfg, dtype)
+    logger.info("exported %s -> %s (%s, %s)", src, dst, fmt, dtype)
+    return Path(dst)
