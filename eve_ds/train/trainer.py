@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from eve_ds.bench.flops import TextShape, flops_per_pair, peak_tflops
 from eve_ds.convert import resume_options
 from eve_ds.data import build_train_loader, build_val_loader, ensure_synthetic_corpus, load_tokenizer
 from eve_ds.objectives import PretrainingModel
@@ -159,6 +160,7 @@ class Trainer:
         batch = next(data_iter)
         self.state["batches_consumed"] += 1
         self.state["skipped_samples"] += int(batch.get("num_skipped", 0))
+        self.text_tokens = float(batch["text_mask"].sum(1).float().mean())  # for the FLOP count (MFU)
         out = self.engine(self._to_device(batch))
         bad = all_reduce_max(0.0 if bool(torch.isfinite(out["loss"])) else 1.0, self.device)
         if bad:
@@ -213,8 +215,20 @@ class Trainer:
             skipped_nonfinite=self.state["skipped_nonfinite"],
             epoch=self.state["samples_seen"] / max(1, self.epoch_samples),
         )
+        if self.device == "cuda":
+            record["mfu"] = self._mfu(record["samples_per_s"])
         self.metrics.log(record)
         return record
+
+    def _mfu(self, samples_per_s: float) -> float | None:
+        """Model FLOPs utilisation: pairs/s x FLOPs per pair / (peak bf16 FLOP/s x GPUs). The FLOP formula
+        (matmuls only, training = 3 x forward) is stated in eve_ds/bench/flops.py."""
+        peak = peak_tflops(torch.cuda.get_device_name())
+        if peak is None:
+            return None
+        text = TextShape(padded=self.cfg.model.max_text_len, real=round(self.text_tokens))
+        flops = flops_per_pair(self.cfg.model, self.cfg.objective, text, self.cfg.train.micro_batch_size)
+        return samples_per_s * flops / (peak * 1e12 * self.world)
 
     def validate(self) -> dict:
         spec = self._val_spec()
