@@ -160,8 +160,14 @@ def test_ds_config_merge_derives_accumulation_and_keeps_ds_files_to_zero_and_pre
     assert ds["gradient_accumulation_steps"] == 2048 // (128 * 16)
     assert ds["train_batch_size"] == 2048 and ds["zero_optimization"]["stage"] == 2
     assert ds["bf16"]["enabled"] and ds["zero_optimization"]["reduce_scatter"]
-    with pytest.raises(ConfigError, match="not a multiple"):
-        build_ds_config(load_config("eve_base_4m", ["train.micro_batch_size=100"]), world_size=16)
+    # More GPUs than the micro-batch allows (8 nodes x 8 for EVE-Large): the micro-batch shrinks, the
+    # global batch stays 2048.
+    wide = build_ds_config(load_config("eve_large_4m", _data_env()), world_size=64)
+    assert (wide["train_micro_batch_size_per_gpu"], wide["gradient_accumulation_steps"]) == (32, 1)
+    odd = build_ds_config(load_config("eve_base_4m", ["train.micro_batch_size=100"]), world_size=16)
+    assert (odd["train_micro_batch_size_per_gpu"], odd["gradient_accumulation_steps"]) == (64, 2)
+    with pytest.raises(ConfigError, match="does not split over 3 ranks"):
+        build_ds_config(load_config("eve_base_4m", _data_env()), world_size=3)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 8}))
     with pytest.raises(ConfigError, match="belong in the run config"):

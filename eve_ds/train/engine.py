@@ -52,20 +52,28 @@ def load_ds_file(name_or_path: str) -> dict:
     return ds
 
 
-def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
+def fit_micro_batch(cfg: RunConfig, world_size: int) -> int:
+    """Micro-batch that fits the layout: the largest divisor of global batch / world size that is at most
+    `train.micro_batch_size` (the global batch, which the recipe fixes, never changes)."""
     t = cfg.train
-    per_step = t.micro_batch_size * world_size
-    if t.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
-            f"{t.micro_batch_size} x world size {world_size}"
-        )
-    return t.global_batch_size // per_step
+    if t.global_batch_size % world_size:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} does not split over {world_size} ranks")
+    per_rank = t.global_batch_size // world_size
+    micro = max(d for d in range(1, min(t.micro_batch_size, per_rank) + 1) if per_rank % d == 0)
+    if micro != t.micro_batch_size:
+        logger.warning("train.micro_batch_size %d -> %d: %d ranks x %d x %d accumulation = global batch %d",
+                       t.micro_batch_size, micro, world_size, micro, per_rank // micro, t.global_batch_size)
+    return micro
+
+
+def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * world_size)
 
 
 def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
     """ds_configs/<name>.json (ZeRO / precision / communication) + batch, accumulation and clipping."""
     ds = load_ds_file(cfg.train.ds_config)
+    cfg.train.micro_batch_size = fit_micro_batch(cfg, world_size)
     if cfg.train.device == "cpu" and ds.get("bf16", {}).get("enabled"):
         logger.warning("bf16 on CPU is slow and not what the CPU tests use; see ds_configs/zero2_cpu.json")
     ds.update(

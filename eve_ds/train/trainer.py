@@ -20,7 +20,7 @@ from eve_ds.train import EXIT_PREEMPTED
 from eve_ds.train.checkpoint import CheckpointManager, latest_complete
 from eve_ds.train.config import RunConfig, save_config
 from eve_ds.train.distributed import all_reduce_max, barrier, init_distributed, resolve_device
-from eve_ds.train.engine import build_engine, expert_parallel_rank, grad_accum_steps
+from eve_ds.train.engine import build_engine, expert_parallel_rank, fit_micro_batch, grad_accum_steps
 from eve_ds.train.evaluate import attribute_ids_if_synthetic, evaluate
 from eve_ds.train.io import atomic_write_json
 from eve_ds.train.metrics import MetricsWriter, setup_logging
@@ -41,6 +41,7 @@ class Trainer:
         self.denv = init_distributed(self.device, cfg.train.dist_timeout_s)
         self.rank, self.world = self.denv.rank, self.denv.world_size
         setup_logging(self.rank, self.run_dir)
+        cfg.train.micro_batch_size = fit_micro_batch(cfg, self.world)
         self.accum = grad_accum_steps(cfg, self.world)
         self._check_layout()
         self.stop_signal: int | None = None
