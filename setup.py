@@ -1,16 +1,18 @@
 """EVE-DS: open pre-training for EVE (masked signal modeling + modality-aware MoE) on DeepSpeed."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="eve-ds",
     version="0.1.0",
     description="Pre-training EVE (AAAI 2024) with DeepSpeed ZeRO-2 and expert parallelism",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["eve_ds", "eve_ds.*"]),
-    package_data={"eve_ds": ["configs/*.yaml", "assets/bert-base-uncased/*", "ds_configs/*.json"]},
+    package_data={"eve_ds": ["configs/*.yaml", "assets/bert-base-uncased/*"]},
     install_requires=[
         "torch>=2.3",
         "torchvision",

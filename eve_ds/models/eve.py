@@ -38,26 +38,35 @@ class EncoderOutput:
 class EVEModel(nn.Module):
     """Embeddings (eq. 1-3) + blocks (hard router below, soft router on `cfg.soft_blocks`) + final norm."""
 
-    def __init__(self, cfg: EVEConfig) -> None:
+    def __init__(self, cfg: EVEConfig, image_mask_token: bool = False) -> None:
+        """image_mask_token: add a learned `mask_token` that replaces masked patch embeddings
+        (`forward(patch_mask=...)`, BEiT-style MIM); off by default so that MSM checkpoints are unchanged."""
         super().__init__()
         self.cfg = cfg
         d = cfg.hidden_size
         self.patch_embed = PatchEmbed(cfg.image_size, cfg.patch_size, cfg.in_chans, d)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d)) if image_mask_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, d))
         self.word_embed = nn.Embedding(cfg.vocab_size, d, padding_idx=cfg.pad_token_id)
         self.text_pos_embed = nn.Parameter(torch.zeros(1, cfg.max_text_len, d))
         self.type_embed = nn.Embedding(2, d)  # 0: image, 1: text
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.num_layers).tolist()
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.num_layers, device="cpu").tolist()
         soft = set(cfg.soft_blocks)
         self.blocks = nn.ModuleList(Block(cfg, i in soft, dpr[i]) for i in range(cfg.num_layers))
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.grad_checkpointing = False
         # Drawn from the global RNG so that every rank (same seed) agrees; see init_experts.
-        self.expert_seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        self.apply(self._init_weights)
-        for p in (self.cls_token, self.pos_embed, self.text_pos_embed):
-            trunc_normal_(p, std=cfg.init_std)
+        self.expert_seed = int(torch.randint(0, 2**31 - 1, (), device="cpu").item())  # also under meta
+        # Experts are initialised by init_experts; skipping them here keeps the global RNG stream, and so every
+        # other weight (and the heads built after the encoder), independent of ep_size.
+        experts = {id(m) for b in self.blocks if b.soft for m in b.ffn.moe.local_experts.modules()}
+        for m in self.modules():
+            if id(m) not in experts:
+                self._init_weights(m)
+        for p in (self.cls_token, self.pos_embed, self.text_pos_embed, self.mask_token):
+            if p is not None:
+                trunc_normal_(p, std=cfg.init_std)
         self.init_experts(ep_rank=0)
 
     def _init_weights(self, m: nn.Module) -> None:
@@ -79,10 +88,21 @@ class EVEModel(nn.Module):
 
     # -- embeddings ---------------------------------------------------------------------------------------
 
-    def embed_image(self, image: Tensor, keep_ids: Tensor | None = None) -> Tensor:
-        """image: (B, C, H, W); keep_ids: (B, n) indices of the patches that enter (MIM), None = all.
+    def embed_image(self, image: Tensor, keep_ids: Tensor | None = None,
+                    patch_mask: Tensor | None = None) -> Tensor:
+        """image: (B, C, H, W); keep_ids: (B, n) indices of the patches that enter (MIM), None = all;
+        patch_mask: (B, P) True where the patch embedding is replaced by `mask_token` (BEiT: before the
+        position embedding, so a mask token still knows where it is).
         -> (B, 1 + n, D) = [cls; patches] + position + image type embeddings."""
-        x = self.patch_embed(image) + self.pos_embed[:, 1:]
+        x = self.patch_embed(image)
+        if patch_mask is not None:
+            if self.mask_token is None:
+                raise ValueError("patch_mask needs EVEModel(cfg, image_mask_token=True)")
+            if keep_ids is not None:
+                raise ValueError("patch_mask (mask tokens inside the encoder) and keep_ids (masked patches "
+                                 "dropped) are exclusive")
+            x = torch.where(patch_mask[..., None], self.mask_token.to(x.dtype), x)
+        x = x + self.pos_embed[:, 1:]
         if keep_ids is not None:
             x = torch.gather(x, 1, keep_ids[..., None].expand(-1, -1, x.shape[-1]))
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
@@ -91,22 +111,24 @@ class EVEModel(nn.Module):
     def embed_text(self, text_ids: Tensor) -> Tensor:
         """text_ids: (B, L) starting with [CLS] -> (B, L, D)."""
         L = text_ids.shape[1]
-        if L > self.cfg.max_text_len:
+        if self.cfg.max_text_len < L:
             raise ValueError(f"text length {L} > max_text_len={self.cfg.max_text_len}")
         return self.word_embed(text_ids) + self.text_pos_embed[:, :L] + self.type_embed.weight[1]
 
     # -- encoder ------------------------------------------------------------------------------------------
 
     def forward(self, image: Tensor | None = None, text_ids: Tensor | None = None,
-                text_mask: Tensor | None = None, keep_ids: Tensor | None = None) -> EncoderOutput:
+                text_mask: Tensor | None = None, keep_ids: Tensor | None = None,
+                patch_mask: Tensor | None = None) -> EncoderOutput:
         """Encode [image; text]; either part may be absent (image-only / text-only passes).
 
         image: (B, C, H, W); text_ids, text_mask: (B, L) with text_mask 1 on real tokens;
-        keep_ids: (B, n) visible patch indices for the asymmetric MIM pass.
+        keep_ids: (B, n) visible patch indices for the asymmetric MIM pass;
+        patch_mask: (B, P) bool, patches replaced by the learned mask token (MIM with token targets).
         """
         parts, n_image = [], 0
         if image is not None:
-            parts.append(self.embed_image(image, keep_ids))
+            parts.append(self.embed_image(image, keep_ids, patch_mask))
             n_image = parts[0].shape[1]
         if text_ids is not None:
             parts.append(self.embed_text(text_ids))

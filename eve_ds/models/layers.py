@@ -141,7 +141,9 @@ class SoftRouterFFN(nn.Module):
         out = torch.zeros_like(h).masked_scatter(valid[..., None], routed.to(h.dtype))
         counts = torch.zeros(2, self.moe.num_experts, device=x.device)
         mod = modality[valid].expand(routes.shape[0], -1).reshape(-1)
-        counts.index_put_((mod, routes.reshape(-1).long()), torch.ones_like(mod, dtype=counts.dtype),
+        routes = routes.reshape(-1).long()
+        kept = routes >= 0  # DeepSpeed marks routes over capacity (drop_tokens=True) with -1: not a load
+        counts.index_put_((mod[kept], routes[kept]), torch.ones_like(mod[kept], dtype=counts.dtype),
                           accumulate=True)
         return out, l_aux, counts
 

@@ -89,8 +89,12 @@ class ModalityMoE(MoE):
             g = ep_rank * n_local + i
             gen = torch.Generator().manual_seed(seed * 1009 + g)
             for name, p in expert.named_parameters():
+                if p.is_meta:  # built on the meta device (e.g. to count parameters): nothing to fill
+                    continue
                 if name.endswith("weight"):
-                    w = torch.empty(p.shape).normal_(0.0, std, generator=gen).clamp_(-2 * std, 2 * std)
+                    # Drawn on the CPU (where `gen` lives), whatever the default device, then copied.
+                    w = torch.empty(p.shape, device="cpu").normal_(0.0, std, generator=gen)
+                    w = w.clamp_(-2 * std, 2 * std)
                     p.copy_(w)
                 else:
                     p.zero_()

@@ -1,0 +1,200 @@
+"""``eve-info NAME [KEY=VALUE ...] [--json]``: the resolved architecture of a model flavor and its parameter
+counts, from a model built on the meta device (no memory, no initialisation cost).
+
+Parameter counts (global, i.e. all experts of all expert-parallel ranks):
+
+- ``params_total``: everything a pre-training run trains — the encoder plus the heads of the objectives.
+- ``params_encoder``: the shared Transformer (embeddings, blocks, final norm); what a fine-tuned model keeps.
+- ``params_embeddings``: patch projection, image [CLS], word, position and type embeddings (and the image
+  mask token when an objective adds one) plus the per-block relative position bias tables.
+- ``params_experts``: the expert FFNs of the soft-router blocks (``params_experts_per_rank`` = / ep_size).
+- ``params_heads``: the heads and decoders of the objectives (MLM text head, MAE pixel decoder), also per
+  objective in ``params_heads_by_objective``.
+- ``params_active_per_token``: the encoder parameters one token's activations are multiplied by, embeddings
+  excluded: in every block the attention (qkv, q/v biases, projection), its pre-norm and the layer-scale
+  vectors; in a hard-router block the pre-norm and FFN of the token's own modality (image and text FFNs have
+  the same size); in a soft-router block the pre-norm, the router (W and the modality biases b_m) and
+  ``top_k`` of the ``num_experts`` experts; plus the final norm. Embeddings and heads are not included
+  (reported apart above), so ``params_active_per_token + params_embeddings`` bounds what any token touches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+import torch
+import yaml
+
+from eve_ds.models.config import EVEConfig, get_config
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["model.ep_size=4", "top_k=1"]`` -> ``{"ep_size": 4, "top_k": 1}`` (values parsed as YAML)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: expected KEY=VALUE, e.g. model.ep_size=4")
+        key = key.removeprefix("model.")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _numel(module_or_params) -> int:
+    params = module_or_params.parameters() if hasattr(module_or_params, "parameters") else module_or_params
+    return sum(p.numel() for p in params)
+
+
+def count_parameters(model) -> dict:
+    """Parameter counts of a ``PretrainingModel`` built with ep_size=1 (see the module docstring)."""
+    enc, cfg = model.encoder, model.model_cfg
+    embed_params = [enc.cls_token, enc.pos_embed, enc.text_pos_embed, *enc.patch_embed.parameters(),
+                    *enc.word_embed.parameters(), *enc.type_embed.parameters()]
+    if getattr(enc, "mask_token", None) is not None:
+        embed_params.append(enc.mask_token)
+    embeddings = _numel(embed_params)
+    experts = active = 0
+    for block in enc.blocks:
+        shared = _numel(block.norm1) + _numel(p for p in (block.gamma_1, block.gamma_2) if p is not None)
+        attn = _numel(p for n, p in block.attn.named_parameters() if not n.startswith("rel_pos."))
+        if block.attn.rel_pos is not None:
+            embeddings += _numel(block.attn.rel_pos)
+        active += shared + attn
+        if block.soft:
+            moe = block.ffn.moe
+            per_expert = [_numel(e) for e in moe.local_experts]
+            experts += sum(per_expert)
+            active += _numel(block.ffn.norm) + _numel(moe.gate) + cfg.top_k * max(per_expert)
+        else:
+            ffn = block.ffn
+            active += max(_numel(ffn.norm_image) + _numel(ffn.ffn_image),
+                          _numel(ffn.norm_text) + _numel(ffn.ffn_text))
+    active += _numel(enc.norm)
+    heads = {name: _numel(obj) for name, obj in model.objectives.items()}
+    return {
+        "params_total": _numel(model),
+        "params_encoder": _numel(enc),
+        "params_embeddings": embeddings,
+        "params_experts": experts,
+        "params_active_per_token": active,
+        "params_heads": sum(heads.values()),
+        "params_heads_by_objective": heads,
+    }
+
+
+def describe(name: str, overrides: dict | None = None) -> dict:
+    """Resolved architecture and parameter counts of flavor ``name`` (with config overrides)."""
+    from eve_ds.objectives import ObjectiveConfig, PretrainingModel  # the library never imports objectives
+
+    names = {f.name for f in dataclasses.fields(EVEConfig)}
+    unknown = sorted(set(overrides or {}) - names)
+    if unknown:
+        raise ValueError(f"model config: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    cfg = get_config(name, **(overrides or {}))
+    # Counted with every expert in this process (ep_size=1); the totals do not depend on ep_size.
+    with torch.device("meta"):
+        model = PretrainingModel(dataclasses.replace(cfg, ep_size=1), ObjectiveConfig())
+    soft = cfg.soft_blocks
+    info = {
+        "name": name,
+        "num_layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "num_heads": cfg.num_heads,
+        "ffn_size": cfg.ffn_size,
+        "hard_router_blocks": [i for i in range(cfg.num_layers) if i not in soft],
+        "soft_router_blocks": soft,
+        "num_experts": cfg.num_experts,
+        "top_k": cfg.top_k,
+        "ep_size": cfg.ep_size,
+        "experts_per_rank": cfg.num_experts // cfg.ep_size,
+        "drop_tokens": cfg.drop_tokens,
+        "modality_routing": cfg.modality_routing,
+        "image_size": cfg.image_size,
+        "patch_size": cfg.patch_size,
+        "num_patches": cfg.num_patches,
+        "max_text_len": cfg.max_text_len,
+        "vocab_size": cfg.vocab_size,
+        "decoder_depth": cfg.decoder_depth,
+        "decoder_width": cfg.decoder_width,
+        "decoder_heads": cfg.decoder_heads,
+    }
+    info.update(count_parameters(model))
+    info["params_experts_per_rank"] = info["params_experts"] // cfg.ep_size
+    return info
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:,.2f} M"
+
+
+def format_table(info: dict) -> str:
+    """A two-column table: architecture first, then parameter counts."""
+    blocks = ", ".join(map(str, info["soft_router_blocks"])) or "-"
+    rows = [
+        ("flavor", info["name"]),
+        ("blocks (layers)", info["num_layers"]),
+        ("hidden / ffn / heads", f"{info['hidden_size']} / {info['ffn_size']} / {info['num_heads']}"),
+        ("image / patch -> patches", f"{info['image_size']} / {info['patch_size']} -> {info['num_patches']}"),
+        ("text positions / vocab", f"{info['max_text_len']} / {info['vocab_size']}"),
+        ("hard-router blocks", _ranges(info["hard_router_blocks"])),
+        ("soft-router blocks", blocks),
+        ("experts / top-k", f"{info['num_experts']} / top-{info['top_k']}"),
+        ("ep_size (experts per rank)", f"{info['ep_size']} ({info['experts_per_rank']})"),
+        ("drop_tokens / modality routing", f"{info['drop_tokens']} / {info['modality_routing']}"),
+        ("pixel decoder depth/width/heads",
+         f"{info['decoder_depth']} / {info['decoder_width']} / {info['decoder_heads']}"),
+        ("params total", _millions(info["params_total"])),
+        ("  encoder", _millions(info["params_encoder"])),
+        ("    embeddings (+ rel-pos tables)", _millions(info["params_embeddings"])),
+        ("    experts (all ranks)", _millions(info["params_experts"])),
+        ("    experts per ep rank", _millions(info["params_experts_per_rank"])),
+        ("  heads", _millions(info["params_heads"])),
+        *((f"    {k}", _millions(v)) for k, v in info["params_heads_by_objective"].items()),
+        ("active per token (encoder)", _millions(info["params_active_per_token"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], None
+    for i, b in enumerate(ids):
+        if start is None:
+            start = b
+        if i + 1 == len(ids) or ids[i + 1] != b + 1:
+            out.append(str(start) if start == b else f"{start}-{b}")
+            start = None
+    return ", ".join(out) or "-"
+
+
+def _deepspeed_logs_to_stderr() -> None:
+    """DeepSpeed's logger writes to stdout; keep stdout for the report (parseable with --json)."""
+    for handler in logging.getLogger("DeepSpeed").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="eve-info", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", help="model flavor: eve_tiny, eve_base or eve_large")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="model config overrides, e.g. ep_size=4 or model.num_experts=16")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_intermixed_args(argv)
+    _deepspeed_logs_to_stderr()
+    try:
+        info = describe(args.name, parse_overrides(args.overrides))
+    except ValueError as e:
+        parser.error(str(e))
+    print(json.dumps(info, indent=2) if args.json else format_table(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,472 @@
+"""EVE model (shared encoder, hard/soft routers, MSM heads), single process, CPU.
+
+Layers: flavor configs and eve-info -> forward/backward over every flavor -> what the losses may depend on
+(MLM / MIM targets, masked patches) -> the soft router (modality routing, no token dropped, eq. 7 aux
+loss, expert loads, ep-invariant initialisation) -> a few optimizer steps learn.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from deepspeed.moe.sharded_moe import top2gating
+
+from eve_ds.models.config import eve_tiny, get_config
+from eve_ds.models.info import main as eve_info
+from eve_ds.models.moe import IMAGE, TEXT, ModalityMoE
+from eve_ds.objectives import ObjectiveConfig, PretrainingModel
+from eve_ds.objectives.masking import mask_patches, mask_text, patchify
+
+# eve_base / eve_large at full size take 10-30 s per step on 2 CPU cores: same depth, heads, soft-router
+# blocks, 32 experts top-2, layer scale and relative position bias, narrower widths and a smaller vocabulary.
+# eve_base keeps 224 px / 16 px patches (196 patches; 1 + 49 enter the MIM pass).
+SMALL = {
+    "eve_tiny": {},
+    "eve_base": dict(hidden_size=96, ffn_size=192, vocab_size=512, decoder_depth=1, decoder_width=64,
+                     decoder_heads=4),
+    "eve_large": dict(hidden_size=64, ffn_size=128, vocab_size=512, image_size=64, decoder_depth=1,
+                      decoder_width=64, decoder_heads=4),
+}
+
+
+def make_batch(cfg, B: int = 2, L: int = 12, seed: int = 0) -> dict:
+    """Random images and captions [CLS] w ... w [SEP] of different lengths (sample 1 padded by 3)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(200, cfg.vocab_size, (B, L), generator=g)
+    mask = torch.ones(B, L, dtype=torch.long)
+    for i in range(B):
+        n = L - 3 * (i % 2)
+        ids[i, 0], ids[i, n - 1] = 101, 102
+        ids[i, n:], mask[i, n:] = 0, 0
+    image = torch.randn(B, cfg.in_chans, cfg.image_size, cfg.image_size, generator=g)
+    return {"image": image, "text_ids": ids, "text_mask": mask}
+
+
+def build(cfg, seed: int = 0, **obj) -> PretrainingModel:
+    torch.manual_seed(seed)
+    return PretrainingModel(cfg, ObjectiveConfig(**obj))
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def record_encoder_calls(model: PretrainingModel) -> list:
+    """Collect the EncoderOutput of every encoder call (MLM pass first, then MIM)."""
+    calls = []
+    model.encoder.register_forward_hook(lambda m, args, out: calls.append(out))
+    return calls
+
+
+def record_gate_calls(model: PretrainingModel) -> list[dict]:
+    """Every soft-router gate call: block, its input (before b_m), modality ids, l_aux and routes."""
+    calls = []
+    for i, block in enumerate(model.encoder.blocks):
+        if block.soft:
+            def hook(gate, args, out, i=i):
+                calls.append({"block": i, "x": args[0].detach().clone(), "modality": gate.modality.clone(),
+                              "l_aux": out[0].detach(), "routes": out[3].long()})
+            block.ffn.moe.gate.register_forward_hook(hook)
+    return calls
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster than two, a lot faster on a shared, loaded CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -- flavors and eve-info ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, layers, width, heads, ffn, soft", [
+    ("eve_tiny", 4, 128, 4, 512, [3]),
+    ("eve_base", 12, 768, 12, 3072, [10, 11]),
+    ("eve_large", 24, 1024, 16, 4096, [21, 22, 23]),
+])
+def test_flavor_configs(name, layers, width, heads, ffn, soft):
+    cfg = get_config(name)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.ffn_size) == (layers, width, heads, ffn)
+    assert cfg.soft_blocks == soft and cfg.top_k == 2 and not cfg.drop_tokens
+    assert cfg.num_experts == (4 if name == "eve_tiny" else 32)
+    with pytest.raises(ValueError, match="ep_size=3 must divide num_experts=32"):
+        get_config("eve_base", ep_size=3)
+
+
+def run_info(capsys, *argv) -> dict:
+    assert eve_info([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eve_info_json_base_and_large(capsys):
+    base = run_info(capsys, "eve_base")
+    assert {k: base[k] for k in ("num_layers", "hidden_size", "num_heads", "ffn_size", "soft_router_blocks",
+                                 "num_experts", "top_k", "ep_size")} == {
+        "num_layers": 12, "hidden_size": 768, "num_heads": 12, "ffn_size": 3072,
+        "soft_router_blocks": [10, 11], "num_experts": 32, "top_k": 2, "ep_size": 1}
+    assert base["hard_router_blocks"] == list(range(10))
+    large = run_info(capsys, "eve_large", "model.ep_size=4")
+    assert (large["num_layers"], large["hidden_size"], large["num_heads"], large["ffn_size"]) == (24, 1024, 16, 4096)
+    assert large["soft_router_blocks"] == [21, 22, 23] and large["ep_size"] == 4
+    assert large["experts_per_rank"] == 8
+    assert large["params_experts_per_rank"] * 4 == large["params_experts"]
+
+
+def test_eve_info_counts_eve_base_by_hand(capsys):
+    """The counts of eve_base from its architecture, independently of the module walk in info.py."""
+    info = run_info(capsys, "eve_base")
+    d, f, E, V = 768, 3072, 32, 30522
+    attn = 3 * d * d + 2 * d + d * d + d  # qkv (no k bias) + q/v biases + proj
+    per_block = attn + 2 * d + 2 * d  # + norm1 + layer-scale gamma_1, gamma_2
+    ffn = d * f + f + f * d + d  # one FFN / expert
+    hard = per_block + 2 * (2 * d + ffn)  # image and text norm + FFN
+    router = E * d + 2 * d  # W and b_image, b_text
+    soft = per_block + 2 * d + router + E * ffn
+    rel_pos = ((2 * 14 - 1) ** 2 + 3) * 12
+    embed = 3 * 16 * 16 * d + d + d + 197 * d + V * d + 40 * d + 2 * d  # patch proj, cls, pos, word, text pos, type
+    encoder = 10 * hard + 2 * soft + 2 * d + embed + 12 * rel_pos
+    assert info["params_experts"] == 2 * E * ffn == 302_235_648
+    assert info["params_embeddings"] == embed + 12 * rel_pos
+    assert info["params_encoder"] == encoder
+    active = 10 * (per_block + 2 * d + ffn) + 2 * (per_block + 2 * d + router + 2 * ffn) + 2 * d
+    assert info["params_active_per_token"] == active == 94_562_304
+    assert info["params_total"] == encoder + info["params_heads"]
+    assert set(info["params_heads_by_objective"]) == {"mlm", "mim_pixel"}
+    # With top-1 of the same experts, one expert per soft block fewer is active.
+    top1 = run_info(capsys, "eve_base", "top_k=1")
+    assert active - top1["params_active_per_token"] == 2 * ffn
+
+
+def test_eve_info_table_and_errors(capsys):
+    assert eve_info(["eve_tiny"]) == 0
+    table = capsys.readouterr().out
+    assert "soft-router blocks" in table and "4 / top-2" in table and "10.07 M" in table
+    with pytest.raises(SystemExit):
+        eve_info(["eve_tiny", "no_such_key=1"])
+    assert "unknown key(s) ['no_such_key']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eve_info(["eve_huge"])
+
+
+# -- forward / backward over every flavor ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_forward_backward_every_flavor(name):
+    cfg = get_config(name, **SMALL[name])
+    model = build(cfg)
+    calls = record_encoder_calls(model)
+    batch = make_batch(cfg, B=2, L=12)
+    out = model(batch, gen())
+    P, L, D = cfg.num_patches, 12, cfg.hidden_size
+    n_keep = int(P * 0.25)
+    mlm, mim = calls
+    assert (mlm.n_image, mlm.hidden.shape) == (1 + P, (2, 1 + P + L, D))  # complete image + text
+    assert (mim.n_image, mim.hidden.shape) == (1 + n_keep, (2, 1 + n_keep + L, D))  # 25% of the patches
+    if name == "eve_base":
+        assert mim.hidden.shape[1] == 1 + 49 + L
+    assert sorted(mlm.expert_counts) == cfg.soft_blocks
+    # Losses: finite, the total is their sum, the initial MLM loss is about log(V).
+    for k in ("loss", "mlm_loss", "mim_loss", "aux_loss"):
+        assert out[k].shape == () and torch.isfinite(out[k])
+    torch.testing.assert_close(out["loss"], out["mlm_loss"] + out["mim_loss"] + out["aux_loss"])
+    assert abs(out["mlm_loss"].item() - math.log(cfg.vocab_size)) < 1.0
+    n_masked = sum(round((n - 2) * 0.5) for n in batch["text_mask"].sum(1).tolist())
+    assert out["mlm_pred"].shape == out["mlm_target"].shape == (n_masked,)
+    assert sorted(k for k in out if k.startswith("expert_load/")) == [f"expert_load/block{b}" for b in cfg.soft_blocks]
+    out["loss"].backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    gate = model.encoder.blocks[cfg.soft_blocks[0]].ffn.moe.gate
+    assert gate.wg.weight.grad.abs().sum() > 0 and gate.modality_bias.grad.abs().sum() > 0
+
+
+def test_pixel_decoder_output_and_mask():
+    cfg = eve_tiny()
+    model = build(cfg)
+    dec_out = []
+    model.objectives["mim_pixel"].decoder.register_forward_hook(lambda m, a, o: dec_out.append(o))
+    model(make_batch(cfg), gen())
+    assert dec_out[0].shape == (2, cfg.num_patches, 16 * 16 * 3)
+    keep, restore, mask = mask_patches(2, 16, 0.75, torch.device("cpu"), gen(5))
+    assert keep.shape == (2, 4) and mask.sum(1).tolist() == [12.0, 12.0]
+    assert torch.equal(mask.gather(1, keep), torch.zeros(2, 4))
+    # ids_restore puts visible patch j at position j of [visible; masked].
+    assert torch.equal(restore.gather(1, keep), torch.arange(4).expand(2, -1))
+
+
+# -- what the MSM losses may depend on ---------------------------------------------------------------
+
+
+class FrozenInputs:
+    """Calls the real encoder, but with the text ids / image of a reference batch: a change of the batch
+    then changes only the targets the objective reads from it, not the encoder input."""
+
+    def __init__(self, encoder, text_ids=None, image=None) -> None:
+        self.encoder, self.text_ids, self.image = encoder, text_ids, image
+
+    def __call__(self, image, text_ids, text_mask, **kw):
+        image = self.image if self.image is not None else image
+        text_ids = self.text_ids if self.text_ids is not None else text_ids
+        return self.encoder(image, text_ids, text_mask, **kw)
+
+
+def test_mlm_loss_depends_only_on_masked_targets():
+    cfg = eve_tiny()
+    model = build(cfg).eval()
+    mlm = model.objectives["mlm"]
+    batch = make_batch(cfg, B=2, L=16)
+    masked_ids, mlm_mask = mask_text(batch["text_ids"], batch["text_mask"], 0.5, 103, gen(1))
+    assert (masked_ids[mlm_mask] == 103).all() and mlm_mask.any(1).all()
+    assert not mlm_mask[:, 0].any()  # [CLS] never masked
+    encoder = FrozenInputs(model.encoder, text_ids=masked_ids)
+    with torch.no_grad():
+        ref = mlm(encoder, batch, gen(1))["mlm_loss"]
+        # Change every real target that was not masked ([CLS], [SEP] included): loss unchanged.
+        unmasked = batch["text_mask"].bool() & ~mlm_mask
+        other = {**batch, "text_ids": torch.where(unmasked, batch["text_ids"] + 7, batch["text_ids"])}
+        torch.testing.assert_close(mlm(encoder, other, gen(1))["mlm_loss"], ref, rtol=0, atol=0)
+        # Change one masked target: the loss changes (the test can fail).
+        pos = mlm_mask.nonzero()[0]
+        ids = batch["text_ids"].clone()
+        ids[pos[0], pos[1]] += 7
+        assert mlm(encoder, {**batch, "text_ids": ids}, gen(1))["mlm_loss"] != ref
+        # ...and without the frozen encoder input it is the real objective: the [MASK]ed ids reach it.
+        real = mlm(model.encoder, batch, gen(1))["mlm_loss"]
+    torch.testing.assert_close(real, ref, rtol=0, atol=0)
+
+
+def patch_pixels(cfg, patches: list[tuple[int, int]]) -> torch.Tensor:
+    """(B, C, H, W) mask, 1 on the pixels of the given (sample, patch index) pairs."""
+    m = torch.zeros(2, cfg.in_chans, cfg.image_size, cfg.image_size)
+    g, p = cfg.grid_size, cfg.patch_size
+    for b, j in patches:
+        r, c = divmod(j, g)
+        m[b, :, r * p:(r + 1) * p, c * p:(c + 1) * p] = 1
+    return m
+
+
+def test_mim_loss_ignores_visible_patch_targets():
+    cfg = eve_tiny()
+    model = build(cfg).eval()
+    mim = model.objectives["mim_pixel"]
+    batch = make_batch(cfg)
+    keep, _, mask = mask_patches(2, cfg.num_patches, 0.75, torch.device("cpu"), gen(3))
+    visible = patch_pixels(cfg, [(b, int(j)) for b in range(2) for j in keep[b]])
+    encoder = FrozenInputs(model.encoder, image=batch["image"])
+    with torch.no_grad():
+        ref = mim(encoder, batch, gen(3))["mim_loss"]
+        other = {**batch, "image": batch["image"] + 5.0 * visible}  # only visible patches' targets
+        torch.testing.assert_close(mim(encoder, other, gen(3))["mim_loss"], ref, rtol=0, atol=0)
+        masked_j = int(mask[0].nonzero()[0])
+        other = {**batch, "image": batch["image"] + 5.0 * patch_pixels(cfg, [(0, masked_j)])}
+        assert mim(encoder, other, gen(3))["mim_loss"] > ref + 1e-3
+    # The loss is the mean squared error over masked patches only, computed by hand.
+    with torch.no_grad():
+        enc = model.encoder(batch["image"], batch["text_ids"], batch["text_mask"], keep_ids=keep)
+        _, restore, _ = mask_patches(2, cfg.num_patches, 0.75, torch.device("cpu"), gen(3))
+        pred = mim.decoder(enc.image, restore)
+        err = (pred - patchify(batch["image"], cfg.patch_size)).pow(2).mean(-1)
+    torch.testing.assert_close(ref, err[mask.bool()].mean())
+
+
+def test_mim_encoder_never_sees_masked_patches():
+    cfg = eve_tiny()
+    model = build(cfg).eval()
+    calls = record_encoder_calls(model)
+    batch = make_batch(cfg)
+    _, _, mask = mask_patches(2, cfg.num_patches, 0.75, torch.device("cpu"), gen(3))
+    masked = patch_pixels(cfg, [(b, int(j)) for b in range(2) for j in mask[b].nonzero()[:, 0]])
+    mim = model.objectives["mim_pixel"]
+    with torch.no_grad():
+        a = mim(model.encoder, batch, gen(3))
+        b = mim(model.encoder, {**batch, "image": batch["image"] + 3.0 * masked}, gen(3))
+    torch.testing.assert_close(calls[0].hidden, calls[1].hidden, rtol=0, atol=0)
+    assert b["mim_loss"] > a["mim_loss"]
+
+
+# -- soft router -------------------------------------------------------------------------------------
+
+
+def small_moe(num_experts: int = 4, d: int = 16, drop_tokens: bool = False, seed: int = 0) -> ModalityMoE:
+    torch.manual_seed(seed)
+    moe = ModalityMoE(d, 2 * d, num_experts, ep_size=1, top_k=2, drop_tokens=drop_tokens, capacity_factor=1.0,
+                      modality_routing=True, second_expert_sampling=False)
+    moe.init_experts(ep_rank=0, seed=seed, std=0.2)
+    return moe
+
+
+def test_modality_bias_changes_only_image_router_logits():
+    moe = small_moe()
+    gate = moe.gate
+    x = torch.randn(10, 16)
+    modality = torch.tensor([IMAGE] * 4 + [TEXT] * 6)
+    with torch.no_grad():
+        gate.modality_bias.normal_()
+        before = gate.router_logits(x, modality)
+        torch.testing.assert_close(before, (x + gate.modality_bias[modality]) @ gate.wg.weight.T)  # eq. 6
+        gate.modality_bias[IMAGE] += torch.randn(16)
+        after = gate.router_logits(x, modality)
+    assert (after[:4] - before[:4]).abs().min() > 0  # every image logit moved
+    torch.testing.assert_close(after[4:], before[4:], rtol=0, atol=0)
+    # The routes of a real forward are the top-2 of these logits (the bias is applied in the forward too).
+    with torch.no_grad():
+        _, _, routes = moe(x, modality)
+    assert torch.equal(routes[0].long(), after.argmax(1))
+    assert torch.equal(routes.T.long().sort(1).values, after.topk(2, dim=1).indices.sort(1).values)
+
+
+def skewed_gate(moe: ModalityMoE) -> None:
+    """Router weights with which every token prefers expert 0, then expert 1 (for x[:, 0] > 0)."""
+    with torch.no_grad():
+        w = 0.01 * torch.randn_like(moe.gate.wg.weight)
+        w[:, 0] = torch.tensor([10.0, 8.0, 0.0, -1.0])[: w.shape[0]]
+        moe.gate.wg.weight.copy_(w)
+
+
+def test_no_token_dropped_under_maximally_imbalanced_routing():
+    moe = small_moe()
+    skewed_gate(moe)
+    T = 64
+    x = torch.randn(T, 16)
+    x[:, 0] = x[:, 0].abs() + 0.5
+    modality = (torch.arange(T) % 2).long()
+    with torch.no_grad():
+        out, _, routes = moe(x, modality)
+        logits = moe.gate.router_logits(x, modality)
+        expert_out = torch.stack([e(x) for e in moe.local_experts])  # (E, T, D)
+    assert (routes[0] == 0).all() and (routes[1] == 1).all()  # every token on the same two experts
+    probs = logits.softmax(-1)
+    w1, w2 = probs[:, 0] / (probs[:, 0] + probs[:, 1]), probs[:, 1] / (probs[:, 0] + probs[:, 1])
+    torch.testing.assert_close(w1 + w2, torch.ones(T))
+    torch.testing.assert_close(out, w1[:, None] * expert_out[0] + w2[:, None] * expert_out[1])
+    assert (out.abs().sum(1) > 0).all()
+    # Experts that identify themselves: expert g outputs e_g whatever x, so out[t] holds the two weights.
+    with torch.no_grad():
+        for g, e in enumerate(moe.local_experts):
+            e.fc2.weight.zero_()
+            e.fc2.bias.copy_(F.one_hot(torch.tensor(g), 16).float())
+        ident, _, _ = moe(x, modality)
+    assert ((ident[:, :4] > 0).sum(1) == 2).all()
+    torch.testing.assert_close(ident[:, :4].sum(1), torch.ones(T))
+    # Sanity of the setup: with DeepSpeed's capacity limit (drop_tokens=True) the same routing drops tokens.
+    dropping = small_moe(drop_tokens=True)
+    dropping.load_state_dict(moe.state_dict())
+    with torch.no_grad():
+        out_drop, _, routes_drop = dropping(x, modality)
+    assert (routes_drop < 0).any() and (out_drop.abs().sum(1) == 0).any()
+
+
+def test_deepspeed_l_aux_is_eq7_on_a_tiny_example():
+    """Eq. 7 (α left out): N · Σ_i f_i · p_i, f_i = fraction of tokens whose first choice is expert i,
+    p_i = mean router probability of expert i."""
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 2.0], [4.0, 0.0, 1.0]])
+    probs = [[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in logits.tolist()]
+    first = [max(range(3), key=row.__getitem__) for row in logits.tolist()]  # 0, 1, 2, 0
+    f = [first.count(i) / 4 for i in range(3)]
+    p = [sum(r[i] for r in probs) / 4 for i in range(3)]
+    expected = 3 * sum(fi * pi for fi, pi in zip(f, p))
+    l_aux = top2gating(logits.clone(), 1.0, 4, drop_tokens=False, top2_2nd_expert_sampling=False)[0]
+    assert l_aux.item() == pytest.approx(expected, rel=1e-6)
+    # Perfect balance gives 1, all tokens on one expert with certainty gives N.
+    assert top2gating(torch.eye(3) * 50, 1.0, 4, drop_tokens=False, top2_2nd_expert_sampling=False)[0].item() == \
+        pytest.approx(1.0, rel=1e-5)
+    one = torch.tensor([[50.0, 0.0, 0.0]] * 4)
+    assert top2gating(one, 1.0, 4, drop_tokens=False, top2_2nd_expert_sampling=False)[0].item() == \
+        pytest.approx(3.0, rel=1e-5)
+
+
+def hand_l_aux(call: dict, gate) -> torch.Tensor:
+    logits = (call["x"].float() + gate.modality_bias[call["modality"]]) @ gate.wg.weight.T
+    probs = logits.softmax(-1)
+    E = probs.shape[1]
+    f = F.one_hot(probs.argmax(-1), E).float().mean(0)
+    return E * (f * probs.mean(0)).sum()
+
+
+def test_aux_loss_sums_every_soft_router_call():
+    cfg = eve_tiny(num_soft_blocks=2)
+    model = build(cfg, aux_loss_weight=0.01)
+    gates = record_gate_calls(model)
+    with torch.no_grad():
+        out = model(make_batch(cfg), gen())
+    assert [c["block"] for c in gates] == [2, 3, 2, 3]  # MLM pass, then MIM pass
+    total = 0.0
+    for c in gates:
+        gate = model.encoder.blocks[c["block"]].ffn.moe.gate
+        torch.testing.assert_close(c["l_aux"], hand_l_aux(c, gate))
+        total = total + c["l_aux"]
+    torch.testing.assert_close(out["aux_loss"], 0.01 * total)
+
+
+@pytest.mark.parametrize("drop_tokens", [False, True])
+def test_expert_load_matches_routes(drop_tokens):
+    cfg = eve_tiny(num_soft_blocks=2, drop_tokens=drop_tokens, capacity_factor=0.25)
+    model = build(cfg)
+    gates = record_gate_calls(model)
+    batch = make_batch(cfg)
+    with torch.no_grad():
+        out = model(batch, gen())
+    n_text = int(batch["text_mask"].sum())  # padding is never routed
+    # capacity_factor only matters with drop_tokens=True: then routes over capacity are dropped (-1).
+    assert any(bool((c["routes"] < 0).any()) for c in gates) == drop_tokens
+    for b in cfg.soft_blocks:
+        load = out[f"expert_load/block{b}"]
+        assert load.shape == (2, 4)
+        counts = torch.zeros(2, 4)
+        for c in (c for c in gates if c["block"] == b):
+            for k in range(2):
+                kept = c["routes"][k] >= 0
+                counts.index_put_((c["modality"][kept], c["routes"][k][kept]), torch.ones(int(kept.sum())),
+                                  accumulate=True)
+            assert (c["modality"] == TEXT).sum() == n_text
+        if not drop_tokens:  # image: 2 routes x (1 + 16 patches + 1 + 4 visible) x 2 samples
+            assert counts.sum(1).tolist() == [2 * 2 * (17 + 5), 2 * 2 * n_text]
+            torch.testing.assert_close(load.sum(1), torch.ones(2))
+        torch.testing.assert_close(load, counts / counts.sum(1, keepdim=True))
+
+
+def test_init_experts_is_ep_invariant():
+    """ep=2's local experts are ep=1's experts [2r, 2r+1]; every other weight is the same for any ep_size."""
+    ep1 = dict(build(eve_tiny(), seed=7).named_parameters())
+    for rank in (0, 1):
+        model = build(eve_tiny(ep_size=2), seed=7)
+        model.init_experts(rank)
+        n_compared = 0
+        for name, p in model.named_parameters():
+            if ".deepspeed_experts." in name:
+                head, tail = name.split(".deepspeed_experts.")
+                i, rest = tail.split(".", 1)
+                name = f"{head}.deepspeed_experts.{2 * rank + int(i)}.{rest}"
+                n_compared += 1
+            torch.testing.assert_close(p, ep1[name], rtol=0, atol=0, msg=name)
+        assert n_compared == 2 * 4  # 2 local experts x (fc1, fc2) x (weight, bias)
+    experts = dict(build(eve_tiny(), seed=7).encoder.blocks[3].ffn.moe.local_experts.named_parameters())
+    assert not torch.equal(experts["0.fc1.weight"], experts["2.fc1.weight"])
+    assert experts["0.fc1.weight"].std().item() == pytest.approx(0.02, rel=0.2)
+
+
+# -- learning ----------------------------------------------------------------------------------------
+
+
+def test_adamw_steps_reduce_the_loss():
+    cfg = eve_tiny()
+    model = build(cfg)
+    batch = make_batch(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    losses = []
+    for _ in range(30):
+        out = model(batch, gen(0))  # same masks every step: a fixed problem to fit
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert out["mlm_acc"] > 0.5
