@@ -4,6 +4,11 @@ An objective is an ``nn.Module`` holding its own heads; ``forward(encoder, batch
 encoder passes it needs and returns a dict: ``*_loss`` terms (summed into the total), scalar metrics, and
 the encoder outputs it produced under ``"encoder_outputs"`` (their load-balancing losses and expert
 counts are collected here, once per soft-router call — the encoder may run several times per step).
+
+Objectives that depend on another one's results (ITM samples hard negatives from ITC's similarities) name
+it in a class attribute ``requires`` and read what it left in ``batch["context"]``, a dict made fresh for
+every step and filled in the order of ``objectives``. An objective that sets ``uses_image_mask_token``
+makes the encoder own a learned image mask token (``EVEModel(image_mask_token=True)``).
 """
 
 from __future__ import annotations
@@ -42,12 +47,21 @@ class ObjectiveConfig:
     itc_embed_dim: int = 256
     itc_init_temperature: float = 0.07
     mim_token_vocab_size: int = 8192
+    mim_token_mask_ratio: float = 0.4  # BEiT: 40% of the patches replaced by the mask token
+    mim_token_masking: str = "block"  # block (BEiT's block-wise) | random
 
     def validate(self) -> None:
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
         if unknown or not self.objectives:
             raise ValueError(f"objective.objectives: unknown {unknown}; choose from {sorted(OBJECTIVES)}")
-        for key in ("text_mask_ratio", "image_mask_ratio"):
+        for i, name in enumerate(self.objectives):
+            for req in getattr(OBJECTIVES[name], "requires", ()):
+                if req not in self.objectives[:i]:
+                    raise ValueError(f"objective.objectives={self.objectives}: {name} needs {req} listed "
+                                     f"before it (it reads {req}'s results), e.g. [..., {req}, {name}]")
+        if self.mim_token_masking not in ("block", "random"):
+            raise ValueError(f"objective.mim_token_masking={self.mim_token_masking!r}: choose block or random")
+        for key in ("text_mask_ratio", "image_mask_ratio", "mim_token_mask_ratio"):
             v = getattr(self, key)
             if not 0.0 < v < 1.0:
                 raise ValueError(f"objective.{key}={v} must be in (0, 1)")
@@ -65,12 +79,14 @@ class PretrainingModel(nn.Module):
         super().__init__()
         obj_cfg.validate()
         self.model_cfg, self.obj_cfg = model_cfg, obj_cfg
-        self.encoder = EVEModel(model_cfg)
+        mask_token = any(getattr(OBJECTIVES[n], "uses_image_mask_token", False) for n in obj_cfg.objectives)
+        self.encoder = EVEModel(model_cfg, image_mask_token=mask_token)
         self.objectives = nn.ModuleDict({n: OBJECTIVES[n](model_cfg, obj_cfg) for n in obj_cfg.objectives})
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         calls: list[EncoderOutput] = []
+        batch = {**batch, "context": {}}  # per-step results shared between objectives (see `requires`)
         for obj in self.objectives.values():
             res = obj(self.encoder, batch, generator)
             calls.extend(res.pop("encoder_outputs"))

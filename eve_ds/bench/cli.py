@@ -1,0 +1,136 @@
+"""`python tools/benchmark_pretrain.py`: pre-training throughput per task set (the paper's Table 1).
+
+    python tools/benchmark_pretrain.py --model eve_tiny --quick --json /tmp/t1.json      # CI smoke test
+    python tools/benchmark_pretrain.py --model eve_tiny --json benchmarks/results/table1-cpu.json \\
+        --markdown benchmarks/results/table1-cpu.md
+    python tools/benchmark_pretrain.py --model eve_base --device cuda --json $OUT/table1-h100.json \\
+        --markdown $OUT/table1-h100.md                                                 # max batch searched
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from eve_ds.bench.pretrain import DEFAULT_TASK_SETS, BenchConfig, RowResult, run_benchmark, with_ratios
+from eve_ds.bench.report import meta_info, task_label, to_json, to_markdown
+from eve_ds.models.config import FLAVORS
+
+logger = logging.getLogger("eve_ds.bench")
+
+
+def parse_task_sets(spec: str) -> list[list[str]]:
+    """"mlm,mim_pixel;mlm,itc,itm" -> [["mlm", "mim_pixel"], ["mlm", "itc", "itm"]]."""
+    return [[t.strip() for t in group.split(",") if t.strip()] for group in spec.split(";") if group.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    doc = __doc__ or ""
+    p = argparse.ArgumentParser(prog="benchmark_pretrain", description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=doc.split("\n\n", 1)[1])
+    d = BenchConfig()
+    p.add_argument("--model", default=d.model, choices=sorted(FLAVORS))
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: batch 4, 1 warm-up step, 2 windows of 1 step (seconds per row)")
+    p.add_argument("--task-sets", default=None,
+                   help="';'-separated task sets, e.g. 'mlm,mim_pixel;mlm,itc,itm' (default: the paper's "
+                        f"rows + MLM alone: {';'.join(','.join(t) for t in DEFAULT_TASK_SETS)})")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"fixed micro-batch (no search); default: searched on CUDA, "
+                        f"{BenchConfig.CPU_DEFAULT_BATCH} on CPU")
+    p.add_argument("--max-batch-limit", type=int, default=d.max_batch_limit)
+    p.add_argument("--zero-stage", type=int, default=d.zero_stage, choices=[0, 1, 2])
+    p.add_argument("--ds-config", default=None, help="ds_configs/ name (default: zero2_bf16 / zero2_cpu)")
+    p.add_argument("--data", default=d.data, choices=["memory", "pipeline"],
+                   help="memory: pre-built batches on the device (model speed); pipeline: eve_ds.data loader "
+                        "over the synthetic shards")
+    p.add_argument("--text-len", type=int, default=d.text_len, help="real tokens per synthetic caption")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--windows", type=int, default=d.windows)
+    p.add_argument("--steps-per-window", type=int, default=d.steps_per_window)
+    p.add_argument("--corpus-size", type=int, default=d.corpus_size, help="pairs per epoch")
+    p.add_argument("--num-gpus", type=int, default=d.num_gpus, help="GPUs for the hours-per-epoch column")
+    p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's peak bf16 TFLOP/s")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="measure nothing: combine the rows of earlier runs (e.g. one per 10-minute GPU job) "
+                        "into one table; ratios are recomputed against the MSM row")
+    p.add_argument("--json", required=True, type=Path, help="write the JSON record here")
+    p.add_argument("--markdown", type=Path, default=None, help="also write the markdown table here")
+    return p.parse_args(argv)
+
+
+def bench_config(args: argparse.Namespace) -> BenchConfig:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmark_pretrain: --device cuda but no CUDA device is available")
+    bc = BenchConfig(
+        model=args.model, device=device, batch_size=args.batch_size, max_batch_limit=args.max_batch_limit,
+        zero_stage=args.zero_stage, ds_config=args.ds_config, data=args.data, text_len=args.text_len,
+        warmup_steps=args.warmup_steps, windows=args.windows, steps_per_window=args.steps_per_window,
+        corpus_size=args.corpus_size, num_gpus=args.num_gpus, peak_tflops=args.peak_tflops,
+    )
+    if args.task_sets:
+        bc.task_sets = parse_task_sets(args.task_sets)
+    if args.quick:
+        bc.batch_size = bc.batch_size or 4
+        bc.warmup_steps, bc.windows, bc.steps_per_window, bc.num_batches = 1, 2, 1, 1
+    return bc
+
+
+def merge(paths: list[Path]) -> tuple[BenchConfig, list[RowResult], dict]:
+    """Rows of several JSON records (same model and device) -> (config of the first, rows, its meta)."""
+    records = [json.loads(p.read_text()) for p in paths]
+    first = records[0]
+    for p, r in zip(paths, records):
+        if r["config"]["bench"]["model"] != first["config"]["bench"]["model"] or r["device"] != first["device"]:
+            raise SystemExit(f"benchmark_pretrain: {p} was measured on another model or device than {paths[0]}")
+    bc = BenchConfig(**first["config"]["bench"])
+    rows = [RowResult(**row) for r in records for row in r["rows"]]
+    bc.task_sets = [r.task_set for r in rows]
+    meta = {k: first[k] for k in ("device", "versions", "git_revision", "git_dirty")}
+    meta["command"] = " + ".join(r["command"] for r in records)
+    return bc, with_ratios(rows), meta
+
+
+def write(args: argparse.Namespace, bc: BenchConfig, rows: list[RowResult], meta: dict) -> None:
+    md = to_markdown(bc, rows, meta)
+    print(md)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(to_json(bc, rows, meta), indent=2) + "\n")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(md)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.merge:
+        write(args, *merge(args.merge))
+        return 0
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.getLogger("eve_ds").setLevel(logging.INFO)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bc = bench_config(args)
+    from eve_ds.train.distributed import init_distributed
+
+    init_distributed(bc.device, timeout_s=600)
+
+    def progress(i: int, r: RowResult) -> None:
+        logger.info("[%d/%d] %-36s batch %4d  %9.1f pairs/s  %7.2f h/epoch  %7.1f GFLOPs/pair%s",
+                    i + 1, len(bc.task_sets), task_label(r.task_set), r.max_micro_batch, r.pairs_per_s,
+                    r.hours_per_epoch, r.gflops_per_pair, f"  MFU {100 * r.mfu:.1f}%" if r.mfu else "")
+
+    rows = run_benchmark(bc, progress)
+    write(args, bc, rows, meta_info(bc, argv))
+    return 0

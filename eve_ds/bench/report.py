@@ -1,0 +1,125 @@
+"""The benchmark's outputs: a markdown table shaped like the paper's Table 1 and a JSON record with the
+device, versions, configuration and git revision."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from eve_ds.bench.flops import FORMULA
+from eve_ds.bench.pretrain import MSM, BenchConfig, RowResult
+from eve_ds.models.config import get_config
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+NAMES = {"mlm": "MLM", "itc": "ITC", "itm": "ITM", "mim_token": "MIM (token)", "mim_pixel": "MIM (pixel)"}
+
+
+def task_label(task_set: list[str]) -> str:
+    label = " + ".join(NAMES.get(t, t) for t in task_set)
+    return f"{label} (MSM, EVE)" if tuple(task_set) == MSM else label
+
+
+def git_revision() -> tuple[str | None, bool | None]:
+    """-> (HEAD commit, whether the tree has uncommitted changes)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+
+    try:
+        return git("rev-parse", "HEAD") or None, bool(git("status", "--porcelain"))
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def versions() -> dict:
+    import accelerate
+    import deepspeed
+    import timm
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "deepspeed": deepspeed.__version__, "timm": timm.__version__, "accelerate": accelerate.__version__}
+
+
+def device_info(device: str) -> dict:
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        return {"type": "cuda", "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
+                "count_visible": torch.cuda.device_count()}
+    return {"type": "cpu", "name": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "note": "CPU timings: noisy, only ratios within one run"}
+
+
+def notes(bc: BenchConfig) -> list[str]:
+    n = [
+        f"FLOPs: {FORMULA}.",
+        f"hours/epoch = corpus_size / (pairs/s per GPU x num_gpus) / 3600 with corpus_size={bc.corpus_size:,}, "
+        f"num_gpus={bc.num_gpus}: measured on one device, linear data-parallel scaling assumed.",
+        "ratio_to_msm = pairs/s of MSM (MLM + MIM-pixel) / pairs/s of the row (= time-per-epoch ratio).",
+        "mim_token targets come from a fixed random-codebook tokenizer (cost stand-in only; a trained "
+        "tokenizer's forward pass, e.g. VQ-KD's frozen ViT, would add to it); block masks are drawn up front.",
+        "ITC/ITM on one device: no features from other ranks (the gather is the identity at world size 1).",
+        "Paper rows: composition inferred from the numbers; paper = EVE-Base on 8 x A100.",
+    ]
+    if bc.data == "pipeline":
+        n.append(f"data=pipeline: captions have their real lengths; FLOPs still assume {bc.text_len} real tokens.")
+    if bc.device != "cuda" or bc.batch_size is not None:
+        n.append("max_micro_batch is the fixed batch used (no out-of-memory search: "
+                 + ("CPU" if bc.device != "cuda" else "--batch-size") + ").")
+    return n
+
+
+def to_markdown(bc: BenchConfig, rows: list[RowResult], meta: dict) -> str:
+    dev = meta["device"]["name"]
+    head = (f"Pre-training throughput, `{bc.model}` on {dev} ({bc.device}), data={bc.data}, "
+            f"ZeRO-{bc.zero_stage}, text {bc.text_len}/{get_config(bc.model).max_text_len} tokens; "
+            f"hours per epoch of {bc.corpus_size / 1e6:g}M pairs on {bc.num_gpus} GPUs.\n")
+    lines = [head,
+             "| Pre-training tasks | Max batch / GPU | Pairs/s / GPU | Hours / epoch | × MSM time | "
+             "GFLOPs / pair | MFU | Paper: batch / hours |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = f"{r.ratio_to_msm:.2f}" if r.ratio_to_msm is not None else "–"
+        mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "–"
+        paper = f"{r.paper['max_batch_per_gpu']} / {r.paper['hours_per_epoch']}" if r.paper else "–"
+        batch = f"{r.max_micro_batch}" + ("" if r.batch_source == "search" else " (fixed)")
+        lines.append(f"| {task_label(r.task_set)} | {batch} | {r.pairs_per_s:,.1f} | {r.hours_per_epoch:,.2f} | "
+                     f"{ratio} | {r.gflops_per_pair:,.1f} | {mfu} | {paper} |")
+    lines += ["", *[f"- {n}" for n in notes(bc)],
+              f"- git {meta['git_revision']}{' (dirty tree)' if meta['git_dirty'] else ''}, "
+              + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+              f"- command: `{meta['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(bc: BenchConfig, rows: list[RowResult], meta: dict) -> dict:
+    by = {tuple(r.task_set): r for r in rows}
+    full = by.get(("mlm", "itc", "itm", "mim_pixel"))
+    msm = by.get(MSM)
+    goals = None
+    if full and msm:
+        goals = {"msm_vs_mlm_itc_itm_mim_throughput_ratio": msm.pairs_per_s / full.pairs_per_s,
+                 "msm_vs_mlm_itc_itm_mim_batch_ratio": msm.max_micro_batch / full.max_micro_batch,
+                 "msm_pairs_per_s": msm.pairs_per_s, "paper": {"throughput_ratio": 3.6, "batch_ratio": 3.5}}
+    return {
+        "benchmark": "pretrain_table1",
+        **meta,
+        "config": {"bench": dataclasses.asdict(bc), "model": get_config(bc.model).to_dict()},
+        "flops_formula": FORMULA,
+        "mfu_formula": "achieved FLOP/s (pairs/s x FLOPs/pair) / peak dense bf16 FLOP/s of one GPU "
+                       "(H100 SXM / H200 989, A100 312 TFLOP/s); null on CPU",
+        "notes": notes(bc),
+        "rows": [dataclasses.asdict(r) for r in rows],
+        "goals": goals,
+    }
+
+
+def meta_info(bc: BenchConfig, argv: list[str] | None) -> dict:
+    cmd = "python tools/benchmark_pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    commit, dirty = git_revision()
+    return {"device": device_info(bc.device), "versions": versions(), "git_revision": commit, "git_dirty": dirty,
+            "command": cmd.strip()}

@@ -1,0 +1,104 @@
+"""The Table 1 benchmark: the --quick CPU smoke test through main([...]) and the FLOPs model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eve_ds.bench.cli import main, parse_task_sets
+from eve_ds.bench.flops import TextShape, flops_per_pair, peak_tflops
+from eve_ds.bench.pretrain import DEFAULT_TASK_SETS, search_max_batch
+from eve_ds.models.config import get_config
+from eve_ds.objectives import ObjectiveConfig
+
+ROW_FIELDS = {"task_set", "max_micro_batch", "pairs_per_s", "hours_per_epoch", "ratio_to_msm", "gflops_per_pair",
+              "mfu"}
+
+
+def test_quick_cpu_smoke(tmp_path):
+    out, md = tmp_path / "t1.json", tmp_path / "t1.md"
+    assert main(["--model", "eve_tiny", "--device", "cpu", "--quick", "--json", str(out),
+                 "--markdown", str(md)]) == 0
+    d = json.loads(out.read_text())
+    assert {"rows", "device", "versions", "git_revision"} <= set(d)
+    assert d["device"]["type"] == "cpu" and d["versions"]["deepspeed"]
+    assert [r["task_set"] for r in d["rows"]] == DEFAULT_TASK_SETS
+    for r in d["rows"]:
+        assert set(r) >= ROW_FIELDS
+        assert r["max_micro_batch"] == 4 and r["mfu"] is None
+        assert r["pairs_per_s"] > 0 and r["gflops_per_pair"] > 0
+        assert r["hours_per_epoch"] == pytest.approx(10_000_000 / (r["pairs_per_s"] * 8) / 3600)
+        assert all(v == v for v in r["losses"].values())  # finite, not NaN
+    msm = next(r for r in d["rows"] if r["task_set"] == ["mlm", "mim_pixel"])
+    assert msm["ratio_to_msm"] == 1.0
+    full = next(r for r in d["rows"] if r["task_set"] == ["mlm", "itc", "itm", "mim_pixel"])
+    assert full["ratio_to_msm"] == pytest.approx(msm["pairs_per_s"] / full["pairs_per_s"])
+    # the FLOPs model orders the rows as the paper's costs do
+    g = {tuple(r["task_set"]): r["gflops_per_pair"] for r in d["rows"]}
+    assert g[("mlm",)] < g[("mlm", "mim_pixel")] < g[("mlm", "mim_token")] < g[("mlm", "itc", "itm")]
+    assert g[("mlm", "itc", "itm")] < g[("mlm", "itc", "itm", "mim_pixel")]
+    text = md.read_text()
+    assert "| MLM + MIM (pixel) (MSM, EVE) | 4 (fixed) |" in text and "224 / 2.14" in text
+    # rows of separate runs (one per GPU job) merge into one table with the ratios recomputed
+    part = {**d, "rows": [r for r in d["rows"] if r["task_set"] != ["mlm", "mim_pixel"]]}
+    (tmp_path / "b.json").write_text(json.dumps(part))
+    (tmp_path / "a.json").write_text(json.dumps({**d, "rows": [msm]}))
+    merged = tmp_path / "m.json"
+    assert main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json", str(merged)]) == 0
+    m = json.loads(merged.read_text())
+    assert [r["task_set"] for r in m["rows"]] == DEFAULT_TASK_SETS
+    assert [r["ratio_to_msm"] for r in m["rows"]] == pytest.approx([r["ratio_to_msm"] for r in d["rows"]])
+
+
+def test_flops_match_a_hand_count_for_mlm_on_eve_tiny():
+    # eve_tiny: P = 16 patches of 16x16x3, D = 128, F = 512, 4 blocks (block 3 soft: E = 4, top-2),
+    # V = 30522. Text: 40 positions, 32 real -> MLM masks round(0.5 * 30) = 15 tokens.
+    cfg = get_config("eve_tiny")
+    patch = 2 * 16 * 768 * 128
+    N = 17 + 40
+    attn = 8 * N * 128**2 + 4 * N**2 * 128
+    hard = 4 * N * 128 * 512
+    T = 17 + 32  # real tokens reach the router and the experts
+    soft = 2 * T * 128 * 4 + 2 * 4 * T * 128 * 512
+    head = 2 * 15 * (128 * 128 + 128 * 30522)
+    forward = patch + 4 * attn + 3 * hard + soft + head
+    assert forward == 227_947_008
+    got = flops_per_pair(cfg, ObjectiveConfig(objectives=["mlm"]), TextShape(40, 32), batch=4)
+    assert got == 3 * forward
+
+
+def test_flops_of_mim_pixel_use_the_visible_patches_only():
+    cfg = get_config("eve_tiny")
+    obj = ObjectiveConfig(objectives=["mim_pixel"])
+    # 4 of 16 patches visible: encoder over 5 + 40 tokens; decoder over all 17 tokens, width 128, 2 blocks
+    N, T, w, M = 45, 5 + 32, 128, 17
+    enc = 2 * 16 * 768 * 128 + 4 * (8 * N * 128**2 + 4 * N**2 * 128) + 3 * 4 * N * 128 * 512
+    enc += 2 * T * 128 * 4 + 2 * 4 * T * 128 * 512
+    dec = 2 * 5 * 128 * w + 2 * (8 * M * w * w + 4 * M * M * w + 16 * M * w * w) + 2 * M * w * 768
+    assert flops_per_pair(cfg, obj, TextShape(40, 32), batch=4) == 3 * (enc + dec)
+
+
+def test_peak_flops_by_device_name():
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H200") == 989.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("Intel Xeon") is None
+
+
+@pytest.mark.parametrize("largest", [1, 3, 37, 224, 500, 2048])
+def test_max_batch_search_finds_the_largest_fitting_batch(largest):
+    tried = []
+
+    def fits(b: int) -> bool:
+        tried.append(b)
+        return b <= largest
+
+    got = search_max_batch(fits, start=32, limit=2048, granularity=4)
+    assert largest - 4 < got <= largest if largest > 4 else got == largest
+    assert len(tried) < 20
+
+
+def test_parse_task_sets():
+    assert parse_task_sets("mlm,mim_pixel; mlm,itc,itm") == [["mlm", "mim_pixel"], ["mlm", "itc", "itm"]]
