@@ -12,14 +12,23 @@ from eve_ds.bench.pretrain import DEFAULT_TASK_SETS, search_max_batch
 from eve_ds.models.config import get_config
 from eve_ds.objectives import ObjectiveConfig
 
-ROW_FIELDS = {"task_set", "max_micro_batch", "pairs_per_s", "hours_per_epoch", "ratio_to_msm", "gflops_per_pair",
-              "mfu"}
+ROW_FIELDS = {
+    "task_set",
+    "max_micro_batch",
+    "pairs_per_s",
+    "hours_per_epoch",
+    "ratio_to_msm",
+    "gflops_per_pair",
+    "mfu",
+}
 
 
 def test_quick_cpu_smoke(tmp_path):
     out, md = tmp_path / "t1.json", tmp_path / "t1.md"
-    assert main(["--model", "eve_tiny", "--device", "cpu", "--quick", "--json", str(out),
-                 "--markdown", str(md)]) == 0
+    assert (
+        main(["--model", "eve_tiny", "--device", "cpu", "--quick", "--json", str(out), "--markdown", str(md)])
+        == 0
+    )
     d = json.loads(out.read_text())
     assert {"rows", "device", "versions", "git_revision"} <= set(d)
     assert d["device"]["type"] == "cpu" and d["versions"]["deepspeed"]

@@ -26,10 +26,18 @@ from eve_ds.objectives.masking import mask_patches, mask_text, patchify
 # eve_base keeps 224 px / 16 px patches (196 patches; 1 + 49 enter the MIM pass).
 SMALL = {
     "eve_tiny": {},
-    "eve_base": dict(hidden_size=96, ffn_size=192, vocab_size=512, decoder_depth=1, decoder_width=64,
-                     decoder_heads=4),
-    "eve_large": dict(hidden_size=64, ffn_size=128, vocab_size=512, image_size=64, decoder_depth=1,
-                      decoder_width=64, decoder_heads=4),
+    "eve_base": dict(
+        hidden_size=96, ffn_size=192, vocab_size=512, decoder_depth=1, decoder_width=64, decoder_heads=4
+    ),
+    "eve_large": dict(
+        hidden_size=64,
+        ffn_size=128,
+        vocab_size=512,
+        image_size=64,
+        decoder_depth=1,
+        decoder_width=64,
+        decoder_heads=4,
+    ),
 }
 
 
@@ -67,9 +75,18 @@ def record_gate_calls(model: PretrainingModel) -> list[dict]:
     calls = []
     for i, block in enumerate(model.encoder.blocks):
         if block.soft:
+
             def hook(gate, args, out, i=i):
-                calls.append({"block": i, "x": args[0].detach().clone(), "modality": gate.modality.clone(),
-                              "l_aux": out[0].detach(), "routes": out[3].long()})
+                calls.append(
+                    {
+                        "block": i,
+                        "x": args[0].detach().clone(),
+                        "modality": gate.modality.clone(),
+                        "l_aux": out[0].detach(),
+                        "routes": out[3].long(),
+                    }
+                )
+
             block.ffn.moe.gate.register_forward_hook(hook)
     return calls
 
@@ -86,11 +103,14 @@ def one_thread():
 # -- flavors and eve-info ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, layers, width, heads, ffn, soft", [
-    ("eve_tiny", 4, 128, 4, 512, [3]),
-    ("eve_base", 12, 768, 12, 3072, [10, 11]),
-    ("eve_large", 24, 1024, 16, 4096, [21, 22, 23]),
-])
+@pytest.mark.parametrize(
+    "name, layers, width, heads, ffn, soft",
+    [
+        ("eve_tiny", 4, 128, 4, 512, [3]),
+        ("eve_base", 12, 768, 12, 3072, [10, 11]),
+        ("eve_large", 24, 1024, 16, 4096, [21, 22, 23]),
+    ],
+)
 def test_flavor_configs(name, layers, width, heads, ffn, soft):
     cfg = get_config(name)
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.ffn_size) == (layers, width, heads, ffn)
@@ -107,13 +127,36 @@ def run_info(capsys, *argv) -> dict:
 
 def test_eve_info_json_base_and_large(capsys):
     base = run_info(capsys, "eve_base")
-    assert {k: base[k] for k in ("num_layers", "hidden_size", "num_heads", "ffn_size", "soft_router_blocks",
-                                 "num_experts", "top_k", "ep_size")} == {
-        "num_layers": 12, "hidden_size": 768, "num_heads": 12, "ffn_size": 3072,
-        "soft_router_blocks": [10, 11], "num_experts": 32, "top_k": 2, "ep_size": 1}
+    assert {
+        k: base[k]
+        for k in (
+            "num_layers",
+            "hidden_size",
+            "num_heads",
+            "ffn_size",
+            "soft_router_blocks",
+            "num_experts",
+            "top_k",
+            "ep_size",
+        )
+    } == {
+        "num_layers": 12,
+        "hidden_size": 768,
+        "num_heads": 12,
+        "ffn_size": 3072,
+        "soft_router_blocks": [10, 11],
+        "num_experts": 32,
+        "top_k": 2,
+        "ep_size": 1,
+    }
     assert base["hard_router_blocks"] == list(range(10))
     large = run_info(capsys, "eve_large", "model.ep_size=4")
-    assert (large["num_layers"], large["hidden_size"], large["num_heads"], large["ffn_size"]) == (24, 1024, 16, 4096)
+    assert (large["num_layers"], large["hidden_size"], large["num_heads"], large["ffn_size"]) == (
+        24,
+        1024,
+        16,
+        4096,
+    )
     assert large["soft_router_blocks"] == [21, 22, 23] and large["ep_size"] == 4
     assert large["experts_per_rank"] == 8
     assert large["params_experts_per_rank"] * 4 == large["params_experts"]
@@ -130,7 +173,9 @@ def test_eve_info_counts_eve_base_by_hand(capsys):
     router = E * d + 2 * d  # W and b_image, b_text
     soft = per_block + 2 * d + router + E * ffn
     rel_pos = ((2 * 14 - 1) ** 2 + 3) * 12
-    embed = 3 * 16 * 16 * d + d + d + 197 * d + V * d + 40 * d + 2 * d  # patch proj, cls, pos, word, text pos, type
+    embed = (
+        3 * 16 * 16 * d + d + d + 197 * d + V * d + 40 * d + 2 * d
+    )  # patch proj, cls, pos, word, text pos, type
     encoder = 10 * hard + 2 * soft + 2 * d + embed + 12 * rel_pos
     assert info["params_experts"] == 2 * E * ffn == 302_235_648
     assert info["params_embeddings"] == embed + 12 * rel_pos
@@ -180,7 +225,9 @@ def test_forward_backward_every_flavor(name):
     assert abs(out["mlm_loss"].item() - math.log(cfg.vocab_size)) < 1.0
     n_masked = sum(round((n - 2) * 0.5) for n in batch["text_mask"].sum(1).tolist())
     assert out["mlm_pred"].shape == out["mlm_target"].shape == (n_masked,)
-    assert sorted(k for k in out if k.startswith("expert_load/")) == [f"expert_load/block{b}" for b in cfg.soft_blocks]
+    assert sorted(k for k in out if k.startswith("expert_load/")) == [
+        f"expert_load/block{b}" for b in cfg.soft_blocks
+    ]
     out["loss"].backward()
     for n, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), n
@@ -249,7 +296,7 @@ def patch_pixels(cfg, patches: list[tuple[int, int]]) -> torch.Tensor:
     g, p = cfg.grid_size, cfg.patch_size
     for b, j in patches:
         r, c = divmod(j, g)
-        m[b, :, r * p:(r + 1) * p, c * p:(c + 1) * p] = 1
+        m[b, :, r * p : (r + 1) * p, c * p : (c + 1) * p] = 1
     return m
 
 
@@ -297,8 +344,17 @@ def test_mim_encoder_never_sees_masked_patches():
 
 def small_moe(num_experts: int = 4, d: int = 16, drop_tokens: bool = False, seed: int = 0) -> ModalityMoE:
     torch.manual_seed(seed)
-    moe = ModalityMoE(d, 2 * d, num_experts, ep_size=1, top_k=2, drop_tokens=drop_tokens, capacity_factor=1.0,
-                      modality_routing=True, second_expert_sampling=False)
+    moe = ModalityMoE(
+        d,
+        2 * d,
+        num_experts,
+        ep_size=1,
+        top_k=2,
+        drop_tokens=drop_tokens,
+        capacity_factor=1.0,
+        modality_routing=True,
+        second_expert_sampling=False,
+    )
     moe.init_experts(ep_rank=0, seed=seed, std=0.2)
     return moe
 
@@ -376,11 +432,13 @@ def test_deepspeed_l_aux_is_eq7_on_a_tiny_example():
     l_aux = top2gating(logits.clone(), 1.0, 4, drop_tokens=False, top2_2nd_expert_sampling=False)[0]
     assert l_aux.item() == pytest.approx(expected, rel=1e-6)
     # Perfect balance gives 1, all tokens on one expert with certainty gives N.
-    assert top2gating(torch.eye(3) * 50, 1.0, 4, drop_tokens=False, top2_2nd_expert_sampling=False)[0].item() == \
-        pytest.approx(1.0, rel=1e-5)
+    assert top2gating(torch.eye(3) * 50, 1.0, 4, drop_tokens=False, top2_2nd_expert_sampling=False)[
+        0
+    ].item() == pytest.approx(1.0, rel=1e-5)
     one = torch.tensor([[50.0, 0.0, 0.0]] * 4)
-    assert top2gating(one, 1.0, 4, drop_tokens=False, top2_2nd_expert_sampling=False)[0].item() == \
-        pytest.approx(3.0, rel=1e-5)
+    assert top2gating(one, 1.0, 4, drop_tokens=False, top2_2nd_expert_sampling=False)[
+        0
+    ].item() == pytest.approx(3.0, rel=1e-5)
 
 
 def hand_l_aux(call: dict, gate) -> torch.Tensor:
@@ -424,8 +482,9 @@ def test_expert_load_matches_routes(drop_tokens):
         for c in (c for c in gates if c["block"] == b):
             for k in range(2):
                 kept = c["routes"][k] >= 0
-                counts.index_put_((c["modality"][kept], c["routes"][k][kept]), torch.ones(int(kept.sum())),
-                                  accumulate=True)
+                counts.index_put_(
+                    (c["modality"][kept], c["routes"][k][kept]), torch.ones(int(kept.sum())), accumulate=True
+                )
             assert (c["modality"] == TEXT).sum() == n_text
         if not drop_tokens:  # image: 2 routes x (1 + 16 patches + 1 + 4 visible) x 2 samples
             assert counts.sum(1).tolist() == [2 * 2 * (17 + 5), 2 * 2 * n_text]

@@ -42,8 +42,11 @@ def make_batch(cfg, rank: int) -> dict:
     mask = torch.ones(B, L, dtype=torch.long)
     ids[:, 0], ids[0, -1] = 101, 102
     ids[1, 6], ids[1, 7:], mask[1, 7:] = 102, 0, 0  # sample 1 padded
-    return {"image": torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g),
-            "text_ids": ids, "text_mask": mask}
+    return {
+        "image": torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g),
+        "text_ids": ids,
+        "text_mask": mask,
+    }
 
 
 def build(ep_size: int, ep_rank: int) -> PretrainingModel:
@@ -55,8 +58,11 @@ def build(ep_size: int, ep_rank: int) -> PretrainingModel:
 
 def global_name(name: str, ep_rank: int, n_local: int) -> str:
     """Local expert i of ep rank r -> global expert r * n_local + i."""
-    return re.sub(r"deepspeed_experts\.(\d+)\.",
-                  lambda m: f"deepspeed_experts.{ep_rank * n_local + int(m.group(1))}.", name)
+    return re.sub(
+        r"deepspeed_experts\.(\d+)\.",
+        lambda m: f"deepspeed_experts.{ep_rank * n_local + int(m.group(1))}.",
+        name,
+    )
 
 
 def step_outputs(model, batch, rank: int, forward) -> dict:
@@ -64,7 +70,9 @@ def step_outputs(model, batch, rank: int, forward) -> dict:
     handle = model.encoder.register_forward_hook(lambda m, a, o: hidden.append(o.hidden.detach().clone()))
     out = forward(batch, torch.Generator().manual_seed(1000 + rank))
     handle.remove()
-    keep = {k: v.detach().clone() for k, v in out.items() if k.endswith("_loss") or k.startswith("expert_load")}
+    keep = {
+        k: v.detach().clone() for k, v in out.items() if k.endswith("_loss") or k.startswith("expert_load")
+    }
     return {"out": out, "values": keep, "hidden": hidden}
 
 
@@ -81,8 +89,13 @@ def one_thread():
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(EP),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(EP),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
@@ -92,21 +105,30 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     for stage in STAGES:
         model = build(EP, rank)
         groups = split_params_into_different_moe_groups_for_optimizer(
-            {"params": list(model.parameters()), "name": "all"})
-        ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-                     "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-                     "gradient_clipping": CLIP[stage],
-                     "steps_per_print": 10**9}
-        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(groups, lr=1.0),
-                                          config=ds_config)
+            {"params": list(model.parameters()), "name": "all"}
+        )
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 2,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": stage},
+            "zero_allow_untested_optimizer": True,
+            "gradient_clipping": CLIP[stage],
+            "steps_per_print": 10**9,
+        }
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.SGD(groups, lr=1.0), config=ds_config
+        )
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         res = step_outputs(model, make_batch(model.model_cfg, rank), rank, engine)
         engine.backward(res.pop("out")["loss"])
         if stage == 0:  # ZeRO-0 keeps the reduced .grad on every parameter
-            res["grads"] = {global_name(n, rank, 4 // EP): p.grad.clone() for n, p in model.named_parameters()}
+            res["grads"] = {
+                global_name(n, rank, 4 // EP): p.grad.clone() for n, p in model.named_parameters()
+            }
         engine.step()
-        res["deltas"] = {global_name(n, rank, 4 // EP): p.detach() - before[n]
-                         for n, p in model.named_parameters()}
+        res["deltas"] = {
+            global_name(n, rank, 4 // EP): p.detach() - before[n] for n, p in model.named_parameters()
+        }
         result[stage] = res
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 

@@ -163,6 +163,7 @@ def test_block_and_random_masks_have_the_exact_count():
     assert masks.shape == (5, 196) and (masks.sum(1) == 78).all()
     blocks = token_mim_mask(5, 14, 0.4, "block", torch.device("cpu"), torch.Generator().manual_seed(0))
     assert (blocks.sum(1) == 78).all()
+
     # block-wise: masked patches touch each other far more often than random ones do
     def neighbours(m):
         g = m.view(-1, 14, 14).float()
@@ -204,7 +205,9 @@ def test_mim_token_all_patches_enter_and_loss_only_on_masked_patches():
     mim = model.objectives["mim_token"]
     assert isinstance(mim.tokenizer, VisualTokenizer)
     batch = make_batch(cfg, 3)
-    mask = token_mim_mask(3, cfg.grid_size, 0.4, "block", torch.device("cpu"), torch.Generator().manual_seed(1))
+    mask = token_mim_mask(
+        3, cfg.grid_size, 0.4, "block", torch.device("cpu"), torch.Generator().manual_seed(1)
+    )
     batch["mim_token_mask"] = mask
     seen = {}
 
@@ -237,15 +240,21 @@ def test_random_codebook_tokenizer_is_deterministic_and_in_range():
 # -- every task set --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("task_set", [*DEFAULT_TASK_SETS, ["mlm", "itc", "itm", "mim_token"]],
-                         ids=lambda t: "+".join(t))
+@pytest.mark.parametrize(
+    "task_set", [*DEFAULT_TASK_SETS, ["mlm", "itc", "itm", "mim_token"]], ids=lambda t: "+".join(t)
+)
 def test_every_task_set_runs_forward_backward(task_set):
     torch.manual_seed(0)
     cfg = get_config("eve_tiny")
     model = PretrainingModel(cfg, ObjectiveConfig(objectives=task_set))
     out = model(make_batch(cfg, 4), torch.Generator().manual_seed(0))
-    expected = {"mlm": "mlm_loss", "mim_pixel": "mim_loss", "mim_token": "mim_token_loss", "itc": "itc_loss",
-                "itm": "itm_loss"}
+    expected = {
+        "mlm": "mlm_loss",
+        "mim_pixel": "mim_loss",
+        "mim_token": "mim_token_loss",
+        "itc": "itc_loss",
+        "itm": "itm_loss",
+    }
     for name in task_set:
         assert torch.isfinite(out[expected[name]])
     assert torch.isfinite(out["loss"])

@@ -25,32 +25,49 @@ logger = logging.getLogger("eve_ds.bench")
 
 
 def parse_task_sets(spec: str) -> list[list[str]]:
-    """"mlm,mim_pixel;mlm,itc,itm" -> [["mlm", "mim_pixel"], ["mlm", "itc", "itm"]]."""
+    """ "mlm,mim_pixel;mlm,itc,itm" -> [["mlm", "mim_pixel"], ["mlm", "itc", "itm"]]."""
     return [[t.strip() for t in group.split(",") if t.strip()] for group in spec.split(";") if group.strip()]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     doc = __doc__ or ""
-    p = argparse.ArgumentParser(prog="benchmark_pretrain", description=doc.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=doc.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="benchmark_pretrain",
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc.split("\n\n", 1)[1],
+    )
     d = BenchConfig()
     p.add_argument("--model", default=d.model, choices=sorted(FLAVORS))
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: batch 4, 1 warm-up step, 2 windows of 1 step (seconds per row)")
-    p.add_argument("--task-sets", default=None,
-                   help="';'-separated task sets, e.g. 'mlm,mim_pixel;mlm,itc,itm' (default: the paper's "
-                        f"rows + MLM alone: {';'.join(','.join(t) for t in DEFAULT_TASK_SETS)})")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help=f"fixed micro-batch (no search); default: searched on CUDA, "
-                        f"{BenchConfig.CPU_DEFAULT_BATCH} on CPU")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: batch 4, 1 warm-up step, 2 windows of 1 step (seconds per row)",
+    )
+    p.add_argument(
+        "--task-sets",
+        default=None,
+        help="';'-separated task sets, e.g. 'mlm,mim_pixel;mlm,itc,itm' (default: the paper's "
+        f"rows + MLM alone: {';'.join(','.join(t) for t in DEFAULT_TASK_SETS)})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"fixed micro-batch (no search); default: searched on CUDA, "
+        f"{BenchConfig.CPU_DEFAULT_BATCH} on CPU",
+    )
     p.add_argument("--max-batch-limit", type=int, default=d.max_batch_limit)
     p.add_argument("--zero-stage", type=int, default=d.zero_stage, choices=[0, 1, 2])
     p.add_argument("--ds-config", default=None, help="ds_configs/ name (default: zero2_bf16 / zero2_cpu)")
-    p.add_argument("--data", default=d.data, choices=["memory", "pipeline"],
-                   help="memory: pre-built batches on the device (model speed); pipeline: eve_ds.data loader "
-                        "over the synthetic shards")
+    p.add_argument(
+        "--data",
+        default=d.data,
+        choices=["memory", "pipeline"],
+        help="memory: pre-built batches on the device (model speed); pipeline: eve_ds.data loader "
+        "over the synthetic shards",
+    )
     p.add_argument("--text-len", type=int, default=d.text_len, help="real tokens per synthetic caption")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--windows", type=int, default=d.windows)
@@ -59,9 +76,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-gpus", type=int, default=d.num_gpus, help="GPUs for the hours-per-epoch column")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's peak bf16 TFLOP/s")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
-                   help="measure nothing: combine the rows of earlier runs (e.g. one per 10-minute GPU job) "
-                        "into one table; ratios are recomputed against the MSM row")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="measure nothing: combine the rows of earlier runs (e.g. one per 10-minute GPU job) "
+        "into one table; ratios are recomputed against the MSM row",
+    )
     p.add_argument("--json", required=True, type=Path, help="write the JSON record here")
     p.add_argument("--markdown", type=Path, default=None, help="also write the markdown table here")
     return p.parse_args(argv)
@@ -72,10 +95,20 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmark_pretrain: --device cuda but no CUDA device is available")
     bc = BenchConfig(
-        model=args.model, device=device, batch_size=args.batch_size, max_batch_limit=args.max_batch_limit,
-        zero_stage=args.zero_stage, ds_config=args.ds_config, data=args.data, text_len=args.text_len,
-        warmup_steps=args.warmup_steps, windows=args.windows, steps_per_window=args.steps_per_window,
-        corpus_size=args.corpus_size, num_gpus=args.num_gpus, peak_tflops=args.peak_tflops,
+        model=args.model,
+        device=device,
+        batch_size=args.batch_size,
+        max_batch_limit=args.max_batch_limit,
+        zero_stage=args.zero_stage,
+        ds_config=args.ds_config,
+        data=args.data,
+        text_len=args.text_len,
+        warmup_steps=args.warmup_steps,
+        windows=args.windows,
+        steps_per_window=args.steps_per_window,
+        corpus_size=args.corpus_size,
+        num_gpus=args.num_gpus,
+        peak_tflops=args.peak_tflops,
     )
     if args.task_sets:
         bc.task_sets = parse_task_sets(args.task_sets)
@@ -90,8 +123,13 @@ def merge(paths: list[Path]) -> tuple[BenchConfig, list[RowResult], dict]:
     records = [json.loads(p.read_text()) for p in paths]
     first = records[0]
     for p, r in zip(paths, records):
-        if r["config"]["bench"]["model"] != first["config"]["bench"]["model"] or r["device"] != first["device"]:
-            raise SystemExit(f"benchmark_pretrain: {p} was measured on another model or device than {paths[0]}")
+        if (
+            r["config"]["bench"]["model"] != first["config"]["bench"]["model"]
+            or r["device"] != first["device"]
+        ):
+            raise SystemExit(
+                f"benchmark_pretrain: {p} was measured on another model or device than {paths[0]}"
+            )
     bc = BenchConfig(**first["config"]["bench"])
     rows = [RowResult(**row) for r in records for row in r["rows"]]
     bc.task_sets = [r.task_set for r in rows]
@@ -116,8 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         write(args, *merge(args.merge))
         return 0
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S", stream=sys.stderr)
+        logging.basicConfig(
+            level=logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+            stream=sys.stderr,
+        )
     logging.getLogger("eve_ds").setLevel(logging.INFO)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -127,9 +169,17 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed(bc.device, timeout_s=600)
 
     def progress(i: int, r: RowResult) -> None:
-        logger.info("[%d/%d] %-36s batch %4d  %9.1f pairs/s  %7.2f h/epoch  %7.1f GFLOPs/pair%s",
-                    i + 1, len(bc.task_sets), task_label(r.task_set), r.max_micro_batch, r.pairs_per_s,
-                    r.hours_per_epoch, r.gflops_per_pair, f"  MFU {100 * r.mfu:.1f}%" if r.mfu else "")
+        logger.info(
+            "[%d/%d] %-36s batch %4d  %9.1f pairs/s  %7.2f h/epoch  %7.1f GFLOPs/pair%s",
+            i + 1,
+            len(bc.task_sets),
+            task_label(r.task_set),
+            r.max_micro_batch,
+            r.pairs_per_s,
+            r.hours_per_epoch,
+            r.gflops_per_pair,
+            f"  MFU {100 * r.mfu:.1f}%" if r.mfu else "",
+        )
 
     rows = run_benchmark(bc, progress)
     write(args, bc, rows, meta_info(bc, argv))

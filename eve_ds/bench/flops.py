@@ -27,8 +27,15 @@ FORMULA = (
 )
 
 # Peak dense bf16 tensor-core FLOP/s (no sparsity) by GPU name fragment; checked in order.
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
-                    ("A100", 312.0), ("L40S", 362.0), ("A10", 125.0))
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10", 125.0),
+)
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -77,8 +84,9 @@ def pixel_decoder_flops(cfg: EVEConfig, n_visible: int) -> float:
     return flops + 2.0 * M * w * cfg.patch_size**2 * cfg.in_chans
 
 
-def objective_flops(name: str, cfg: EVEConfig, obj: ObjectiveConfig, text: TextShape, batch: int,
-                    tokenizer_code_dim: int = 32) -> tuple[float, float]:
+def objective_flops(
+    name: str, cfg: EVEConfig, obj: ObjectiveConfig, text: TextShape, batch: int, tokenizer_code_dim: int = 32
+) -> tuple[float, float]:
     """-> (trainable forward FLOPs, frozen forward-only FLOPs) per pair for one objective.
     batch: the micro-batch (ITC's similarity matrix is batch x batch on one device)."""
     P, D = cfg.num_patches, cfg.hidden_size

@@ -110,8 +110,14 @@ def to_device(batch: dict[str, Tensor], device: str, dtype: torch.dtype) -> dict
     return out
 
 
-def memory_batches(cfg: EVEConfig, obj: ObjectiveConfig, batch: int, bc: BenchConfig, dtype: torch.dtype,
-                   num_batches: int | None = None) -> Iterator[dict[str, Tensor]]:
+def memory_batches(
+    cfg: EVEConfig,
+    obj: ObjectiveConfig,
+    batch: int,
+    bc: BenchConfig,
+    dtype: torch.dtype,
+    num_batches: int | None = None,
+) -> Iterator[dict[str, Tensor]]:
     """Cycle over `num_batches` batches already on the device; token-MIM masks are drawn up front, as a
     data loader's workers would (BEiT), so that host-side block masking is not timed."""
     gen = torch.Generator().manual_seed(bc.seed)
@@ -119,25 +125,42 @@ def memory_batches(cfg: EVEConfig, obj: ObjectiveConfig, batch: int, bc: BenchCo
     for _ in range(num_batches or bc.num_batches):
         b = synthetic_batch(cfg, batch, bc.text_len, gen)
         if "mim_token" in obj.objectives:
-            b["mim_token_mask"] = token_mim_mask(batch, cfg.grid_size, obj.mim_token_mask_ratio,
-                                                 obj.mim_token_masking, torch.device("cpu"), gen)
+            b["mim_token_mask"] = token_mim_mask(
+                batch,
+                cfg.grid_size,
+                obj.mim_token_mask_ratio,
+                obj.mim_token_masking,
+                torch.device("cpu"),
+                gen,
+            )
         batches.append(to_device(b, bc.device, dtype))
     while True:
         yield from batches
 
 
-def pipeline_batches(cfg: EVEConfig, batch: int, bc: BenchConfig,
-                     dtype: torch.dtype) -> Iterator[dict[str, Tensor]]:
+def pipeline_batches(
+    cfg: EVEConfig, batch: int, bc: BenchConfig, dtype: torch.dtype
+) -> Iterator[dict[str, Tensor]]:
     """The real input pipeline (eve_ds.data) over the synthetic shard corpus."""
     try:
         from eve_ds.data import build_train_loader, load_tokenizer
         from eve_ds.data.config import DataConfig
     except ImportError as e:
-        raise RuntimeError(f"--data pipeline needs eve_ds.data.build_train_loader ({e}); use --data memory") from e
+        raise RuntimeError(
+            f"--data pipeline needs eve_ds.data.build_train_loader ({e}); use --data memory"
+        ) from e
     data_cfg = DataConfig(synthetic=True, synthetic_num_train=2000)  # generated once into the cache dir
-    loader = build_train_loader(data_cfg, image_size=cfg.image_size, max_text_len=cfg.max_text_len,
-                                batch_size=batch, rank=0, world_size=1, seed=bc.seed, start_batch=0,
-                                tokenizer=load_tokenizer(data_cfg.tokenizer))
+    loader = build_train_loader(
+        data_cfg,
+        image_size=cfg.image_size,
+        max_text_len=cfg.max_text_len,
+        batch_size=batch,
+        rank=0,
+        world_size=1,
+        seed=bc.seed,
+        start_batch=0,
+        tokenizer=load_tokenizer(data_cfg.tokenizer),
+    )
     while True:
         for b in loader:
             yield to_device({k: b[k] for k in ("image", "text_ids", "text_mask")}, bc.device, dtype)
@@ -162,10 +185,22 @@ def build_bench_engine(bc: BenchConfig, cfg: EVEConfig, obj: ObjectiveConfig, mi
     ds = load_ds_file(ds_name)
     if ds.get("zero_optimization", {}).get("stage") != bc.zero_stage:
         ds_name = _ds_file_with_stage(ds, bc.zero_stage)
-    train = TrainConfig(micro_batch_size=micro_batch, global_batch_size=micro_batch, ds_config=ds_name,
-                        device=bc.device, seed=bc.seed, max_steps=10**6)
-    run = RunConfig(model=cfg, objective=obj, data=DataConfig(synthetic=True), train=train,
-                    model_flavor=bc.model, name="benchmark")
+    train = TrainConfig(
+        micro_batch_size=micro_batch,
+        global_batch_size=micro_batch,
+        ds_config=ds_name,
+        device=bc.device,
+        seed=bc.seed,
+        max_steps=10**6,
+    )
+    run = RunConfig(
+        model=cfg,
+        objective=obj,
+        data=DataConfig(synthetic=True),
+        train=train,
+        model_flavor=bc.model,
+        name="benchmark",
+    )
     model = build_model(cfg, obj, bc.seed)
     engine, _, _, _ = build_engine(run, model, world_size=1, device=bc.device)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
@@ -237,8 +272,9 @@ class Prober:
     """Runs two training steps at a batch size on a reusable engine; after an out-of-memory error the
     engine is rebuilt (an interrupted ZeRO-2 backward leaves its gradient buckets half-filled)."""
 
-    def __init__(self, make_engine: Callable[[], tuple], cfg: EVEConfig, obj: ObjectiveConfig,
-                 bc: BenchConfig) -> None:
+    def __init__(
+        self, make_engine: Callable[[], tuple], cfg: EVEConfig, obj: ObjectiveConfig, bc: BenchConfig
+    ) -> None:
         self.make_engine, self.cfg, self.obj, self.bc = make_engine, cfg, obj, bc
         self.engine, self.dtype = make_engine()
         self.tried: dict[int, bool] = {}
@@ -303,14 +339,20 @@ def run_row(bc: BenchConfig, task_set: list[str]) -> RowResult:
         engine, dtype = prober.engine, prober.dtype
     if bc.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    data = (memory_batches(cfg, obj, batch, bc, dtype) if bc.data == "memory"
-            else pipeline_batches(cfg, batch, bc, dtype))
+    data = (
+        memory_batches(cfg, obj, batch, bc, dtype)
+        if bc.data == "memory"
+        else pipeline_batches(cfg, batch, bc, dtype)
+    )
     windows, losses = time_steps(engine, data, bc)
     step = statistics.median(windows)
     pps = batch / step
     gflops = flops_per_pair(cfg, obj, TextShape(cfg.max_text_len, bc.text_len), batch) / 1e9
-    peak = bc.peak_tflops if bc.peak_tflops is not None else (
-        peak_tflops(torch.cuda.get_device_name()) if bc.device == "cuda" else None)
+    peak = (
+        bc.peak_tflops
+        if bc.peak_tflops is not None
+        else (peak_tflops(torch.cuda.get_device_name()) if bc.device == "cuda" else None)
+    )
     achieved = pps * gflops / 1e3
     mem = torch.cuda.max_memory_allocated() / 2**30 if bc.device == "cuda" else None
     del engine, data
@@ -318,10 +360,18 @@ def run_row(bc: BenchConfig, task_set: list[str]) -> RowResult:
     with contextlib.suppress(Exception):
         free_memory()
     return RowResult(
-        task_set=list(task_set), max_micro_batch=batch, batch_source=source, step_time_s=step,
-        window_step_times_s=windows, pairs_per_s=pps,
-        hours_per_epoch=bc.corpus_size / (pps * bc.num_gpus) / 3600, gflops_per_pair=gflops,
-        achieved_tflops=achieved, mfu=achieved / peak if peak else None, peak_memory_gib=mem, losses=losses,
+        task_set=list(task_set),
+        max_micro_batch=batch,
+        batch_source=source,
+        step_time_s=step,
+        window_step_times_s=windows,
+        pairs_per_s=pps,
+        hours_per_epoch=bc.corpus_size / (pps * bc.num_gpus) / 3600,
+        gflops_per_pair=gflops,
+        achieved_tflops=achieved,
+        mfu=achieved / peak if peak else None,
+        peak_memory_gib=mem,
+        losses=losses,
         paper=_paper(task_set),
     )
 
@@ -331,7 +381,9 @@ def _paper(task_set: list[str]) -> dict | None:
     return {"max_batch_per_gpu": p[0], "hours_per_epoch": p[1], "gpus": "8 x A100"} if p else None
 
 
-def run_benchmark(bc: BenchConfig, progress: Callable[[int, RowResult], None] | None = None) -> list[RowResult]:
+def run_benchmark(
+    bc: BenchConfig, progress: Callable[[int, RowResult], None] | None = None
+) -> list[RowResult]:
     rows = []
     for i, ts in enumerate(bc.task_sets):
         logger.info("[%d/%d] %s ...", i + 1, len(bc.task_sets), "+".join(ts))

@@ -22,8 +22,13 @@ from eve_ds.models.heads import MLMHead, PixelDecoder
 from eve_ds.models.layers import Attention, HardRouterFFN, SoftRouterFFN
 from eve_ds.objectives import ObjectiveConfig
 
-REGIONS = {Attention: "attention", HardRouterFFN: "hard-router FFN", SoftRouterFFN: "soft-router FFN (MoE)",
-           MLMHead: "MLM head", PixelDecoder: "pixel decoder"}
+REGIONS = {
+    Attention: "attention",
+    HardRouterFFN: "hard-router FFN",
+    SoftRouterFFN: "soft-router FFN (MoE)",
+    MLMHead: "MLM head",
+    PixelDecoder: "pixel decoder",
+}
 
 
 def label_regions(model: nn.Module) -> list:

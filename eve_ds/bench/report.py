@@ -26,9 +26,11 @@ def task_label(task_set: list[str]) -> str:
 
 def git_revision() -> tuple[str | None, bool | None]:
     """-> (HEAD commit, whether the tree has uncommitted changes)."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
 
     try:
         return git("rev-parse", "HEAD") or None, bool(git("status", "--porcelain"))
@@ -41,17 +43,31 @@ def versions() -> dict:
     import deepspeed
     import timm
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "deepspeed": deepspeed.__version__, "timm": timm.__version__, "accelerate": accelerate.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "deepspeed": deepspeed.__version__,
+        "timm": timm.__version__,
+        "accelerate": accelerate.__version__,
+    }
 
 
 def device_info(device: str) -> dict:
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
-        return {"type": "cuda", "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
-                "count_visible": torch.cuda.device_count()}
-    return {"type": "cpu", "name": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "note": "CPU timings: noisy, only ratios within one run"}
+        return {
+            "type": "cuda",
+            "name": p.name,
+            "memory_gib": round(p.total_memory / 2**30, 1),
+            "count_visible": torch.cuda.device_count(),
+        }
+    return {
+        "type": "cpu",
+        "name": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "note": "CPU timings: noisy, only ratios within one run",
+    }
 
 
 def notes(bc: BenchConfig) -> list[str]:
@@ -66,33 +82,47 @@ def notes(bc: BenchConfig) -> list[str]:
         "Paper rows: composition inferred from the numbers; paper = EVE-Base on 8 x A100.",
     ]
     if bc.data == "pipeline":
-        n.append(f"data=pipeline: captions have their real lengths; FLOPs still assume {bc.text_len} real tokens.")
+        n.append(
+            f"data=pipeline: captions have their real lengths; FLOPs still assume {bc.text_len} real tokens."
+        )
     if bc.device != "cuda" or bc.batch_size is not None:
-        n.append("max_micro_batch is the fixed batch used (no out-of-memory search: "
-                 + ("CPU" if bc.device != "cuda" else "--batch-size") + ").")
+        n.append(
+            "max_micro_batch is the fixed batch used (no out-of-memory search: "
+            + ("CPU" if bc.device != "cuda" else "--batch-size")
+            + ")."
+        )
     return n
 
 
 def to_markdown(bc: BenchConfig, rows: list[RowResult], meta: dict) -> str:
     dev = meta["device"]["name"]
-    head = (f"Pre-training throughput, `{bc.model}` on {dev} ({bc.device}), data={bc.data}, "
-            f"ZeRO-{bc.zero_stage}, text {bc.text_len}/{get_config(bc.model).max_text_len} tokens; "
-            f"hours per epoch of {bc.corpus_size / 1e6:g}M pairs on {bc.num_gpus} GPUs.\n")
-    lines = [head,
-             "| Pre-training tasks | Max batch / GPU | Pairs/s / GPU | Hours / epoch | × MSM time | "
-             "GFLOPs / pair | MFU | Paper: batch / hours |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    head = (
+        f"Pre-training throughput, `{bc.model}` on {dev} ({bc.device}), data={bc.data}, "
+        f"ZeRO-{bc.zero_stage}, text {bc.text_len}/{get_config(bc.model).max_text_len} tokens; "
+        f"hours per epoch of {bc.corpus_size / 1e6:g}M pairs on {bc.num_gpus} GPUs.\n"
+    )
+    lines = [
+        head,
+        "| Pre-training tasks | Max batch / GPU | Pairs/s / GPU | Hours / epoch | × MSM time | "
+        "GFLOPs / pair | MFU | Paper: batch / hours |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         ratio = f"{r.ratio_to_msm:.2f}" if r.ratio_to_msm is not None else "–"
         mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "–"
         paper = f"{r.paper['max_batch_per_gpu']} / {r.paper['hours_per_epoch']}" if r.paper else "–"
         batch = f"{r.max_micro_batch}" + ("" if r.batch_source == "search" else " (fixed)")
-        lines.append(f"| {task_label(r.task_set)} | {batch} | {r.pairs_per_s:,.1f} | {r.hours_per_epoch:,.2f} | "
-                     f"{ratio} | {r.gflops_per_pair:,.1f} | {mfu} | {paper} |")
-    lines += ["", *[f"- {n}" for n in notes(bc)],
-              f"- git {meta['git_revision']}{' (dirty tree)' if meta['git_dirty'] else ''}, "
-              + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-              f"- command: `{meta['command']}`"]
+        lines.append(
+            f"| {task_label(r.task_set)} | {batch} | {r.pairs_per_s:,.1f} | {r.hours_per_epoch:,.2f} | "
+            f"{ratio} | {r.gflops_per_pair:,.1f} | {mfu} | {paper} |"
+        )
+    lines += [
+        "",
+        *[f"- {n}" for n in notes(bc)],
+        f"- git {meta['git_revision']}{' (dirty tree)' if meta['git_dirty'] else ''}, "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        f"- command: `{meta['command']}`",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -102,16 +132,19 @@ def to_json(bc: BenchConfig, rows: list[RowResult], meta: dict) -> dict:
     msm = by.get(MSM)
     goals = None
     if full and msm:
-        goals = {"msm_vs_mlm_itc_itm_mim_throughput_ratio": msm.pairs_per_s / full.pairs_per_s,
-                 "msm_vs_mlm_itc_itm_mim_batch_ratio": msm.max_micro_batch / full.max_micro_batch,
-                 "msm_pairs_per_s": msm.pairs_per_s, "paper": {"throughput_ratio": 3.6, "batch_ratio": 3.5}}
+        goals = {
+            "msm_vs_mlm_itc_itm_mim_throughput_ratio": msm.pairs_per_s / full.pairs_per_s,
+            "msm_vs_mlm_itc_itm_mim_batch_ratio": msm.max_micro_batch / full.max_micro_batch,
+            "msm_pairs_per_s": msm.pairs_per_s,
+            "paper": {"throughput_ratio": 3.6, "batch_ratio": 3.5},
+        }
     return {
         "benchmark": "pretrain_table1",
         **meta,
         "config": {"bench": dataclasses.asdict(bc), "model": get_config(bc.model).to_dict()},
         "flops_formula": FORMULA,
         "mfu_formula": "achieved FLOP/s (pairs/s x FLOPs/pair) / peak dense bf16 FLOP/s of one GPU "
-                       "(H100 SXM / H200 989, A100 312 TFLOP/s); null on CPU",
+        "(H100 SXM / H200 989, A100 312 TFLOP/s); null on CPU",
         "notes": notes(bc),
         "rows": [dataclasses.asdict(r) for r in rows],
         "goals": goals,
@@ -121,5 +154,10 @@ def to_json(bc: BenchConfig, rows: list[RowResult], meta: dict) -> dict:
 def meta_info(bc: BenchConfig, argv: list[str] | None) -> dict:
     cmd = "python tools/benchmark_pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:])
     commit, dirty = git_revision()
-    return {"device": device_info(bc.device), "versions": versions(), "git_revision": commit, "git_dirty": dirty,
-            "command": cmd.strip()}
+    return {
+        "device": device_info(bc.device),
+        "versions": versions(),
+        "git_revision": commit,
+        "git_dirty": dirty,
+        "command": cmd.strip(),
+    }

@@ -74,22 +74,31 @@ class EVEConfig:
             if not ok:
                 raise ValueError(f"model config: {msg}")
 
-        need(self.image_size % self.patch_size == 0,
-             f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}")
-        need(self.hidden_size % self.num_heads == 0,
-             f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
-        need(self.decoder_width % self.decoder_heads == 0,
-             f"decoder_width={self.decoder_width} must be divisible by decoder_heads={self.decoder_heads}")
-        need(0 <= self.num_soft_blocks <= self.num_layers,
-             f"num_soft_blocks={self.num_soft_blocks} must be in [0, num_layers={self.num_layers}]")
+        need(
+            self.image_size % self.patch_size == 0,
+            f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}",
+        )
+        need(
+            self.hidden_size % self.num_heads == 0,
+            f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}",
+        )
+        need(
+            self.decoder_width % self.decoder_heads == 0,
+            f"decoder_width={self.decoder_width} must be divisible by decoder_heads={self.decoder_heads}",
+        )
+        need(
+            0 <= self.num_soft_blocks <= self.num_layers,
+            f"num_soft_blocks={self.num_soft_blocks} must be in [0, num_layers={self.num_layers}]",
+        )
         for b in self.soft_blocks:
-            need(0 <= b < self.num_layers,
-                 f"soft_router_blocks entry {b} outside [0, {self.num_layers - 1}]")
+            need(0 <= b < self.num_layers, f"soft_router_blocks entry {b} outside [0, {self.num_layers - 1}]")
         need(self.num_experts >= 1, f"num_experts={self.num_experts} must be >= 1")
         need(self.top_k in (1, 2), f"top_k={self.top_k}: DeepSpeed's MoE supports 1 or 2")
         need(self.top_k <= self.num_experts, f"top_k={self.top_k} > num_experts={self.num_experts}")
-        need(self.ep_size >= 1 and self.num_experts % self.ep_size == 0,
-             f"ep_size={self.ep_size} must divide num_experts={self.num_experts}")
+        need(
+            self.ep_size >= 1 and self.num_experts % self.ep_size == 0,
+            f"ep_size={self.ep_size} must divide num_experts={self.num_experts}",
+        )
         need(self.max_text_len >= 3, f"max_text_len={self.max_text_len} must be >= 3 ([CLS] x [SEP])")
         need(0.0 <= self.drop_path_rate < 1.0, f"drop_path_rate={self.drop_path_rate} must be in [0, 1)")
 
@@ -108,9 +117,19 @@ class EVEConfig:
 def eve_tiny(**overrides) -> EVEConfig:
     """A CPU-sized EVE: 4 blocks of width 128, 4 experts on the top block, 64 px images."""
     base = dict(
-        image_size=64, patch_size=16, num_layers=4, hidden_size=128, num_heads=4, ffn_size=512,
-        num_soft_blocks=1, num_experts=4, drop_path_rate=0.0, layer_scale_init=None,
-        decoder_depth=2, decoder_width=128, decoder_heads=4,
+        image_size=64,
+        patch_size=16,
+        num_layers=4,
+        hidden_size=128,
+        num_heads=4,
+        ffn_size=512,
+        num_soft_blocks=1,
+        num_experts=4,
+        drop_path_rate=0.0,
+        layer_scale_init=None,
+        decoder_depth=2,
+        decoder_width=128,
+        decoder_heads=4,
     )
     return EVEConfig(**{**base, **overrides})
 
@@ -123,8 +142,13 @@ def eve_base(**overrides) -> EVEConfig:
 def eve_large(**overrides) -> EVEConfig:
     """EVE-Large: 24 blocks, width 1024, soft router on the top 3 blocks."""
     base = dict(
-        num_layers=24, hidden_size=1024, num_heads=16, ffn_size=4096, num_soft_blocks=3,
-        layer_scale_init=1e-5, drop_path_rate=0.1,
+        num_layers=24,
+        hidden_size=1024,
+        num_heads=16,
+        ffn_size=4096,
+        num_soft_blocks=3,
+        layer_scale_init=1e-5,
+        drop_path_rate=0.1,
     )
     return EVEConfig(**{**base, **overrides})
 
@@ -136,4 +160,3 @@ def get_config(name: str, **overrides) -> EVEConfig:
     if name not in FLAVORS:
         raise ValueError(f"unknown model flavor {name!r}; choose one of {sorted(FLAVORS)}")
     return FLAVORS[name](**overrides)
-

@@ -88,8 +88,9 @@ class EVEModel(nn.Module):
 
     # -- embeddings ---------------------------------------------------------------------------------------
 
-    def embed_image(self, image: Tensor, keep_ids: Tensor | None = None,
-                    patch_mask: Tensor | None = None) -> Tensor:
+    def embed_image(
+        self, image: Tensor, keep_ids: Tensor | None = None, patch_mask: Tensor | None = None
+    ) -> Tensor:
         """image: (B, C, H, W); keep_ids: (B, n) indices of the patches that enter (MIM), None = all;
         patch_mask: (B, P) True where the patch embedding is replaced by `mask_token` (BEiT: before the
         position embedding, so a mask token still knows where it is).
@@ -99,8 +100,10 @@ class EVEModel(nn.Module):
             if self.mask_token is None:
                 raise ValueError("patch_mask needs EVEModel(cfg, image_mask_token=True)")
             if keep_ids is not None:
-                raise ValueError("patch_mask (mask tokens inside the encoder) and keep_ids (masked patches "
-                                 "dropped) are exclusive")
+                raise ValueError(
+                    "patch_mask (mask tokens inside the encoder) and keep_ids (masked patches "
+                    "dropped) are exclusive"
+                )
             x = torch.where(patch_mask[..., None], self.mask_token.to(x.dtype), x)
         x = x + self.pos_embed[:, 1:]
         if keep_ids is not None:
@@ -117,9 +120,14 @@ class EVEModel(nn.Module):
 
     # -- encoder ------------------------------------------------------------------------------------------
 
-    def forward(self, image: Tensor | None = None, text_ids: Tensor | None = None,
-                text_mask: Tensor | None = None, keep_ids: Tensor | None = None,
-                patch_mask: Tensor | None = None) -> EncoderOutput:
+    def forward(
+        self,
+        image: Tensor | None = None,
+        text_ids: Tensor | None = None,
+        text_mask: Tensor | None = None,
+        keep_ids: Tensor | None = None,
+        patch_mask: Tensor | None = None,
+    ) -> EncoderOutput:
         """Encode [image; text]; either part may be absent (image-only / text-only passes).
 
         image: (B, C, H, W); text_ids, text_mask: (B, L) with text_mask 1 on real tokens;

@@ -39,8 +39,13 @@ class PixelDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, w))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, w))
         self.blocks = nn.ModuleList(
-            ViTBlock(w, cfg.decoder_heads, mlp_ratio=cfg.decoder_ffn_ratio, qkv_bias=True,
-                     norm_layer=partial(nn.LayerNorm, eps=1e-6))
+            ViTBlock(
+                w,
+                cfg.decoder_heads,
+                mlp_ratio=cfg.decoder_ffn_ratio,
+                qkv_bias=True,
+                norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            )
             for _ in range(cfg.decoder_depth)
         )
         self.norm = nn.LayerNorm(w, eps=1e-6)

@@ -52,8 +52,14 @@ def _numel(module_or_params) -> int:
 def count_parameters(model) -> dict:
     """Parameter counts of a ``PretrainingModel`` built with ep_size=1 (see the module docstring)."""
     enc, cfg = model.encoder, model.model_cfg
-    embed_params = [enc.cls_token, enc.pos_embed, enc.text_pos_embed, *enc.patch_embed.parameters(),
-                    *enc.word_embed.parameters(), *enc.type_embed.parameters()]
+    embed_params = [
+        enc.cls_token,
+        enc.pos_embed,
+        enc.text_pos_embed,
+        *enc.patch_embed.parameters(),
+        *enc.word_embed.parameters(),
+        *enc.type_embed.parameters(),
+    ]
     if getattr(enc, "mask_token", None) is not None:
         embed_params.append(enc.mask_token)
     embeddings = _numel(embed_params)
@@ -71,8 +77,9 @@ def count_parameters(model) -> dict:
             active += _numel(block.ffn.norm) + _numel(moe.gate) + cfg.top_k * max(per_expert)
         else:
             ffn = block.ffn
-            active += max(_numel(ffn.norm_image) + _numel(ffn.ffn_image),
-                          _numel(ffn.norm_text) + _numel(ffn.ffn_text))
+            active += max(
+                _numel(ffn.norm_image) + _numel(ffn.ffn_image), _numel(ffn.norm_text) + _numel(ffn.ffn_text)
+            )
     active += _numel(enc.norm)
     heads = {name: _numel(obj) for name, obj in model.objectives.items()}
     return {
@@ -145,8 +152,10 @@ def format_table(info: dict) -> str:
         ("experts / top-k", f"{info['num_experts']} / top-{info['top_k']}"),
         ("ep_size (experts per rank)", f"{info['ep_size']} ({info['experts_per_rank']})"),
         ("drop_tokens / modality routing", f"{info['drop_tokens']} / {info['modality_routing']}"),
-        ("pixel decoder depth/width/heads",
-         f"{info['decoder_depth']} / {info['decoder_width']} / {info['decoder_heads']}"),
+        (
+            "pixel decoder depth/width/heads",
+            f"{info['decoder_depth']} / {info['decoder_width']} / {info['decoder_heads']}",
+        ),
         ("params total", _millions(info["params_total"])),
         ("  encoder", _millions(info["params_encoder"])),
         ("    embeddings (+ rel-pos tables)", _millions(info["params_embeddings"])),
@@ -180,11 +189,18 @@ def _deepspeed_logs_to_stderr() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="eve-info", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="eve-info",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("name", help="model flavor: eve_tiny, eve_base or eve_large")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="model config overrides, e.g. ep_size=4 or model.num_experts=16")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="model config overrides, e.g. ep_size=4 or model.num_experts=16",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_intermixed_args(argv)
     _deepspeed_logs_to_stderr()

@@ -127,15 +127,23 @@ class SoftRouterFFN(nn.Module):
     def __init__(self, cfg: EVEConfig) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.moe = ModalityMoE(cfg.hidden_size, cfg.ffn_size, cfg.num_experts, cfg.ep_size, cfg.top_k,
-                               cfg.drop_tokens, cfg.capacity_factor, cfg.modality_routing,
-                               cfg.top2_second_expert_sampling)
+        self.moe = ModalityMoE(
+            cfg.hidden_size,
+            cfg.ffn_size,
+            cfg.num_experts,
+            cfg.ep_size,
+            cfg.top_k,
+            cfg.drop_tokens,
+            cfg.capacity_factor,
+            cfg.modality_routing,
+            cfg.top2_second_expert_sampling,
+        )
 
     def forward(self, x: Tensor, tokens: Tokens) -> tuple[Tensor, Tensor, Tensor]:
         """-> (out (B, N, D), l_aux, expert counts (2, E): routes per expert of image / text tokens)."""
         h = self.norm(x)
         modality = torch.full(x.shape[:2], IMAGE, dtype=torch.long, device=x.device)
-        modality[:, tokens.n_image:] = TEXT
+        modality[:, tokens.n_image :] = TEXT
         valid = tokens.valid
         routed, l_aux, routes = self.moe(h[valid], modality[valid])
         out = torch.zeros_like(h).masked_scatter(valid[..., None], routed.to(h.dtype))
@@ -143,8 +151,9 @@ class SoftRouterFFN(nn.Module):
         mod = modality[valid].expand(routes.shape[0], -1).reshape(-1)
         routes = routes.reshape(-1).long()
         kept = routes >= 0  # DeepSpeed marks routes over capacity (drop_tokens=True) with -1: not a load
-        counts.index_put_((mod[kept], routes[kept]), torch.ones_like(mod[kept], dtype=counts.dtype),
-                          accumulate=True)
+        counts.index_put_(
+            (mod[kept], routes[kept]), torch.ones_like(mod[kept], dtype=counts.dtype), accumulate=True
+        )
         return out, l_aux, counts
 
 

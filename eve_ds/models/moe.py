@@ -29,8 +29,13 @@ class ModalityTopKGate(TopKGate):
         self.modality: Tensor | None = None
         self.last_indices: Tensor | None = None
 
-    def forward(self, input: Tensor, used_token: Tensor | None = None, sparse_routes: bool = False,
-                use_tutel: bool = False):
+    def forward(
+        self,
+        input: Tensor,
+        used_token: Tensor | None = None,
+        sparse_routes: bool = False,
+        use_tutel: bool = False,
+    ):
         if self.modality_bias is not None:
             if self.modality is None or self.modality.shape[0] != input.shape[0]:
                 raise RuntimeError("ModalityTopKGate: modality ids must be set for every routed token")
@@ -49,17 +54,41 @@ class ModalityTopKGate(TopKGate):
 class ModalityMoE(MoE):
     """``deepspeed.moe.layer.MoE`` with a :class:`ModalityTopKGate`; experts are timm ``Mlp`` FFNs."""
 
-    def __init__(self, hidden_size: int, ffn_size: int, num_experts: int, ep_size: int, top_k: int,
-                 drop_tokens: bool, capacity_factor: float, modality_routing: bool,
-                 second_expert_sampling: bool) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_size: int,
+        num_experts: int,
+        ep_size: int,
+        top_k: int,
+        drop_tokens: bool,
+        capacity_factor: float,
+        modality_routing: bool,
+        second_expert_sampling: bool,
+    ) -> None:
         expert = Mlp(hidden_size, ffn_size, act_layer=nn.GELU)
-        super().__init__(hidden_size, expert, num_experts=num_experts, ep_size=ep_size, k=top_k,
-                         capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
-                         drop_tokens=drop_tokens, use_rts=False,
-                         top2_2nd_expert_sampling=second_expert_sampling)
+        super().__init__(
+            hidden_size,
+            expert,
+            num_experts=num_experts,
+            ep_size=ep_size,
+            k=top_k,
+            capacity_factor=capacity_factor,
+            eval_capacity_factor=capacity_factor,
+            drop_tokens=drop_tokens,
+            use_rts=False,
+            top2_2nd_expert_sampling=second_expert_sampling,
+        )
         self.deepspeed_moe.gate = ModalityTopKGate(
-            hidden_size, num_experts, modality_routing, k=top_k, capacity_factor=capacity_factor,
-            eval_capacity_factor=capacity_factor, min_capacity=4, drop_tokens=drop_tokens, use_rts=False,
+            hidden_size,
+            num_experts,
+            modality_routing,
+            k=top_k,
+            capacity_factor=capacity_factor,
+            eval_capacity_factor=capacity_factor,
+            min_capacity=4,
+            drop_tokens=drop_tokens,
+            use_rts=False,
             top2_2nd_expert_sampling=second_expert_sampling,
         )
 

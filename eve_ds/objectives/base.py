@@ -57,10 +57,14 @@ class ObjectiveConfig:
         for i, name in enumerate(self.objectives):
             for req in getattr(OBJECTIVES[name], "requires", ()):
                 if req not in self.objectives[:i]:
-                    raise ValueError(f"objective.objectives={self.objectives}: {name} needs {req} listed "
-                                     f"before it (it reads {req}'s results), e.g. [..., {req}, {name}]")
+                    raise ValueError(
+                        f"objective.objectives={self.objectives}: {name} needs {req} listed "
+                        f"before it (it reads {req}'s results), e.g. [..., {req}, {name}]"
+                    )
         if self.mim_token_masking not in ("block", "random"):
-            raise ValueError(f"objective.mim_token_masking={self.mim_token_masking!r}: choose block or random")
+            raise ValueError(
+                f"objective.mim_token_masking={self.mim_token_masking!r}: choose block or random"
+            )
         for key in ("text_mask_ratio", "image_mask_ratio", "mim_token_mask_ratio"):
             v = getattr(self, key)
             if not 0.0 < v < 1.0:

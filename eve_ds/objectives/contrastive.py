@@ -35,8 +35,9 @@ def gather_features(x: Tensor, group: dist.ProcessGroup | None = None) -> tuple[
     return torch.cat(parts, dim=0), dist.get_rank(group) * x.shape[0]
 
 
-def info_nce(img: Tensor, txt: Tensor, img_all: Tensor, txt_all: Tensor, offset: int,
-             logit_scale: Tensor) -> Tensor:
+def info_nce(
+    img: Tensor, txt: Tensor, img_all: Tensor, txt_all: Tensor, offset: int, logit_scale: Tensor
+) -> Tensor:
     """Symmetric InfoNCE of the local rows. img, txt: (B, E) normalised local features; *_all: (G, E) of
     every rank, local ones at rows [offset, offset + B). -> mean of image->text and text->image losses."""
     labels = torch.arange(img.shape[0], device=img.device) + offset
@@ -87,8 +88,12 @@ class ImageTextContrastive(nn.Module):
             acc = (sim.argmax(1) == torch.arange(sim.shape[0], device=sim.device)).float().mean()
         if "context" in batch:
             batch["context"]["itc"] = {"sim_i2t": sim, "sim_t2i": sim.t()}
-        return {"itc_loss": loss, "itc_acc": acc, "itc_temperature": (1 / scale).detach(),
-                "encoder_outputs": calls}
+        return {
+            "itc_loss": loss,
+            "itc_acc": acc,
+            "itc_temperature": (1 / scale).detach(),
+            "encoder_outputs": calls,
+        }
 
 
 def sample_hard_negatives(sim: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -124,9 +129,11 @@ class ImageTextMatching(nn.Module):
         B = image.shape[0]
         neg_text = sample_hard_negatives(itc["sim_i2t"], generator)  # (B,) a text for each image
         neg_image = sample_hard_negatives(itc["sim_t2i"], generator)  # (B,) an image for each text
-        enc = encoder(torch.cat([image, image, image[neg_image]]),
-                      torch.cat([ids, ids[neg_text], ids]),
-                      torch.cat([mask, mask[neg_text], mask]))
+        enc = encoder(
+            torch.cat([image, image, image[neg_image]]),
+            torch.cat([ids, ids[neg_text], ids]),
+            torch.cat([mask, mask[neg_text], mask]),
+        )
         logits = self.head(enc.hidden[:, enc.n_image]).float()  # (3B, 2)
         labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
         return {

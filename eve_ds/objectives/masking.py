@@ -17,8 +17,13 @@ def maskable_text_positions(text_mask: Tensor) -> Tensor:
     return real
 
 
-def mask_text(text_ids: Tensor, text_mask: Tensor, ratio: float, mask_token_id: int,
-              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def mask_text(
+    text_ids: Tensor,
+    text_mask: Tensor,
+    ratio: float,
+    mask_token_id: int,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
     """Replace round(ratio * n) of each caption's n maskable tokens (at least one) by [MASK].
 
     -> (masked ids (B, L), mlm_mask (B, L) True where a token was masked).
@@ -33,8 +38,13 @@ def mask_text(text_ids: Tensor, text_mask: Tensor, ratio: float, mask_token_id: 
     return text_ids.masked_fill(mlm_mask, mask_token_id), mlm_mask
 
 
-def mask_patches(batch_size: int, num_patches: int, ratio: float, device: torch.device,
-                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def mask_patches(
+    batch_size: int,
+    num_patches: int,
+    ratio: float,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """MAE's per-sample random masking of `ratio` of the patches.
 
     -> keep_ids (B, n_keep) sorted visible patch indices, ids_restore (B, P) position of each patch in

@@ -39,15 +39,19 @@ class RandomCodebookTokenizer(nn.Module):
     """A stand-in tokenizer for timing: fixed random projection (p*p*C -> code_dim) of each patch, then the
     nearest (cosine) of `vocab_size` fixed random codes. Deterministic (seeded), no trainable parameters."""
 
-    def __init__(self, patch_size: int, in_chans: int, vocab_size: int, code_dim: int = 32,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, patch_size: int, in_chans: int, vocab_size: int, code_dim: int = 32, seed: int = 0
+    ) -> None:
         super().__init__()
         self.patch_size, self.vocab_size = patch_size, vocab_size
         gen = torch.Generator().manual_seed(seed)
         proj = torch.randn(patch_size**2 * in_chans, code_dim, generator=gen) / math.sqrt(code_dim)
         self.register_buffer("proj", proj, persistent=False)
-        self.register_buffer("codebook", F.normalize(torch.randn(vocab_size, code_dim, generator=gen), dim=-1),
-                             persistent=False)
+        self.register_buffer(
+            "codebook",
+            F.normalize(torch.randn(vocab_size, code_dim, generator=gen), dim=-1),
+            persistent=False,
+        )
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
@@ -56,8 +60,9 @@ class RandomCodebookTokenizer(nn.Module):
         return (F.normalize(z, dim=-1) @ self.codebook.float().t()).argmax(-1)  # (B, P)
 
 
-def block_mask(grid: int, num_masked: int, rng: random.Random, min_block: int = 16,
-               max_attempts: int = 10) -> list[bool]:
+def block_mask(
+    grid: int, num_masked: int, rng: random.Random, min_block: int = 16, max_attempts: int = 10
+) -> list[bool]:
     """BEiT's block-wise masking of a grid x grid image: rectangles of >= min(min_block, num_masked)
     patches with aspect ratio in [0.3, 1/0.3] until `num_masked` patches are covered; the few patches the
     blocks may leave short are topped up at random, so that every image masks exactly `num_masked`.
@@ -91,8 +96,14 @@ def block_mask(grid: int, num_masked: int, rng: random.Random, min_block: int = 
     return flat
 
 
-def token_mim_mask(batch_size: int, grid: int, ratio: float, mode: str, device: torch.device,
-                   generator: torch.Generator | None = None) -> Tensor:
+def token_mim_mask(
+    batch_size: int,
+    grid: int,
+    ratio: float,
+    mode: str,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """-> (B, P) bool, exactly round(ratio * P) True per row (block-wise as BEiT, or uniformly random).
 
     Block masks are drawn on the host (as BEiT's data loader does) from a seed taken from `generator`.
@@ -116,12 +127,14 @@ class TokenMaskedImageModeling(nn.Module):
 
     uses_image_mask_token = True
 
-    def __init__(self, model_cfg: EVEConfig, obj_cfg: ObjectiveConfig,
-                 tokenizer: VisualTokenizer | None = None) -> None:
+    def __init__(
+        self, model_cfg: EVEConfig, obj_cfg: ObjectiveConfig, tokenizer: VisualTokenizer | None = None
+    ) -> None:
         super().__init__()
         self.cfg, self.model_cfg = obj_cfg, model_cfg
-        self.tokenizer = tokenizer or RandomCodebookTokenizer(model_cfg.patch_size, model_cfg.in_chans,
-                                                              obj_cfg.mim_token_vocab_size)
+        self.tokenizer = tokenizer or RandomCodebookTokenizer(
+            model_cfg.patch_size, model_cfg.in_chans, obj_cfg.mim_token_vocab_size
+        )
         self.head = nn.Linear(model_cfg.hidden_size, self.tokenizer.vocab_size)
         nn.init.trunc_normal_(self.head.weight, std=model_cfg.init_std)
         nn.init.zeros_(self.head.bias)
@@ -131,8 +144,14 @@ class TokenMaskedImageModeling(nn.Module):
         # A data pipeline may draw the masks on its workers, as BEiT's does: batch["mim_token_mask"].
         mask = batch.get("mim_token_mask")
         if mask is None:
-            mask = token_mim_mask(image.shape[0], self.model_cfg.grid_size, self.cfg.mim_token_mask_ratio,
-                                  self.cfg.mim_token_masking, image.device, generator)  # (B, P)
+            mask = token_mim_mask(
+                image.shape[0],
+                self.model_cfg.grid_size,
+                self.cfg.mim_token_mask_ratio,
+                self.cfg.mim_token_masking,
+                image.device,
+                generator,
+            )  # (B, P)
         with torch.no_grad():
             target = self.tokenizer(image)[mask]  # (M,)
         enc = encoder(image, batch["text_ids"], batch["text_mask"], patch_mask=mask)

@@ -24,8 +24,9 @@ class MaskedLanguageModeling(nn.Module):
         self.head = MLMHead(model_cfg)
 
     def forward(self, encoder: EVEModel, batch: dict, generator: torch.Generator | None) -> dict:
-        ids, mlm_mask = mask_text(batch["text_ids"], batch["text_mask"], self.cfg.text_mask_ratio,
-                                  self.cfg.mask_token_id, generator)
+        ids, mlm_mask = mask_text(
+            batch["text_ids"], batch["text_mask"], self.cfg.text_mask_ratio, self.cfg.mask_token_id, generator
+        )
         enc = encoder(batch["image"], ids, batch["text_mask"])
         # Logits only where a token was masked: the vocabulary projection dominates the head's cost.
         logits = self.head(enc.text[mlm_mask]).float()  # (T, V)
@@ -60,8 +61,9 @@ class MaskedImageModeling(nn.Module):
 
     def forward(self, encoder: EVEModel, batch: dict, generator: torch.Generator | None) -> dict:
         image = batch["image"]
-        keep_ids, ids_restore, mask = mask_patches(image.shape[0], self.model_cfg.num_patches,
-                                                   self.cfg.image_mask_ratio, image.device, generator)
+        keep_ids, ids_restore, mask = mask_patches(
+            image.shape[0], self.model_cfg.num_patches, self.cfg.image_mask_ratio, image.device, generator
+        )
         enc = encoder(image, batch["text_ids"], batch["text_mask"], keep_ids=keep_ids)
         pred = self.decoder(enc.image, ids_restore).float()  # (B, P, p*p*C)
         per_patch = (pred - self.target(image)).pow(2).mean(-1)  # (B, P)

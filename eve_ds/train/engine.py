@@ -57,12 +57,21 @@ def fit_micro_batch(cfg: RunConfig, world_size: int) -> int:
     `train.micro_batch_size` (the global batch, which the recipe fixes, never changes)."""
     t = cfg.train
     if t.global_batch_size % world_size:
-        raise ConfigError(f"train.global_batch_size={t.global_batch_size} does not split over {world_size} ranks")
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} does not split over {world_size} ranks"
+        )
     per_rank = t.global_batch_size // world_size
     micro = max(d for d in range(1, min(t.micro_batch_size, per_rank) + 1) if per_rank % d == 0)
     if micro != t.micro_batch_size:
-        logger.warning("train.micro_batch_size %d -> %d: %d ranks x %d x %d accumulation = global batch %d",
-                       t.micro_batch_size, micro, world_size, micro, per_rank // micro, t.global_batch_size)
+        logger.warning(
+            "train.micro_batch_size %d -> %d: %d ranks x %d x %d accumulation = global batch %d",
+            t.micro_batch_size,
+            micro,
+            world_size,
+            micro,
+            per_rank // micro,
+            t.global_batch_size,
+        )
     return micro
 
 
