@@ -30,6 +30,8 @@ from eve_ds.convert import (
 from eve_ds.convert.beit import beitv2_to_eve, load_init_weights
 from eve_ds.convert.cli import main as convert_main
 from eve_ds.models.config import get_config
+from eve_ds.models.eve import EVEModel
+from eve_ds.objectives.base import PretrainingModel
 
 REPO = Path(__file__).resolve().parents[1]
 TAG = "step_00000002"
@@ -162,6 +164,13 @@ def test_export_matches_deepspeed_metrics(ds_run, source_dump, tmp_path):
     assert torch.equal(
         enc.blocks[3].ffn.moe.local_experts[3].fc1.weight, sd[f"encoder.blocks.3.ffn.moe{EXPERT}3.fc1.weight"]
     )
+    # the classmethods users reach for first
+    enc = EVEModel.from_pretrained(str(dst))
+    assert not enc.training and torch.equal(
+        enc.patch_embed.proj.weight, sd["encoder.patch_embed.proj.weight"]
+    )
+    full = PretrainingModel.from_pretrained(str(dst))
+    assert msm_metrics(full) == got
 
 
 @pytest.mark.slow

@@ -69,6 +69,14 @@ class EVEModel(nn.Module):
                 trunc_normal_(p, std=cfg.init_std)
         self.init_experts(ep_rank=0)
 
+    @classmethod
+    def from_pretrained(cls, path: str, device: str = "cpu") -> EVEModel:
+        """The encoder of a native export, a DeepSpeed checkpoint tag or a run directory (its latest
+        checkpoint), gathered to ep_size=1, in eval mode. See `eve_ds.convert`."""
+        from eve_ds.convert import load_encoder  # the converter reads checkpoints; the model does not
+
+        return load_encoder(path, device)
+
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
             trunc_normal_(m.weight, std=self.cfg.init_std)

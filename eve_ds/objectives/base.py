@@ -87,6 +87,14 @@ class PretrainingModel(nn.Module):
         self.encoder = EVEModel(model_cfg, image_mask_token=mask_token)
         self.objectives = nn.ModuleDict({n: OBJECTIVES[n](model_cfg, obj_cfg) for n in obj_cfg.objectives})
 
+    @classmethod
+    def from_pretrained(cls, path: str, device: str = "cpu") -> PretrainingModel:
+        """Encoder and objective heads of a native export, a DeepSpeed checkpoint tag or a run directory,
+        gathered to ep_size=1, in eval mode."""
+        from eve_ds.convert import load_pretraining_model
+
+        return load_pretraining_model(path, device)[0]
+
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         calls: list[EncoderOutput] = []
