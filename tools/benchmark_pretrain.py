@@ -1,4 +1,4 @@
-"""Pre-training throughput per task set (the paper's Table 1); see eve_ds/bench/cli.py and docs/benchmark.md."""
+"""Pre-training throughput per task set (the paper's Table 1); see eve_ds/bench/cli.py and the README."""
 
 from eve_ds.bench.cli import main
 

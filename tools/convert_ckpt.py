@@ -1,5 +1,5 @@
 """Convert EVE checkpoints: export (native / Hugging Face), reshard (ep_size), import-beitv2.
-See `python tools/convert_ckpt.py -h` and docs/convert.md."""
+See `python tools/convert_ckpt.py -h` and the README ("Checkpoint conversion")."""
 
 import sys
 
