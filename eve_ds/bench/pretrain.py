@@ -105,8 +105,10 @@ def synthetic_batch(cfg: EVEConfig, batch: int, text_len: int, gen: torch.Genera
 
 
 def to_device(batch: dict[str, Tensor], device: str, dtype: torch.dtype) -> dict[str, Tensor]:
+    from eve_ds.data.transforms import normalize_image  # uint8 from the pipeline, float from memory_batches
+
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    out["image"] = out["image"].to(dtype)
+    out["image"] = normalize_image(out["image"], dtype)
     return out
 
 

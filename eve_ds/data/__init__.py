@@ -8,6 +8,7 @@ from eve_ds.data.synthetic import (
     ensure_synthetic_corpus,
     make_synthetic_corpus,
 )
+from eve_ds.data.transforms import normalize_image
 
 __all__ = [
     "ATTRIBUTE_WORDS",
@@ -19,5 +20,6 @@ __all__ = [
     "ensure_synthetic_corpus",
     "load_tokenizer",
     "make_synthetic_corpus",
+    "normalize_image",
     "resolve_val_spec",
 ]

@@ -62,10 +62,12 @@ def shard_name(index: int) -> str:
 def write_tar(path: str, samples: Iterable[dict]) -> int:
     """Write samples ({"__key__": str, ext: bytes}) to a tar at `path`; returns the number written.
 
-    Member mtimes, owners and modes are fixed so the same samples give a bitwise-identical file.
+    Member mtimes, owners and modes are fixed so the same samples give a bitwise-identical file. The mtime
+    is an int: a float one makes tarfile write a PAX header per member, which readers then parse (about a
+    fifth of the input pipeline's time on small images).
     """
     n = 0
-    with open(path, "wb") as f, TarWriter(f, user="", group="", mtime=0.0, encoder=False) as tar:
+    with open(path, "wb") as f, TarWriter(f, user="", group="", mtime=0, encoder=False) as tar:
         for sample in samples:
             tar.write(sample)
             n += 1

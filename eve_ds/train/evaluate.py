@@ -18,8 +18,10 @@ logger = logging.getLogger(__name__)
 
 
 def _to_device(batch: dict, device: str, dtype: torch.dtype) -> dict:
+    from eve_ds.data.transforms import normalize_image
+
     out = dict(batch)
-    out["image"] = batch["image"].to(device, dtype=dtype, non_blocking=True)
+    out["image"] = normalize_image(batch["image"].to(device, non_blocking=True), dtype)
     out["text_ids"] = batch["text_ids"].to(device, non_blocking=True)
     out["text_mask"] = batch["text_mask"].to(device, non_blocking=True)
     return out

@@ -14,7 +14,13 @@ from tqdm import tqdm
 
 from eve_ds.bench.flops import TextShape, flops_per_pair, peak_tflops
 from eve_ds.convert import resume_options
-from eve_ds.data import build_train_loader, build_val_loader, ensure_synthetic_corpus, load_tokenizer
+from eve_ds.data import (
+    build_train_loader,
+    build_val_loader,
+    ensure_synthetic_corpus,
+    load_tokenizer,
+    normalize_image,
+)
 from eve_ds.objectives import PretrainingModel
 from eve_ds.train import EXIT_PREEMPTED
 from eve_ds.train.checkpoint import CheckpointManager, latest_complete
@@ -149,7 +155,7 @@ class Trainer:
 
     def _to_device(self, batch: dict) -> dict:
         out = dict(batch)
-        out["image"] = batch["image"].to(self.device, dtype=self.dtype, non_blocking=True)
+        out["image"] = normalize_image(batch["image"].to(self.device, non_blocking=True), self.dtype)
         out["text_ids"] = batch["text_ids"].to(self.device, non_blocking=True)
         out["text_mask"] = batch["text_mask"].to(self.device, non_blocking=True)
         return out
