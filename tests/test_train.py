@@ -220,6 +220,13 @@ def test_default_run_trains_validates_and_checkpoints(tmp_path, cache_dir):
     assert any("val/mlm_loss" in r for r in records)
     final = json.loads((run / "final_metrics.json").read_text())
     assert 0 <= final["attr_word_acc"] <= 1 and 0 <= final["attr_word_acc_shuffled_images"] <= 1
+    per_category = [final[f"attr_words/{c}"] for c in ("colour", "shape", "size", "relation")]
+    assert sum(per_category) == final["attr_words"] and min(per_category) > 0
+    hits = sum(
+        final[f"attr_word_acc/{c}"] * final[f"attr_words/{c}"]
+        for c in ("colour", "shape", "size", "relation")
+    )
+    assert hits == pytest.approx(final["attr_word_acc"] * final["attr_words"])
     assert complete_steps(run) == [2, 4]
     assert (run / "config.yaml").exists() and json.loads((run / "ds_config.json").read_text())[
         "train_batch_size"

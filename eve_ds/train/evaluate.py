@@ -36,20 +36,25 @@ def evaluate(
     dtype: torch.dtype = torch.float32,
     seed: int = 1234,
     max_batches: int = 0,
-    attr_token_ids: list[int] | None = None,
+    attr_token_ids: dict[str, list[int]] | None = None,
 ) -> dict[str, float]:
     """Mean MSM metrics over `loader` (all ranks together when distributed).
 
     Masks come from a generator seeded per batch, so every call (and every checkpoint) sees the same
-    masks. With `attr_token_ids`, also `attr_word_acc` (MLM accuracy on masked attribute words) and
-    `attr_word_acc_shuffled_images` (same masks, images rolled by one across the batch: the text has to
-    be predicted without its image — the control that shows the model reads the image).
+    masks. With `attr_token_ids` ({category: token ids}), also `attr_word_acc` (MLM accuracy on masked
+    attribute words), `attr_word_acc_shuffled_images` (same masks, images rolled by one across the batch:
+    the text has to be predicted without its image — the control that shows the model reads the image)
+    and both per category (`attr_word_acc/colour`, `attr_word_acc_shuffled_images/colour`, ...).
     """
     was_training = model.training
     model.eval()
     rank = dist.get_rank() if dist.is_initialized() else 0
     sums: dict[str, float] = defaultdict(float)
-    attr = torch.tensor(attr_token_ids, device=device) if attr_token_ids else None
+    categories = {c: torch.tensor(ids, device=device) for c, ids in (attr_token_ids or {}).items()}
+    # Every rank sums the same keys, even one that gets no batch (the all-reduce below is positional).
+    suffixes = ("", *(f"/{c}" for c in categories)) if categories else ()
+    for key in ("n", *(f"attr_{k}{sfx}" for k in ("n", "hit", "hit_shuffled") for sfx in suffixes)):
+        sums[key] += 0.0
     # fork_rng: evaluation must not move the training RNG streams (exact resume).
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
         for i, batch in enumerate(loader):
@@ -64,14 +69,18 @@ def evaluate(
             for k in ("loss", "mlm_loss", "mim_loss", "aux_loss", "mlm_acc"):
                 if k in out:
                     sums[k] += float(out[k]) * b
-            if attr is not None and "mlm_pred" in out:
+            if categories and "mlm_pred" in out:
                 gen.set_state(state)
                 shuffled = dict(batch, image=batch["image"].roll(1, 0))
                 out_s = model(shuffled, generator=gen)
-                is_attr = torch.isin(out["mlm_target"], attr)
-                sums["attr_n"] += float(is_attr.sum())
-                sums["attr_hit"] += float((out["mlm_pred"] == out["mlm_target"])[is_attr].sum())
-                sums["attr_hit_shuffled"] += float((out_s["mlm_pred"] == out_s["mlm_target"])[is_attr].sum())
+                hit = out["mlm_pred"] == out["mlm_target"]
+                hit_s = out_s["mlm_pred"] == out_s["mlm_target"]
+                for c, ids in categories.items():
+                    is_c = torch.isin(out["mlm_target"], ids)
+                    for suffix in ("", f"/{c}"):
+                        sums["attr_n" + suffix] += float(is_c.sum())
+                        sums["attr_hit" + suffix] += float(hit[is_c].sum())
+                        sums["attr_hit_shuffled" + suffix] += float(hit_s[is_c].sum())
     model.train(was_training)
     keys = sorted(sums)
     totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
@@ -81,19 +90,22 @@ def evaluate(
     n = max(t.get("n", 0.0), 1.0)
     metrics = {k: t[k] / n for k in ("loss", "mlm_loss", "mim_loss", "aux_loss", "mlm_acc") if k in t}
     metrics["num_samples"] = int(t.get("n", 0))
-    if "attr_n" in t:
-        metrics["attr_word_acc"] = t["attr_hit"] / max(t["attr_n"], 1.0)
-        metrics["attr_word_acc_shuffled_images"] = t["attr_hit_shuffled"] / max(t["attr_n"], 1.0)
-        metrics["attr_words"] = int(t["attr_n"])
+    for suffix in suffixes:
+        if "attr_n" + suffix in t:
+            n_attr = max(t["attr_n" + suffix], 1.0)
+            metrics["attr_word_acc" + suffix] = t["attr_hit" + suffix] / n_attr
+            metrics["attr_word_acc_shuffled_images" + suffix] = t["attr_hit_shuffled" + suffix] / n_attr
+            metrics["attr_words" + suffix] = int(t["attr_n" + suffix])
     return metrics
 
 
-def attribute_ids_if_synthetic(data_cfg, tokenizer) -> list[int] | None:
+def attribute_ids_if_synthetic(data_cfg, tokenizer) -> dict[str, list[int]] | None:
+    """{category: token ids} of the synthetic corpus's attribute words, or None for other data."""
     if not data_cfg.synthetic:
         return None
     from eve_ds.data.synthetic import attribute_token_ids
 
-    return sorted({i for ids in attribute_token_ids(tokenizer).values() for i in ids})
+    return attribute_token_ids(tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:
