@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from eve_ds.bench.flops import TextShape, flops_per_pair, peak_tflops
+from eve_ds.data.transforms import batch_to_device
 from eve_ds.models.config import EVEConfig, get_config
 from eve_ds.objectives import ObjectiveConfig, PretrainingModel
 from eve_ds.objectives.mim_token import token_mim_mask
@@ -104,14 +105,6 @@ def synthetic_batch(cfg: EVEConfig, batch: int, text_len: int, gen: torch.Genera
     return {"image": image, "text_ids": ids, "text_mask": mask}
 
 
-def to_device(batch: dict[str, Tensor], device: str, dtype: torch.dtype) -> dict[str, Tensor]:
-    from eve_ds.data.transforms import normalize_image  # uint8 from the pipeline, float from memory_batches
-
-    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    out["image"] = normalize_image(out["image"], dtype)
-    return out
-
-
 def memory_batches(
     cfg: EVEConfig,
     obj: ObjectiveConfig,
@@ -135,7 +128,7 @@ def memory_batches(
                 torch.device("cpu"),
                 gen,
             )
-        batches.append(to_device(b, bc.device, dtype))
+        batches.append(batch_to_device(b, bc.device, dtype))
     while True:
         yield from batches
 
@@ -165,7 +158,7 @@ def pipeline_batches(
     )
     while True:
         for b in loader:
-            yield to_device({k: b[k] for k in ("image", "text_ids", "text_mask")}, bc.device, dtype)
+            yield batch_to_device({k: b[k] for k in ("image", "text_ids", "text_mask")}, bc.device, dtype)
 
 
 # -- engine ----------------------------------------------------------------------------------------------

@@ -8,13 +8,14 @@ from eve_ds.data.synthetic import (
     ensure_synthetic_corpus,
     make_synthetic_corpus,
 )
-from eve_ds.data.transforms import normalize_image
+from eve_ds.data.transforms import batch_to_device, normalize_image
 
 __all__ = [
     "ATTRIBUTE_WORDS",
     "CorpusConfig",
     "DataConfig",
     "attribute_token_ids",
+    "batch_to_device",
     "build_train_loader",
     "build_val_loader",
     "ensure_synthetic_corpus",

@@ -36,6 +36,14 @@ def normalize_image(image: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
     return x.to(dtype)
 
 
+def batch_to_device(batch: dict, device: str | torch.device, dtype: torch.dtype = torch.float32) -> dict:
+    """Every tensor of `batch` moved to `device`, the image normalised there (`normalize_image`); other
+    values (keys, counts) kept as they are."""
+    out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    out["image"] = normalize_image(out["image"], dtype)
+    return out
+
+
 class BadSample(Exception):
     """A sample that cannot be used; args[0] is the reason."""
 

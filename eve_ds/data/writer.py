@@ -63,8 +63,8 @@ def write_tar(path: str, samples: Iterable[dict]) -> int:
     """Write samples ({"__key__": str, ext: bytes}) to a tar at `path`; returns the number written.
 
     Member mtimes, owners and modes are fixed so the same samples give a bitwise-identical file. The mtime
-    is an int: a float one makes tarfile write a PAX header per member, which readers then parse (about a
-    fifth of the input pipeline's time on small images).
+    is an int: a float one makes tarfile write a PAX header per member, which every reader then parses
+    (about a tenth of the in-process pipeline's time at 224 px, measured with cProfile).
     """
     n = 0
     with open(path, "wb") as f, TarWriter(f, user="", group="", mtime=0, encoder=False) as tar:

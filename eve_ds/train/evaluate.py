@@ -14,17 +14,9 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
+from eve_ds.data.transforms import batch_to_device
+
 logger = logging.getLogger(__name__)
-
-
-def _to_device(batch: dict, device: str, dtype: torch.dtype) -> dict:
-    from eve_ds.data.transforms import normalize_image
-
-    out = dict(batch)
-    out["image"] = normalize_image(batch["image"].to(device, non_blocking=True), dtype)
-    out["text_ids"] = batch["text_ids"].to(device, non_blocking=True)
-    out["text_mask"] = batch["text_mask"].to(device, non_blocking=True)
-    return out
 
 
 @torch.no_grad()
@@ -60,7 +52,7 @@ def evaluate(
         for i, batch in enumerate(loader):
             if max_batches and i >= max_batches:
                 break
-            batch = _to_device(batch, device, dtype)
+            batch = batch_to_device(batch, device, dtype)
             b = batch["image"].shape[0]
             gen = torch.Generator(device=device).manual_seed(seed + 100_003 * rank + i)
             state = gen.get_state()

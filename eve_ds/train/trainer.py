@@ -15,11 +15,11 @@ from tqdm import tqdm
 from eve_ds.bench.flops import TextShape, flops_per_pair, peak_tflops
 from eve_ds.convert import resume_options
 from eve_ds.data import (
+    batch_to_device,
     build_train_loader,
     build_val_loader,
     ensure_synthetic_corpus,
     load_tokenizer,
-    normalize_image,
 )
 from eve_ds.objectives import PretrainingModel
 from eve_ds.train import EXIT_PREEMPTED
@@ -153,13 +153,6 @@ class Trainer:
 
     # -- loop ---------------------------------------------------------------------------------------------
 
-    def _to_device(self, batch: dict) -> dict:
-        out = dict(batch)
-        out["image"] = normalize_image(batch["image"].to(self.device, non_blocking=True), self.dtype)
-        out["text_ids"] = batch["text_ids"].to(self.device, non_blocking=True)
-        out["text_mask"] = batch["text_mask"].to(self.device, non_blocking=True)
-        return out
-
     def _micro_step(self, data_iter) -> dict | None:
         """One micro-batch forward/backward. None when the loss was non-finite on any rank (skipped:
         no backward, no engine.step — DeepSpeed's counters do not move, the next micro-batch takes its
@@ -168,7 +161,7 @@ class Trainer:
         self.state["batches_consumed"] += 1
         self.state["skipped_samples"] += int(batch.get("num_skipped", 0))
         self.text_tokens = float(batch["text_mask"].sum(1).float().mean())  # for the FLOP count (MFU)
-        out = self.engine(self._to_device(batch))
+        out = self.engine(batch_to_device(batch, self.device, self.dtype))
         bad = all_reduce_max(0.0 if bool(torch.isfinite(out["loss"])) else 1.0, self.device)
         if bad:
             return None
