@@ -12,7 +12,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["eve_ds", "eve_ds.*"]),
-    package_data={"eve_ds": ["configs/*.yaml", "assets/bert-base-uncased/*"]},
+    package_data={"eve_ds": ["configs/*.yaml", "ds_configs/*.json", "assets/bert-base-uncased/*"]},
     install_requires=[
         "torch>=2.3",
         "torchvision",
@@ -32,9 +32,15 @@ setup(
     extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
     entry_points={
         "console_scripts": [
-            "eve-pretrain=eve_ds.train.cli:main",
-            "eve-evaluate=eve_ds.train.evaluate:main",
-            "eve-info=eve_ds.models.info:main",
+            "eve-pretrain=eve_ds.cli.pretrain:main",
+            "eve-evaluate=eve_ds.cli.evaluate:main",
+            "eve-info=eve_ds.cli.info:main",
+            "eve-convert=eve_ds.cli.convert_ckpt:main",
+            "eve-bench=eve_ds.cli.benchmark_pretrain:main",
+            "eve-profile=eve_ds.cli.profile:main",
+            "eve-make-shards=eve_ds.cli.make_shards:main",
+            "eve-make-synthetic=eve_ds.cli.make_synthetic:main",
+            "eve-bench-data=eve_ds.cli.bench_data:main",
         ]
     },
 )

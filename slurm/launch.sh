@@ -93,7 +93,7 @@ run_tasks() {
     # shellcheck disable=SC2016 # expanded by each task, not here
     srun --label --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
         bash -c 'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$@"' \
-        eve-task "${EVE_PYTHON:-python}" -m eve_ds.train --config "$CONFIG" --run-dir "$RUN_DIR" \
+        eve-task "${EVE_PYTHON:-python}" -m eve_ds.cli.pretrain --config "$CONFIG" --run-dir "$RUN_DIR" \
         "${TRAIN_ARGS[@]}" 2>&1 | (trap '' USR1 TERM && exec tee -a "$LOG") || rc=$?
     return "$rc"
 }

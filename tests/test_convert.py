@@ -28,7 +28,7 @@ from eve_ds.convert import (
     resume_options,
 )
 from eve_ds.convert.beit import beitv2_to_eve, load_init_weights
-from eve_ds.convert.cli import main as convert_main
+from eve_ds.cli.convert_ckpt import main as convert_main
 from eve_ds.models.config import get_config
 from eve_ds.models.eve import EVEModel
 from eve_ds.objectives.base import PretrainingModel
@@ -99,7 +99,7 @@ def ds_run(tmp_path_factory) -> Path:
     run = root / "run_ep2"
     torchrun(
         "-m",
-        "eve_ds.train",
+        "eve_ds.cli.pretrain",
         "--config",
         "eve_tiny_synthetic",
         "--run-dir",
@@ -175,7 +175,7 @@ def test_export_matches_deepspeed_metrics(ds_run, source_dump, tmp_path):
 
 @pytest.mark.slow
 def test_eve_evaluate_accepts_export(ds_run, tmp_path, capsys):
-    evaluate = pytest.importorskip("eve_ds.train.evaluate")
+    from eve_ds.cli import evaluate
     from eve_ds.data import resolve_val_spec
     from eve_ds.train.config import load_config
 
@@ -452,7 +452,7 @@ def test_bad_inputs(ds_run, tmp_path, capsys):
         capsys,
         "junk.pth: cannot be read",
     )
-    with pytest.raises(ConvertError, match="already exists"):
+    with pytest.raises(FileExistsError, match="already exists"):
         export(ds_run, tmp_path / "empty")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
@@ -12,6 +11,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import image_bytes
 from PIL import Image
 
 from eve_ds.data import CorpusConfig, DataConfig, build_train_loader, build_val_loader, load_tokenizer
@@ -97,7 +97,9 @@ def test_mixing_weights(corpora, tok):
     )
     keys = [k for b in take(loader(cfg, tok, batch_size=50), 8) for k in b["key"]]
     share = sum(k.startswith("a/") for k in keys) / len(keys)
-    assert 0.68 < share < 0.82  # 0.75 +- 3.5 standard deviations for 400 draws
+    # Corpora are drawn in proportion to pairs x weight: a has 80 pairs, b 30.
+    expected = 80 * 3.0 / (80 * 3.0 + 30 * 1.0)
+    assert abs(share - expected) < 3.5 * (expected * (1 - expected) / len(keys)) ** 0.5  # 3.5 sd, 400 draws
 
 
 def test_ranks_and_workers_see_disjoint_samples(corpora, tok):
@@ -157,9 +159,7 @@ def test_missing_shard_is_reported_and_skipped(corpora, tok, tmp_path, caplog):
 
 
 def jpeg_bytes(colour) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (24, 20), colour).save(buf, format="JPEG")
-    return buf.getvalue()
+    return image_bytes(colour, fmt="JPEG", size=(24, 20))
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path, tok):
@@ -224,39 +224,118 @@ def test_val_loader_each_sample_once_same_order(corpora, tok):
     keys0, keys1 = [k for b in r0 for k in b["key"]], [k for b in r1 for k in b["key"]]
     assert sorted(keys0 + keys1) == [f"synthetic_val-{i:09d}" for i in range(20)]
     assert [k for b in run(0) for k in b["key"]] == keys0
-    # No augmentation: the un-normalised image is the decoded 32 px JPEG itself.
-    batch = r0[0]
-    mean, std = (
-        torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1),
-        torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1),
+
+
+def gradient_image(w: int, h: int) -> np.ndarray:
+    """(h, w, 3) uint8: red rises along x, green along y, blue in 4 px stripes: every crop differs."""
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([x * 250 // (w - 1), y * 250 // (h - 1), (x // 4 % 2) * 200], -1).astype(np.uint8)
+
+
+def centre_crop_resize(pixels: np.ndarray, size: int) -> np.ndarray:
+    """The centre square of the image resized to size x size (bilinear), by PIL directly."""
+    h, w = pixels.shape[:2]
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    img = Image.fromarray(pixels).crop((left, top, left + side, top + side))
+    return np.asarray(img.resize((size, size), Image.BILINEAR))
+
+
+def test_val_loader_gives_the_centre_crop_of_a_known_image(tmp_path, tok):
+    """Validation: shorter side to S and the centre square, no random crop, no flip."""
+    shapes = {"wide": (48, 30), "tall": (26, 50), "square": (40, 40)}
+    images = {name: gradient_image(w, h) for name, (w, h) in shapes.items()}
+    samples = [{"__key__": k, "png": image_bytes(v), "txt": f"{k} image".encode()} for k, v in images.items()]
+    write_tar(str(tmp_path / "shard-000000.tar"), samples)
+    (batch,) = build_val_loader(
+        str(tmp_path / "shard-000000.tar"), image_size=16, max_text_len=8, batch_size=3, tokenizer=tok
     )
-    pixels = (normalize_image(batch["image"])[0] * std + mean) * 255
-    assert batch["image"].shape[1:] == (3, IMAGE, IMAGE)
-    assert (pixels - batch["image"][0].float()).abs().max() < 1e-3  # normalisation inverts exactly
+    assert batch["key"] == list(shapes)
+    for got, name in zip(batch["image"], batch["key"]):
+        got = got.permute(1, 2, 0).numpy().astype(int)
+        expected = centre_crop_resize(images[name], 16).astype(int)
+        assert np.abs(got - expected).max() <= 1, name
+        # The test tells a centre crop from the other plausible transforms.
+        squashed = np.asarray(Image.fromarray(images[name]).resize((16, 16), Image.BILINEAR)).astype(int)
+        assert name == "square" or np.abs(got - squashed).max() > 20
+        assert np.abs(got - expected[:, ::-1]).max() > 100  # not flipped
+    # The consumer's normalisation of these pixels: (x / 255 - mean) / std, by hand for one pixel.
+    x = batch["image"][0, :, 3, 5].double() / 255
+    want = (x - torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64)) / torch.tensor(
+        [0.229, 0.224, 0.225], dtype=torch.float64
+    )
+    torch.testing.assert_close(normalize_image(batch["image"])[0, :, 3, 5].double(), want, atol=1e-6, rtol=0)
 
 
 def test_hflip_swaps_left_and_right():
-    buf = io.BytesIO()
     img = np.zeros((32, 32, 3), np.uint8)
     img[:, :16] = (255, 0, 0)  # red on the left
-    Image.fromarray(img).save(buf, format="PNG")
-    sample = {"png": buf.getvalue(), "txt": b"red on the left, black on the Right"}
+    sample = {"png": image_bytes(img), "txt": b"red on the left, black on the Right"}
     kw = dict(image_size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=1.0)
     flipped, text = train_transform(sample, random.Random(0), hflip_text="swap", **kw)
     assert text == "red on the right, black on the left"
     assert flipped[:, 24, 0].min() > 250 and flipped[:, 8, 0].max() < 5  # red is now on the right
-    kept, text = train_transform(sample, random.Random(0), hflip_text="skip", **kw)
-    assert text == "red on the left, black on the Right" and kept[:, 8, 0].min() > 250
+    _, text = train_transform(sample, random.Random(0), hflip_text="ignore", **kw)
+    assert text == "red on the left, black on the Right"
     _, text = train_transform({**sample, "txt": b"a red square"}, random.Random(0), hflip_text="skip", **kw)
     assert text == "a red square"
 
 
+@pytest.mark.parametrize("hflip_text", ["skip", "swap"])
+def test_hflip_text_in_the_train_loader(tmp_path, tok, hflip_text):
+    """hflip=0.5 over one epoch of 40 samples, half with a caption that says left or right. "skip": those
+    are never flipped (pixels equal to the image), the others sometimes; "swap": both kinds are flipped
+    sometimes, and a flipped spatial caption says "right" where the original says "left"."""
+    img = gradient_image(32, 32)
+    samples = [
+        {
+            "__key__": f"{kind}{i:02d}",
+            "png": image_bytes(img),
+            "txt": b"a red square to the left of a blue circle" if kind == "lr" else b"a red square",
+        }
+        for i in range(20)
+        for kind in ("lr", "plain")
+    ]
+    write_tar(str(tmp_path / "shard-000000.tar"), samples)
+    (tmp_path / "manifest.json").write_text(
+        json.dumps(make_manifest([ShardStats("shard-000000.tar", 40)], {}, {}))
+    )
+    cfg = DataConfig(
+        train=[CorpusConfig("x", str(tmp_path / "shard-000000.tar"))],
+        num_workers=0,
+        crop_scale=(1.0, 1.0),  # the whole image: only the flip changes pixels
+        crop_ratio=(1.0, 1.0),
+        hflip=0.5,
+        hflip_text=hflip_text,
+    )
+    flips = {"lr": [], "plain": []}
+    unflipped, mirrored = (
+        torch.from_numpy(img).permute(2, 0, 1),
+        torch.from_numpy(img[:, ::-1].copy()).permute(2, 0, 1),
+    )
+    for batch in take(loader(cfg, tok, batch_size=8), 5):
+        for key, image, ids in zip(batch["key"], batch["image"], batch["text_ids"]):
+            assert torch.equal(image, unflipped) or torch.equal(image, mirrored), key
+            kind = "lr" if key.startswith("x/lr") else "plain"
+            flipped = torch.equal(image, mirrored)
+            flips[kind].append(flipped)
+            if kind == "lr":
+                text = tok.decode(ids, skip_special_tokens=True)
+                assert text == f"a red square to the {'right' if flipped else 'left'} of a blue circle"
+    assert len(flips["lr"]) == len(flips["plain"]) == 20
+    assert 0 < sum(flips["plain"]) < 20
+    if hflip_text == "skip":
+        assert not any(flips["lr"])
+    else:
+        assert 0 < sum(flips["lr"]) < 20
+
+
 def test_config_validation_names_the_key():
-    with pytest.raises(ValueError, match="hflip_text='mirror' must be one of"):
+    with pytest.raises(ValueError, match=r"data.hflip_text=.mirror. is invalid: expected one of"):
         DataConfig(synthetic=True, hflip_text="mirror")
     with pytest.raises(ValueError, match="crop_scale"):
         DataConfig(synthetic=True, crop_scale=[0.5, 1.5])
-    with pytest.raises(ValueError, match="train must list"):
+    with pytest.raises(ValueError, match=r"data.train=.*at least one corpus"):
         DataConfig()
     cfg = DataConfig(train=[{"name": "coco", "shards": "x-{0..3}.tar", "weight": 2}], crop_scale=[0.4, 1.0])
     assert cfg.train[0] == CorpusConfig("coco", "x-{0..3}.tar", 2.0) and cfg.crop_scale == (0.4, 1.0)

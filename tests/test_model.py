@@ -13,10 +13,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_batch
 from deepspeed.moe.sharded_moe import top2gating
 
+from eve_ds.cli.info import main as eve_info
 from eve_ds.models.config import eve_tiny, get_config
-from eve_ds.models.info import main as eve_info
 from eve_ds.models.moe import IMAGE, TEXT, ModalityMoE
 from eve_ds.objectives import ObjectiveConfig, PretrainingModel
 from eve_ds.objectives.masking import mask_patches, mask_text, patchify
@@ -39,19 +40,6 @@ SMALL = {
         decoder_heads=4,
     ),
 }
-
-
-def make_batch(cfg, B: int = 2, L: int = 12, seed: int = 0) -> dict:
-    """Random images and captions [CLS] w ... w [SEP] of different lengths (sample 1 padded by 3)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(200, cfg.vocab_size, (B, L), generator=g)
-    mask = torch.ones(B, L, dtype=torch.long)
-    for i in range(B):
-        n = L - 3 * (i % 2)
-        ids[i, 0], ids[i, n - 1] = 101, 102
-        ids[i, n:], mask[i, n:] = 0, 0
-    image = torch.randn(B, cfg.in_chans, cfg.image_size, cfg.image_size, generator=g)
-    return {"image": image, "text_ids": ids, "text_mask": mask}
 
 
 def build(cfg, seed: int = 0, **obj) -> PretrainingModel:
@@ -91,13 +79,7 @@ def record_gate_calls(model: PretrainingModel) -> list[dict]:
     return calls
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two, a lot faster on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- flavors and eve-info ------------------------------------------------------------------------------
@@ -116,7 +98,9 @@ def test_flavor_configs(name, layers, width, heads, ffn, soft):
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.ffn_size) == (layers, width, heads, ffn)
     assert cfg.soft_blocks == soft and cfg.top_k == 2 and not cfg.drop_tokens
     assert cfg.num_experts == (4 if name == "eve_tiny" else 32)
-    with pytest.raises(ValueError, match="ep_size=3 must divide num_experts=32"):
+    with pytest.raises(
+        ValueError, match=r"model.ep_size=3 is invalid: expected a divisor of model.num_experts=32"
+    ):
         get_config("eve_base", ep_size=3)
 
 
@@ -449,9 +433,11 @@ def hand_l_aux(call: dict, gate) -> torch.Tensor:
     return E * (f * probs.mean(0)).sum()
 
 
-def test_aux_loss_sums_every_soft_router_call():
+@pytest.mark.parametrize(("reduction", "divisor"), [("mean", 4), ("sum", 1)])
+def test_aux_loss_combines_every_soft_router_call(reduction, divisor):
+    """α times the mean (official code) or the sum of eq. 7 over the 4 soft-router calls of a step."""
     cfg = eve_tiny(num_soft_blocks=2)
-    model = build(cfg, aux_loss_weight=0.01)
+    model = build(cfg, aux_loss_weight=0.01, aux_loss_reduction=reduction)
     gates = record_gate_calls(model)
     with torch.no_grad():
         out = model(make_batch(cfg), gen())
@@ -461,7 +447,7 @@ def test_aux_loss_sums_every_soft_router_call():
         gate = model.encoder.blocks[c["block"]].ffn.moe.gate
         torch.testing.assert_close(c["l_aux"], hand_l_aux(c, gate))
         total = total + c["l_aux"]
-    torch.testing.assert_close(out["aux_loss"], 0.01 * total)
+    torch.testing.assert_close(out["aux_loss"], 0.01 * total / divisor)
 
 
 @pytest.mark.parametrize("drop_tokens", [False, True])

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import free_port, make_batch
 
-from eve_ds.bench.pretrain import DEFAULT_TASK_SETS
+from eve_ds.bench.table1 import DEFAULT_TASK_SETS
 from eve_ds.models.config import get_config
 from eve_ds.models.eve import EVEModel
 from eve_ds.objectives import OBJECTIVES, ObjectiveConfig, PretrainingModel
@@ -22,19 +22,6 @@ from eve_ds.objectives.mim_token import (
     block_mask,
     token_mim_mask,
 )
-
-
-def make_batch(cfg, B: int, seed: int = 0, L: int = 12) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 2000, (B, L), generator=g)
-    mask = torch.ones(B, L, dtype=torch.long)
-    for i in range(B):  # captions of different lengths: padding present
-        n = L - (i % 4)
-        ids[i, 0], ids[i, n - 1] = 101, 102
-        mask[i, n:] = 0
-        ids[i, n:] = 0
-    image = torch.randn(B, cfg.in_chans, cfg.image_size, cfg.image_size, generator=g)
-    return {"image": image, "text_ids": ids, "text_mask": mask}
 
 
 def dense_tiny():
@@ -68,12 +55,6 @@ def test_itc_loss_matches_hand_computed_info_nce():
     assert out["encoder_outputs"][1].n_image == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _itc_rank(rank: int, world: int, port: int, result: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -99,7 +80,7 @@ def test_itc_gather_across_two_ranks_equals_single_process():
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         result = manager.dict()
-        mp.start_processes(_itc_rank, args=(2, _free_port(), result), nprocs=2, start_method="spawn")
+        mp.start_processes(_itc_rank, args=(2, free_port(), result), nprocs=2, start_method="spawn")
         loss2, grad2 = result["loss"], result["grad"]
     torch.manual_seed(0)
     cfg = dense_tiny()
@@ -131,9 +112,9 @@ def test_itm_hard_negatives_never_pick_the_positive():
 
 
 def test_itm_requires_itc_before_it():
-    with pytest.raises(ValueError, match="itm needs itc listed before it"):
+    with pytest.raises(ValueError, match="itc listed before itm"):
         ObjectiveConfig(objectives=["mlm", "itm"]).validate()
-    with pytest.raises(ValueError, match="itm needs itc"):
+    with pytest.raises(ValueError, match="itc listed before itm"):
         ObjectiveConfig(objectives=["itm", "itc"]).validate()
     ObjectiveConfig(objectives=["itc", "itm"]).validate()
 
@@ -143,10 +124,40 @@ def test_itm_fusion_pass_has_positives_and_two_hard_negatives_per_pair():
     cfg = get_config("eve_tiny")
     model = PretrainingModel(cfg, ObjectiveConfig(objectives=["itc", "itm"]))
     calls = []
-    model.encoder.register_forward_hook(lambda m, args, kw_out: calls.append(kw_out.hidden.shape))
-    out = model(make_batch(cfg, 4))
-    assert calls[-1][0] == 12  # 4 positives + 4 (image, negative text) + 4 (negative image, text)
-    assert 0 <= out["itm_acc"].item() <= 1 and torch.isfinite(out["itm_loss"])
+    model.encoder.register_forward_hook(lambda m, args, out: calls.append(args))
+    batch = make_batch(cfg, 4)
+    with torch.no_grad():
+        model(batch)
+    image, ids = calls[-1][0], calls[-1][1]  # the fusion pass: (3B, C, S, S), (3B, L)
+    assert (
+        image.shape[0] == ids.shape[0] == 12
+    )  # 4 positives + 4 (image, negative text) + 4 (neg. image, text)
+    for i in range(4):
+        assert torch.equal(image[i], batch["image"][i]) and torch.equal(ids[i], batch["text_ids"][i])
+        assert torch.equal(image[4 + i], batch["image"][i]) and not torch.equal(
+            ids[4 + i], batch["text_ids"][i]
+        )
+        assert not torch.equal(image[8 + i], batch["image"][i]) and torch.equal(
+            ids[8 + i], batch["text_ids"][i]
+        )
+
+
+@pytest.mark.parametrize(("says_match", "accuracy"), [(True, 1 / 3), (False, 2 / 3)])
+def test_itm_accuracy_and_loss_of_a_constant_classifier(says_match, accuracy):
+    """A head that always answers "match" is right on the B positives only (1/3); "no match", on the 2B
+    negatives (2/3). The loss is then the cross-entropy of constant logits (0, 2) or (2, 0)."""
+    torch.manual_seed(0)
+    cfg = get_config("eve_tiny")
+    model = PretrainingModel(cfg, ObjectiveConfig(objectives=["itc", "itm"]))
+    head = model.objectives["itm"].head
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, 2.0] if says_match else [2.0, 0.0]))
+        out = model(make_batch(cfg, 4))
+    assert out["itm_acc"].item() == pytest.approx(accuracy)
+    right, wrong = -math.log(math.exp(2) / (1 + math.exp(2))), -math.log(1 / (1 + math.exp(2)))
+    expected = accuracy * right + (1 - accuracy) * wrong
+    assert out["itm_loss"].item() == pytest.approx(expected, rel=1e-6)
 
 
 # -- MIM with visual tokens ------------------------------------------------------------------------------

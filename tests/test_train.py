@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import free_port
 
 from eve_ds.train.config import ConfigError, load_config
 
@@ -46,17 +48,27 @@ def small(cache_dir: Path, **extra) -> list[str]:
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 
-def env() -> dict:
-    """The environment of a fresh process: no distributed variables left by an in-process run."""
+def env(one_thread: bool = True) -> dict:
+    """The environment of a fresh process: no distributed variables left by an in-process run.
+
+    One OpenMP thread by default, for speed (tiny models on a shared 2-core machine); not for
+    reproducibility: the tests that need bitwise equal runs set train.deterministic=true and one_thread=False,
+    so that what they check is the trainer's own deterministic mode.
+    """
     e = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    e.setdefault("OMP_NUM_THREADS", "1")
+    if one_thread:
+        e.setdefault("OMP_NUM_THREADS", "1")
+    else:
+        e.pop("OMP_NUM_THREADS", None)
     return e
 
 
-def run_train(run_dir: Path, overrides: list[str], nproc: int = 1, **kw) -> subprocess.CompletedProcess:
+def run_train(
+    run_dir: Path, overrides: list[str], nproc: int = 1, one_thread: bool = True, **kw
+) -> subprocess.CompletedProcess:
     if nproc == 1:
-        cmd = [sys.executable, "-m", "eve_ds.train"]
+        cmd = [sys.executable, "-m", "eve_ds.cli.pretrain"]
     else:
         cmd = [
             sys.executable,
@@ -65,12 +77,12 @@ def run_train(run_dir: Path, overrides: list[str], nproc: int = 1, **kw) -> subp
             "--nproc_per_node",
             str(nproc),
             "--master_port",
-            str(29500 + os.getpid() % 1000),
+            str(free_port()),
             "-m",
-            "eve_ds.train",
+            "eve_ds.cli.pretrain",
         ]
     cmd += ["--run-dir", str(run_dir), *overrides]
-    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600, **kw)
+    return subprocess.run(cmd, env=env(one_thread), capture_output=True, text=True, timeout=600, **kw)
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
@@ -118,10 +130,10 @@ def _data_env() -> list[str]:
         ("trian.max_steps=3", "unknown config key 'trian'; did you mean train?"),
         ("train.max_steps=abc", "train.max_steps='abc' is invalid: expected an integer"),
         ("optim.schedule=step", "optim.schedule='step' is invalid: expected one of cosine, linear, constant"),
-        ("model.ep_size=3", "ep_size=3 must divide num_experts=4"),
+        ("model.ep_size=3", "model.ep_size=3 is invalid: expected a divisor of model.num_experts=4"),
         ("model.flavor=eve_huge", "model.flavor='eve_huge' is invalid"),
         ("wandb.mode=maybe", "wandb.mode='maybe' is invalid: expected one of online, offline, disabled"),
-        ("data.hflip=2", "hflip=2.0 must be a probability"),
+        ("data.hflip=2", "data.hflip=2.0 is invalid: expected a probability in [0, 1]"),
         ("objective.objectives=[mlm,foo]", "unknown ['foo']"),
     ],
 )
@@ -184,27 +196,81 @@ def test_weight_decay_exemptions():
     for name in (
         "encoder.cls_token",
         "encoder.pos_embed",
-        "encoder.word_embed.weight",
+        "encoder.text_pos_embed",
         "encoder.blocks.0.attn.q_bias",
         "encoder.blocks.0.norm1.weight",
         "encoder.blocks.3.ffn.moe.deepspeed_moe.gate.modality_bias",
         "encoder.blocks.0.attn.rel_pos.relative_position_bias_table",
+        "encoder.blocks.3.ffn.moe.deepspeed_moe.experts.deepspeed_experts.0.fc1.bias",
     ):
         assert name in exempt, name
-    for name in (
+    for name in (  # every weight matrix decays, the word embedding and patch projection included (BEiT)
+        "encoder.word_embed.weight",
+        "encoder.patch_embed.proj.weight",
         "encoder.blocks.0.attn.qkv.weight",
         "encoder.blocks.0.ffn.ffn_image.fc1.weight",
         "encoder.blocks.3.ffn.moe.deepspeed_moe.gate.wg.weight",
+        "encoder.blocks.3.ffn.moe.deepspeed_moe.experts.deepspeed_experts.0.fc1.weight",
         "objectives.mlm.head.dense.weight",
     ):
         assert name not in exempt, name
+        assert name in dict(model.named_parameters()), name
 
 
-# -- end to end -------------------------------------------------------------------------------------------
+class ReadsTheImage(torch.nn.Module):
+    """A stand-in model with known answers for `evaluate`: sample i of the hand-made batches below carries
+    its index in its image (every pixel i * 20) and in its text (token 2000 + i). MLM targets are the
+    tokens after those (an attribute colour word, an attribute size word, a plain word); the prediction is
+    right when the image belongs to the text, except that it never gets the size word right.
+    Reported loss: the sample index, so the mean over samples is known too."""
+
+    def __init__(self, size_id: int) -> None:
+        super().__init__()
+        self.size_id = size_id
+
+    def forward(self, batch: dict, generator=None) -> dict:
+        pixel = batch["image"][:, 0, 0, 0] * 0.229 + 0.485  # un-normalise channel 0: x / 255
+        from_image = torch.round(pixel * 255 / 20).long()
+        from_text = batch["text_ids"][:, 1] - 2000
+        target = batch["text_ids"][:, 2:5]  # (B, 3)
+        right = (from_image == from_text)[:, None] & (target != self.size_id)
+        pred = torch.where(right, target, torch.zeros_like(target))
+        return {
+            "loss": from_text.float().mean(),
+            "mlm_acc": right.float().mean(),
+            "mlm_pred": pred.reshape(-1),
+            "mlm_target": target.reshape(-1),
+        }
+
+
+def test_evaluate_counts_attribute_words_right():
+    """Known answers: attribute accuracy 1/2 (colour 1, size 0) with the right images, 0 with images
+    shuffled across the batch; 2 attribute words per sample; sample-weighted means over unequal batches."""
+    from eve_ds.data import load_tokenizer
+    from eve_ds.train.validation import evaluate
+
+    tok = load_tokenizer()
+    red, blue, small = tok.convert_tokens_to_ids(["red", "blue", "small"])
+
+    def batch(indices: list[int]) -> dict:
+        ids = torch.tensor([[101, 2000 + i, red if i % 2 else blue, small, 3000, 102] for i in indices])
+        image = torch.tensor(indices, dtype=torch.uint8).mul(20).view(-1, 1, 1, 1).expand(-1, 3, 4, 4)
+        return {"image": image.contiguous(), "text_ids": ids, "text_mask": torch.ones_like(ids)}
+
+    loader = [batch([0, 1, 2]), batch([3, 4])]
+    attr = {"colour": [red, blue], "size": [small]}
+    m = evaluate(ReadsTheImage(small), loader, device="cpu", attr_token_ids=attr)
+    assert m["num_samples"] == 5
+    assert m["loss"] == pytest.approx(2.0)  # (0 + 1 + 2 + 3 + 4) / 5, not the mean of the batch means
+    assert m["mlm_acc"] == pytest.approx(2 / 3)
+    assert (m["attr_words"], m["attr_words/colour"], m["attr_words/size"]) == (10, 5, 5)
+    assert (m["attr_word_acc"], m["attr_word_acc/colour"], m["attr_word_acc/size"]) == (0.5, 1.0, 0.0)
+    assert m["attr_word_acc_shuffled_images"] == 0.0 and m["attr_word_acc_shuffled_images/colour"] == 0.0
+    assert evaluate(ReadsTheImage(small), loader, device="cpu", max_batches=1)["num_samples"] == 3
 
 
 def test_default_run_trains_validates_and_checkpoints(tmp_path, cache_dir):
-    from eve_ds.train.cli import main
+    from eve_ds.cli.pretrain import main
 
     run = tmp_path / "run"
     overrides = small(cache_dir, **{"train.max_steps": 4, "train.checkpoint_every": 2, "train.eval_every": 2})
@@ -219,7 +285,9 @@ def test_default_run_trains_validates_and_checkpoints(tmp_path, cache_dir):
         assert sum(r["expert_load/block3/image"]) == pytest.approx(1.0)
     assert any("val/mlm_loss" in r for r in records)
     final = json.loads((run / "final_metrics.json").read_text())
-    assert 0 <= final["attr_word_acc"] <= 1 and 0 <= final["attr_word_acc_shuffled_images"] <= 1
+    for key in ("attr_word_acc", "attr_word_acc_shuffled_images"):  # fractions of counted words
+        hits = final[key] * final["attr_words"]
+        assert hits == pytest.approx(round(hits), abs=1e-6) and 0 <= round(hits) <= final["attr_words"]
     per_category = [final[f"attr_words/{c}"] for c in ("colour", "shape", "size", "relation")]
     assert sum(per_category) == final["attr_words"] and min(per_category) > 0
     hits = sum(
@@ -239,15 +307,29 @@ def test_default_run_trains_validates_and_checkpoints(tmp_path, cache_dir):
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path, cache_dir):
     overrides = small(
         cache_dir,
-        **{"train.max_steps": 6, "train.checkpoint_every": 3, "train.eval_every": 100, "data.num_workers": 2},
+        **{
+            "train.max_steps": 6,
+            "train.checkpoint_every": 3,
+            "train.eval_every": 100,
+            "data.num_workers": 2,
+            "train.deterministic": "true",  # bitwise: one intra-op thread, deterministic kernels
+        },
     )
     ref = tmp_path / "ref"
-    assert run_train(ref, overrides).returncode == 0
+    assert run_train(ref, overrides, one_thread=False).returncode == 0
 
     run = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "eve_ds.train", "--run-dir", str(run), *overrides, "train.stop_after=5"],
-        env=env(),
+        [
+            sys.executable,
+            "-m",
+            "eve_ds.cli.pretrain",
+            "--run-dir",
+            str(run),
+            *overrides,
+            "train.stop_after=5",
+        ],
+        env=env(one_thread=False),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -257,8 +339,8 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, cache_dir):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert 3 in complete_steps(run)
-    assert run_train(run, overrides).returncode == 0
-    assert train_losses(run) == train_losses(ref)  # same data, masks and dropout: bitwise on CPU
+    assert run_train(run, overrides, one_thread=False).returncode == 0
+    assert train_losses(run) == train_losses(ref)  # same data, masks and dropout: bitwise
     assert len(train_losses(ref)) == 6
 
 
@@ -270,7 +352,7 @@ def test_sigterm_saves_and_exits_with_the_preemption_code(tmp_path, cache_dir):
         cache_dir, **{"train.max_steps": 10_000, "train.checkpoint_every": 10_000, "train.eval_every": 10_000}
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "eve_ds.train", "--run-dir", str(run), *overrides],
+        [sys.executable, "-m", "eve_ds.cli.pretrain", "--run-dir", str(run), *overrides],
         env=env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -333,7 +415,9 @@ def test_nonfinite_losses_stop_the_run_naming_the_last_good_checkpoint(tmp_path,
 
 @pytest.mark.slow
 def test_two_ranks_zero2_expert_parallel_train_checkpoint_and_resume(tmp_path, cache_dir):
-    run = tmp_path / "run"
+    """Two ranks, ep_size=2: stopped after step 2 and resumed, the run has the per-step losses and the final
+    validation metrics of an uninterrupted two-rank run, bit for bit (train.deterministic=true)."""
+    run, ref = tmp_path / "run", tmp_path / "ref"
     overrides = small(
         cache_dir,
         **{
@@ -342,9 +426,12 @@ def test_two_ranks_zero2_expert_parallel_train_checkpoint_and_resume(tmp_path, c
             "train.max_steps": 4,
             "train.checkpoint_every": 2,
             "train.eval_every": 2,
+            "train.deterministic": "true",
         },
     )
-    first = run_train(run, [*overrides, "train.stop_after=2"], nproc=2)
+    uninterrupted = run_train(ref, overrides, nproc=2, one_thread=False)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    first = run_train(run, [*overrides, "train.stop_after=2"], nproc=2, one_thread=False)
     assert first.returncode == 0, first.stderr[-3000:]
     assert complete_steps(run) == [2]
     tag = run / "checkpoints" / "step_00000002"
@@ -352,11 +439,17 @@ def test_two_ranks_zero2_expert_parallel_train_checkpoint_and_resume(tmp_path, c
     assert len(experts) == 4  # all 4 global experts saved, two from each expert-parallel rank
     assert len(list(tag.glob("zero_pp_rank_*_optim_states.pt"))) == 2
     assert "expert-parallel 2 x expert-data-parallel 1" in first.stderr
-    second = run_train(run, overrides, nproc=2)
+    second = run_train(run, overrides, nproc=2, one_thread=False)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert sorted(train_losses(run)) == [1, 2, 3, 4]
-    final = json.loads((run / "final_metrics.json").read_text())
+    assert "resumed from" in second.stderr and "step_00000002" in second.stderr
+    losses, ref_losses = train_losses(run), train_losses(ref)
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert losses == ref_losses  # bitwise, steps 3 and 4 after the resume included
+    assert len(set(losses.values())) == 4  # the losses move: equal lists are not equal by accident
+    final, ref_final = (json.loads((r / "final_metrics.json").read_text()) for r in (run, ref))
     assert final["step"] == 4 and math.isfinite(final["mlm_loss"])
+    for key in ("mlm_loss", "mim_loss", "attr_word_acc", "train_loss"):
+        assert final[key] == ref_final[key], key
 
 
 @pytest.mark.slow
@@ -375,7 +468,7 @@ def test_a_dead_rank_makes_the_other_exit_instead_of_hanging(tmp_path, cache_dir
             "train.dist_timeout_s": 60,
         },
     )
-    port = str(29000 + os.getpid() % 500)
+    port = str(free_port())
     procs = []
     for rank in range(2):
         e = dict(
@@ -388,7 +481,7 @@ def test_a_dead_rank_makes_the_other_exit_instead_of_hanging(tmp_path, cache_dir
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "eve_ds.train", "--run-dir", str(run), *overrides],
+                [sys.executable, "-m", "eve_ds.cli.pretrain", "--run-dir", str(run), *overrides],
                 env=e,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,

@@ -1,6 +1,8 @@
-"""Pre-training throughput per task set (the paper's Table 1); see eve_ds/bench/cli.py and the README."""
+"""Pre-training throughput per task set, the paper's Table 1 (same as `eve-bench`; see eve_ds/cli/benchmark_pretrain.py)."""
 
-from eve_ds.bench.cli import main
+import sys
+
+from eve_ds.cli.benchmark_pretrain import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

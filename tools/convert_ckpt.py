@@ -1,9 +1,9 @@
-"""Convert EVE checkpoints: export (native / Hugging Face), reshard (ep_size), import-beitv2.
-See `python tools/convert_ckpt.py -h` and the README ("Checkpoint conversion")."""
+"""Convert EVE checkpoints: export (native / Hugging Face), reshard (ep_size), import-beitv2
+(same as `eve-convert`; see eve_ds/cli/convert_ckpt.py)."""
 
 import sys
 
-from eve_ds.convert.cli import main
+from eve_ds.cli.convert_ckpt import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import torch
 
-from eve_ds.bench.flops import FORMULA
-from eve_ds.bench.pretrain import MSM, BenchConfig, RowResult
+from eve_ds.bench.table1 import MSM, BenchConfig, RowResult
 from eve_ds.models.config import get_config
+from eve_ds.objectives.flops import FORMULA
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 NAMES = {"mlm": "MLM", "itc": "ITC", "itm": "ITM", "mim_token": "MIM (token)", "mim_pixel": "MIM (pixel)"}
 
 
@@ -29,7 +28,7 @@ def git_revision() -> tuple[str | None, bool | None]:
 
     def git(*args: str) -> str:
         return subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+            ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10
         ).stdout.strip()
 
     try:

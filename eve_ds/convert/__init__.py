@@ -2,7 +2,7 @@
 to another expert-parallel size, and initial weights from BEiT v2 (CLI: ``tools/convert_ckpt.py``)."""
 
 from eve_ds.convert.beit import import_beitv2, load_init_weights
-from eve_ds.convert.checkpoint import ConvertError
+from eve_ds.convert.ds_checkpoint import ConvertError
 from eve_ds.convert.export import export, load_encoder, load_pretraining_model
 from eve_ds.convert.reshard import reshard, resume_options
 

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from eve_ds.convert.checkpoint import ConvertError, localize_experts
+from eve_ds.convert.ds_checkpoint import ConvertError, localize_experts
 from eve_ds.convert.export import is_native_export, read_source
 from eve_ds.models.config import EVEConfig
+from eve_ds.utils.ranks import expert_parallel_rank
 
 logger = logging.getLogger(__name__)
 
@@ -120,18 +121,11 @@ def bert_to_eve(sd: dict[str, torch.Tensor], cfg: EVEConfig) -> dict[str, torch.
     )
 
 
-def expert_parallel_rank(ep_size: int) -> int:
-    """This process's rank in its expert-parallel group (DeepSpeed's groups when they exist), else 0."""
+def _this_expert_parallel_rank(ep_size: int) -> int:
+    """This process's rank in its expert-parallel group (0 outside torch.distributed)."""
     import torch.distributed as dist
 
-    if ep_size == 1 or not dist.is_initialized():
-        return 0
-    try:
-        from deepspeed.utils import groups
-
-        return groups._get_expert_parallel_rank(f"ep_size_{ep_size}")
-    except (KeyError, AssertionError, RuntimeError):
-        return dist.get_rank() % ep_size  # DeepSpeed's E + D layout, before its groups are created
+    return expert_parallel_rank(dist.get_rank(), ep_size) if dist.is_initialized() else 0
 
 
 def source_weights(path: str | Path, cfg: EVEConfig, bert: str | Path | None = None) -> tuple[dict, dict]:
@@ -157,6 +151,27 @@ def source_weights(path: str | Path, cfg: EVEConfig, bert: str | Path | None = N
     return sd, report
 
 
+def init_weight_problems(
+    sd: dict[str, torch.Tensor], own: dict[str, torch.Size], source: str
+) -> tuple[list[str], list[str]]:
+    """(problems, keys unknown to the model) of initial weights `sd` (EVE names, this rank's experts) for
+    a model whose parameter shapes are `own`. Every shape must match; an EVE source must hold every
+    encoder weight; a BEiT v2 source may hold nothing the model does not know."""
+    unknown = sorted(k for k in sd if k not in own)
+    shapes = [
+        f"{k}: {tuple(sd[k].shape)} in the checkpoint vs {tuple(own[k])} in the model"
+        for k in sd
+        if k in own and tuple(sd[k].shape) != tuple(own[k])
+    ]
+    missing_enc = [k for k in own if k.startswith("encoder.") and k not in sd] if source == "eve" else []
+    problems = [
+        f"first mismatched shape {shapes[0]} ({len(shapes)} in all)" if shapes else "",
+        f"missing encoder keys {missing_enc[:5]}" if missing_enc else "",
+        f"keys unknown to the model {unknown[:5]}" if unknown and source == "beitv2" else "",
+    ]
+    return [p for p in problems if p], unknown
+
+
 @torch.no_grad()
 def load_init_weights(
     model, path: str | Path, ep_rank: int | None = None, bert: str | Path | None = None
@@ -169,7 +184,7 @@ def load_init_weights(
     -> report {"source", "path", "loaded": n, "fresh": [keys left as initialised], "ignored": [source keys]}.
     """
     cfg = model.model_cfg
-    ep_rank = expert_parallel_rank(cfg.ep_size) if ep_rank is None else ep_rank
+    ep_rank = _this_expert_parallel_rank(cfg.ep_size) if ep_rank is None else ep_rank
     sd, report = source_weights(path, cfg, bert)
     sd = localize_experts(sd, ep_rank, cfg.num_experts // cfg.ep_size)
     own = model.state_dict()
@@ -177,28 +192,9 @@ def load_init_weights(
         sd["encoder.type_embed.weight"] = torch.cat(
             [torch.zeros_like(own["encoder.type_embed.weight"][:1]), own["encoder.type_embed.weight"][1:]]
         )
-    unknown = sorted(k for k in sd if k not in own)
-    shapes = [
-        f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)} in the model"
-        for k in sd
-        if k in own and sd[k].shape != own[k].shape
-    ]
-    missing_enc = (
-        [k for k in own if k.startswith("encoder.") and k not in sd] if report["source"] == "eve" else []
-    )
-    if shapes or missing_enc or (unknown and report["source"] == "beitv2"):
-        raise ConvertError(
-            f"{path} does not fit the model config: "
-            + "; ".join(
-                s
-                for s in (
-                    f"shapes {shapes[:5]}" if shapes else "",
-                    f"missing encoder keys {missing_enc[:5]}" if missing_enc else "",
-                    f"keys unknown to the model {unknown[:5]}" if unknown else "",
-                )
-                if s
-            )
-        )
+    problems, unknown = init_weight_problems(sd, {k: v.shape for k, v in own.items()}, report["source"])
+    if problems:
+        raise ConvertError(f"{path} does not fit the model config: " + "; ".join(problems))
     sd = {k: v for k, v in sd.items() if k in own}
     model.load_state_dict(sd, strict=False)
     report.update(
@@ -230,9 +226,9 @@ def import_beitv2(
     """BEiT v2 state dict -> native export dir of a PretrainingModel (flavor `model`, ep_size=1, MSM heads
     freshly initialised with seed 0)."""
     from eve_ds.convert.export import write_native
-    from eve_ds.convert.io import staging_dir
     from eve_ds.models.config import get_config
     from eve_ds.objectives import ObjectiveConfig, PretrainingModel
+    from eve_ds.utils.io import staging_dir
 
     try:
         cfg = get_config(model, **{**overrides, "ep_size": 1})

@@ -6,37 +6,37 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from eve_ds.convert.checkpoint import (
+from eve_ds.convert.ds_checkpoint import (
     ConvertError,
     consolidated_state_dict,
     model_config,
     read_eve_config,
     resolve_tag_dir,
 )
-from eve_ds.convert.io import copy_tokenizer, staging_dir, write_json
 from eve_ds.models.eve import EVEModel
+from eve_ds.models.weights import (
+    NATIVE_FORMAT,
+    WEIGHTS,
+    WeightsMismatchError,
+    is_native_export,
+    load_state_dict_strict,
+    read_native_export,
+)
 from eve_ds.objectives import ObjectiveConfig, PretrainingModel
+from eve_ds.utils.io import atomic_write_json, staging_dir
 
 logger = logging.getLogger(__name__)
 
-NATIVE_FORMAT = "eve-native"
-WEIGHTS = "model.safetensors"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def is_native_export(path: Path) -> bool:
-    f = Path(path) / "config.json"
-    return (
-        f.is_file()
-        and (Path(path) / WEIGHTS).is_file()
-        and json.loads(f.read_text()).get("format") == NATIVE_FORMAT
-    )
 
 
 def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -44,10 +44,9 @@ def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     if is_native_export(path):
         try:
-            sd = load_file(path / WEIGHTS)
-        except Exception as e:
-            raise ConvertError(f"{path / WEIGHTS}: cannot be read as safetensors ({e})") from e
-        return sd, json.loads((path / "config.json").read_text())
+            return read_native_export(path)
+        except WeightsMismatchError as e:
+            raise ConvertError(str(e)) from e
     tag = resolve_tag_dir(path)
     cfg = read_eve_config(tag)
     sd, _ = consolidated_state_dict(tag, model_config(cfg).num_experts)
@@ -60,6 +59,25 @@ def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return sd, cfg
 
 
+def tokenizer_source(cfg: dict) -> Path:
+    """The run's tokenizer folder: a packaged name (eve_ds/assets/<name>) or a local path."""
+    name = ((cfg.get("run") or {}).get("data") or {}).get("tokenizer") or "bert-base-uncased"
+    for p in (ASSETS / name, Path(name).expanduser()):
+        if p.is_dir() and (p / "vocab.txt").is_file():
+            return p
+    raise ConvertError(f"tokenizer {name!r} of the run config: neither {ASSETS / name} nor a local folder")
+
+
+def copy_tokenizer(cfg: dict, dst: Path) -> list[str]:
+    src = tokenizer_source(cfg)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
 def objective_config(cfg: dict) -> ObjectiveConfig:
     try:
         obj = ObjectiveConfig(**(cfg.get("objective") or {}))
@@ -70,25 +88,11 @@ def objective_config(cfg: dict) -> ObjectiveConfig:
 
 
 def load_checked(module: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict(strict) with a message that names the missing, unexpected and mis-shaped keys."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [
-        f"{k}: {tuple(sd[k].shape)} in {source}, {tuple(v.shape)} in the model"
-        for k, v in own.items()
-        if k in sd and sd[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        parts = [
-            f"{len(missing)} missing {missing[:5]}" if missing else "",
-            f"{len(unexpected)} unexpected {unexpected[:5]}" if unexpected else "",
-            f"{len(shapes)} with another shape {shapes[:5]}" if shapes else "",
-        ]
-        raise ConvertError(
-            f"weights of {source} do not match the model config: " + "; ".join(p for p in parts if p)
-        )
-    module.load_state_dict(sd, strict=True)
+    """Strict load (`eve_ds.models.weights.load_state_dict_strict`) with a ConvertError for the CLI."""
+    try:
+        load_state_dict_strict(module, sd, source)
+    except WeightsMismatchError as e:
+        raise ConvertError(str(e)) from e
 
 
 def build_pretraining_model(cfg: dict, ep_size: int = 1) -> PretrainingModel:
@@ -125,7 +129,7 @@ def write_native(dst: Path, state_dict: dict[str, torch.Tensor], cfg: dict, dtyp
     save_file(sd, dst / WEIGHTS, metadata={"format": "pt"})
     tokenizer = copy_tokenizer(cfg, dst)
     meta = {k: v for k, v in cfg.items() if k not in ("format", "dtype", "tokenizer_files")}
-    write_json(
+    atomic_write_json(
         dst / "config.json", {**meta, "format": NATIVE_FORMAT, "dtype": dtype, "tokenizer_files": tokenizer}
     )
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from eve_ds.convert.checkpoint import ConvertError
-from eve_ds.convert.io import copy_tokenizer
+from eve_ds.convert.ds_checkpoint import ConvertError
+from eve_ds.convert.export import copy_tokenizer
 from eve_ds.models.eve import EVEModel
+from eve_ds.models.weights import mismatch_report
 
 MODELING = Path(__file__).resolve().parent.parent / "hf" / "modeling_eve.py"
 AUTO_MAP = {"AutoConfig": "modeling_eve.EVEHFConfig", "AutoModel": "modeling_eve.EVEHFModel"}
@@ -87,10 +88,9 @@ def write_hf(dst: Path, encoder: EVEModel, cfg: dict, dtype: str) -> None:
     hf = mod.EVEHFModel(config)
     sd = hf_state_dict(encoder)
     sd["relative_position_index"] = hf.relative_position_index
-    missing = sorted(set(hf.state_dict()) - set(sd))
-    unexpected = sorted(set(sd) - set(hf.state_dict()))
-    if missing or unexpected:
-        raise ConvertError(f"HF key mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    report = mismatch_report(hf.state_dict(), sd, "the EVE encoder")
+    if report:
+        raise ConvertError(f"HF key mapping incomplete: {report}")
     to = torch.bfloat16 if dtype == "bf16" else torch.float32
     sd = {k: (v.to(to) if v.is_floating_point() else v).detach().contiguous() for k, v in sd.items()}
     save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from eve_ds.convert.checkpoint import (
+from eve_ds.convert.ds_checkpoint import (
     EXPERT_KEY_RE,
     MODEL_STATES,
     OPTIM_RE,
@@ -36,7 +36,8 @@ from eve_ds.convert.checkpoint import (
     torch_load,
 )
 from eve_ds.convert.export import build_pretraining_model, load_checked
-from eve_ds.convert.io import staging_dir, write_json
+from eve_ds.utils.io import atomic_write_json, staging_dir
+from eve_ds.utils.ranks import expert_parallel_rank
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def build_shard(
     template: dict,
 ) -> dict:
     """The ZeRO-2 optimizer shard of target data-parallel rank `rank`."""
-    ep_rank, edp_rank = rank % ep_size, rank // ep_size
+    ep_rank, edp_rank = expert_parallel_rank(rank, ep_size), rank // ep_size
     fp32, state, paddings, counts, mappings, pgroups = [], {}, [], [], [], []
     for g, (info, shapes) in enumerate(zip(groups, target_shapes)):
         names = list(shapes)
@@ -289,7 +290,7 @@ def reshard(
     world = world_size or int(states.get("dp_world_size", 1))
     _check_layout(mcfg, ep_size, world)
     # Every weight is checked against the config before anything is written.
-    from eve_ds.convert.checkpoint import consolidated_state_dict
+    from eve_ds.convert.ds_checkpoint import consolidated_state_dict
 
     sd, _ = consolidated_state_dict(tag, mcfg.num_experts)
     load_checked(build_pretraining_model(cfg), sd, str(tag))
@@ -343,8 +344,8 @@ def _write_tag(
             shutil.copy2(f, out / f.name)
     if (tag / "trainer_state.json").is_file():
         shutil.copy2(tag / "trainer_state.json", out / "trainer_state.json")
-    write_json(out / "eve_config.json", _eve_config(cfg, ep_size))
-    write_json(
+    atomic_write_json(out / "eve_config.json", _eve_config(cfg, ep_size))
+    atomic_write_json(
         out / RESHARD_INFO,
         {
             "optimizer_state": optimizer,
@@ -360,7 +361,9 @@ def _write_tag(
         if (tag / "trainer_state.json").is_file()
         else None
     )
-    write_json(out / "eve_complete.json", {"step": step})  # last: the trainer resumes only complete tags
+    atomic_write_json(
+        out / "eve_complete.json", {"step": step}
+    )  # last: the trainer resumes only complete tags
 
 
 def resume_options(tag_dir: str | Path, world_size: int | None = None, ep_size: int | None = None) -> dict:

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from eve_ds.utils.config import check
+
 HFLIP_TEXT_CHOICES = ("swap", "skip", "ignore")
 
 
 @dataclass
 class CorpusConfig:
-    """One training corpus: a brace-expanded shard list with a sampling weight.
+    """One training corpus and how often it is sampled.
 
-    `manifest` is only needed when the shards are not local files (e.g. `pipe:` URLs); by default
-    `manifest.json` is looked up next to the first shard.
+    `shards`: a directory holding `manifest.json` and the shards it lists (every shard is read), or a
+    brace spec ("dir/shard-{000000..000099}.tar"); a spec that leaves out shards of the manifest next to
+    them is an error unless `subset` is true. `manifest` is only needed when the shards are not local
+    files (e.g. `pipe:` URLs). Corpora are mixed as a union: a corpus is drawn in proportion to its number
+    of pairs times `weight` (weight 2 = seen twice as often as its size says).
     """
 
     name: str
     shards: str
     weight: float = 1.0
     manifest: str | None = None
+    subset: bool = False
 
 
 @dataclass
@@ -48,33 +54,37 @@ class DataConfig:
         self.validate()
 
     def validate(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"data config: {msg}")
-
-        need(
+        check(
             self.synthetic or len(self.train) > 0,
-            "train must list at least one corpus when synthetic is false",
+            "data.train",
+            [],
+            "at least one corpus when synthetic is false",
         )
         names = [c.name for c in self.train]
-        need(len(set(names)) == len(names), f"train corpus names must be unique, got {names}")
+        check(len(set(names)) == len(names), "data.train", names, "unique corpus names")
         for c in self.train:
-            need(c.weight > 0, f"train[{c.name}].weight={c.weight} must be > 0")
-            need(bool(c.shards), f"train[{c.name}].shards must be a non-empty brace spec")
-        need(self.synthetic_num_train > 0, f"synthetic_num_train={self.synthetic_num_train} must be > 0")
-        need(self.synthetic_num_val > 0, f"synthetic_num_val={self.synthetic_num_val} must be > 0")
-        need(self.num_workers >= 0, f"num_workers={self.num_workers} must be >= 0")
-        need(self.shuffle_buffer >= 1, f"shuffle_buffer={self.shuffle_buffer} must be >= 1")
-        need(
+            check(c.weight > 0, f"data.train[{c.name}].weight", c.weight, "> 0")
+            check(bool(c.shards), f"data.train[{c.name}].shards", c.shards, "a shard directory or brace spec")
+        check(self.synthetic_num_train > 0, "data.synthetic_num_train", self.synthetic_num_train, "> 0")
+        check(self.synthetic_num_val > 0, "data.synthetic_num_val", self.synthetic_num_val, "> 0")
+        check(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
+        check(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, ">= 1")
+        check(
             len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
-            f"crop_scale={list(self.crop_scale)} must be [lo, hi] with 0 < lo <= hi <= 1",
+            "data.crop_scale",
+            list(self.crop_scale),
+            "[lo, hi] with 0 < lo <= hi <= 1",
         )
-        need(
+        check(
             len(self.crop_ratio) == 2 and 0 < self.crop_ratio[0] <= self.crop_ratio[1],
-            f"crop_ratio={list(self.crop_ratio)} must be [lo, hi] with 0 < lo <= hi",
+            "data.crop_ratio",
+            list(self.crop_ratio),
+            "[lo, hi] with 0 < lo <= hi",
         )
-        need(0.0 <= self.hflip <= 1.0, f"hflip={self.hflip} must be a probability in [0, 1]")
-        need(
+        check(0.0 <= self.hflip <= 1.0, "data.hflip", self.hflip, "a probability in [0, 1]")
+        check(
             self.hflip_text in HFLIP_TEXT_CHOICES,
-            f"hflip_text={self.hflip_text!r} must be one of {list(HFLIP_TEXT_CHOICES)}",
+            "data.hflip_text",
+            self.hflip_text,
+            f"one of {list(HFLIP_TEXT_CHOICES)}",
         )

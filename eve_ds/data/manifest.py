@@ -27,15 +27,6 @@ def expand_spec(spec: str) -> list[str]:
     return expand_urls(spec)
 
 
-def write_json_atomic(path: str, obj: dict) -> None:
-    """Write JSON under a temporary name and rename, so readers never see a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def read_manifest(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
         return json.load(f)

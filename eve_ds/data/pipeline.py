@@ -20,12 +20,13 @@ import logging
 import os
 import random
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from eve_ds.data.config import DataConfig
-from eve_ds.data.manifest import existing_shards, expand_spec, shard_counts
+from eve_ds.data.manifest import MANIFEST, existing_shards, expand_spec, read_manifest, shard_counts
 from eve_ds.data.stream import Corpus, raw_stream
 from eve_ds.data.synthetic import ensure_synthetic_corpus
 from eve_ds.data.transforms import BadSample, collate, eval_transform, train_transform
@@ -49,9 +50,47 @@ def load_tokenizer(name_or_path: str = "bert-base-uncased"):
     return AutoTokenizer.from_pretrained(path, local_files_only=os.path.isdir(path))
 
 
-def load_corpus(name: str, spec: str, weight: float = 1.0, manifest: str | None = None) -> Corpus:
+def corpus_shards(
+    spec: str, manifest: str | None = None, subset: bool = False
+) -> tuple[list[str], str | None]:
+    """(shard URLs, manifest path or None) of a corpus given as a shard directory or a brace spec.
+
+    A directory lists its shards in its manifest; a brace spec must cover every shard of the manifest next
+    to it (or named by `manifest`) unless `subset`, so that no part of a corpus is left out silently.
+    """
+    if _is_local_dir(spec):
+        path = manifest or os.path.join(spec, MANIFEST)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{spec} is a directory without {MANIFEST}; give a brace spec of its shards"
+            )
+        names = [s["name"] for s in read_manifest(path)["shards"]]
+        return [os.path.join(spec, n) for n in names], path
+    urls = expand_spec(spec)
+    path = manifest or os.path.join(os.path.dirname(urls[0]), MANIFEST)
+    if not os.path.exists(path):
+        return urls, None
+    listed = [s["name"] for s in read_manifest(path)["shards"]]
+    left_out = [n for n in listed if n not in {os.path.basename(u) for u in urls}]
+    if left_out and not subset:
+        raise ValueError(
+            f"{spec} leaves out {len(left_out)} of the {len(listed)} shards listed in {path}, e.g. "
+            f"{left_out[:3]}; give the directory {os.path.dirname(path)} to read all of them, or set "
+            f"subset: true on the corpus to read only these"
+        )
+    return urls, path
+
+
+def _is_local_dir(spec: str) -> bool:
+    return "{" not in spec and "::" not in spec and os.path.isdir(os.path.expanduser(spec))
+
+
+def load_corpus(
+    name: str, spec: str, weight: float = 1.0, manifest: str | None = None, subset: bool = False
+) -> Corpus:
     """A corpus with its existing shards and their sample counts; missing shards are warned about."""
-    urls = existing_shards(expand_spec(spec), name)
+    urls, manifest = corpus_shards(spec, manifest, subset)
+    urls = existing_shards(urls, name)
     if not urls:
         raise FileNotFoundError(f"corpus {name}: no shard of {spec} exists")
     counts = shard_counts(urls, manifest)
@@ -60,13 +99,30 @@ def load_corpus(name: str, spec: str, weight: float = 1.0, manifest: str | None 
     return Corpus(name, urls, counts, weight)
 
 
+def mixture(corpora: list[Corpus], global_batch_size: int) -> tuple[list[dict], int]:
+    """What the stream will draw: per corpus {name, pairs, shards, weight, fraction}, and the number of
+    optimizer steps in one epoch of the union (all pairs once, on average)."""
+    total = sum(c.sampling_mass for c in corpora)
+    rows = [
+        {
+            "name": c.name,
+            "pairs": c.num_samples,
+            "shards": len(c.urls),
+            "weight": c.weight,
+            "fraction": c.sampling_mass / total,
+        }
+        for c in corpora
+    ]
+    return rows, max(1, sum(c.num_samples for c in corpora) // global_batch_size)
+
+
 def resolve_train_corpora(cfg: DataConfig, image_size: int) -> list[Corpus]:
     if cfg.synthetic:
         train, _ = ensure_synthetic_corpus(
             cfg.cache_dir, cfg.synthetic_num_train, cfg.synthetic_num_val, cfg.synthetic_seed, image_size
         )
         return [load_corpus("synthetic", train)]
-    return [load_corpus(c.name, c.shards, c.weight, c.manifest) for c in cfg.train]
+    return [load_corpus(c.name, c.shards, c.weight, c.manifest, c.subset) for c in cfg.train]
 
 
 def resolve_val_spec(cfg: DataConfig, image_size: int) -> str | None:
@@ -132,27 +188,27 @@ def collate_stage(
 # Training
 
 
+@dataclass(frozen=True)
+class Placement:
+    """What every loader needs besides its data: sizes of a batch and this rank's place among the ranks."""
+
+    image_size: int
+    max_text_len: int
+    batch_size: int
+    rank: int = 0
+    world_size: int = 1
+
+
 class TrainStream(IterableDataset):
     """Batches of this rank; DataLoader worker slot k serves the virtual worker (start_batch + k) % W."""
 
     def __init__(
-        self,
-        corpora: list[Corpus],
-        cfg: DataConfig,
-        *,
-        image_size: int,
-        max_text_len: int,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        start_batch: int,
-        tokenizer,
+        self, corpora: list[Corpus], cfg: DataConfig, at: Placement, *, seed: int, start_batch: int, tokenizer
     ):
         super().__init__()
         self.corpora, self.cfg, self.tokenizer = corpora, cfg, tokenizer
-        self.image_size, self.max_text_len, self.batch_size = image_size, max_text_len, batch_size
-        self.rank, self.world_size, self.seed, self.start_batch = rank, world_size, seed, start_batch
+        self.image_size, self.max_text_len, self.batch_size = at.image_size, at.max_text_len, at.batch_size
+        self.rank, self.world_size, self.seed, self.start_batch = at.rank, at.world_size, seed, start_batch
 
     def pipeline(self, virtual_worker: int, local_batch: int) -> wds.DataPipeline:
         workers = max(self.cfg.num_workers, 1)
@@ -216,6 +272,7 @@ def stream_layout(
         "num_workers": max(cfg.num_workers, 1),
         "batch_size": batch_size,
         "corpora": [[c.name, c.weight, len(c.urls), sum(c.counts)] for c in corpora],
+        "mixing": "by_size",  # corpora drawn in proportion to pairs x weight
         "shuffle_buffer": cfg.shuffle_buffer,
     }
 
@@ -252,18 +309,8 @@ def build_train_loader(
         )
         seed = int.from_bytes(hashlib.sha256(f"{seed}/{start_batch}".encode()).digest()[:4], "little")
         start_batch = 0
-    dataset = TrainStream(
-        corpora,
-        cfg,
-        image_size=image_size,
-        max_text_len=max_text_len,
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        start_batch=start_batch,
-        tokenizer=tokenizer,
-    )
+    at = Placement(image_size, max_text_len, batch_size, rank, world_size)
+    dataset = TrainStream(corpora, cfg, at, seed=seed, start_batch=start_batch, tokenizer=tokenizer)
     return TrainLoader(dataset, cfg.num_workers, layout)
 
 
@@ -274,25 +321,11 @@ def build_train_loader(
 class ValStream(IterableDataset):
     """Every sample of the spec exactly once, in file order, dealt to (rank, worker) by sample index."""
 
-    def __init__(
-        self,
-        urls: list[str],
-        *,
-        image_size: int,
-        max_text_len: int,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        tokenizer,
-    ):
+    def __init__(self, urls: list[str], at: Placement, tokenizer):
         super().__init__()
-        self.urls, self.image_size, self.max_text_len, self.batch_size = (
-            urls,
-            image_size,
-            max_text_len,
-            batch_size,
-        )
-        self.rank, self.world_size, self.tokenizer = rank, world_size, tokenizer
+        self.urls, self.tokenizer = urls, tokenizer
+        self.image_size, self.max_text_len, self.batch_size = at.image_size, at.max_text_len, at.batch_size
+        self.rank, self.world_size = at.rank, at.world_size
 
     def samples(self, stream: int, num_streams: int) -> Iterator[tuple[dict | None, int]]:
         """(decoded sample or None for a bad one) of this stream; raw samples are read, not decoded, by all."""
@@ -338,14 +371,7 @@ def build_val_loader(
     num_workers: int = 0,
 ) -> Iterable[dict]:
     """Deterministic validation batches (resize + centre crop, no flip); the last batch may be smaller."""
-    urls = existing_shards(expand_spec(spec), "validation")
-    dataset = ValStream(
-        urls,
-        image_size=image_size,
-        max_text_len=max_text_len,
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        tokenizer=tokenizer or load_tokenizer(),
-    )
+    urls = existing_shards(corpus_shards(spec, subset=True)[0], "validation")  # a directory or a spec
+    at = Placement(image_size, max_text_len, batch_size, rank, world_size)
+    dataset = ValStream(urls, at, tokenizer or load_tokenizer())
     return DataLoader(dataset, batch_size=None, num_workers=num_workers)

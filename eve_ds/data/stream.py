@@ -41,6 +41,15 @@ class Corpus:
     counts: list[int]  # samples per shard, from the manifest
     weight: float = 1.0
 
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def sampling_mass(self) -> float:
+        """Corpora are mixed as a union: drawn in proportion to their pairs, times `weight`."""
+        return self.num_samples * self.weight
+
 
 def _warn_and_continue(exn: Exception) -> bool:
     log.warning("skipping unreadable shard data: %r", exn)
@@ -114,7 +123,7 @@ def raw_stream(
     corpora: list[Corpus], *, seed: int, stream: int, num_streams: int, start_slot: int, buffer: int
 ) -> Iterator[dict]:
     """Infinite raw samples of stream `stream` from slot `start_slot` on; each gets __corpus__ and __slot__."""
-    weights = [c.weight for c in corpora]
+    weights = [c.sampling_mass for c in corpora]
     skip = corpus_counts(weights, seed, stream, start_slot)
     readers = [
         CorpusReader(c, i, seed, stream, num_streams, buffer).samples(skip[i]) for i, c in enumerate(corpora)

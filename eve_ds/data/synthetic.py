@@ -21,8 +21,8 @@ import shutil
 import numpy as np
 from PIL import Image, ImageDraw
 
-from eve_ds.data.convert import sample_key
 from eve_ds.data.manifest import MANIFEST
+from eve_ds.data.sources import sample_key
 from eve_ds.data.writer import ShardStats, build_shards, shard_name, write_tar
 
 log = logging.getLogger(__name__)

@@ -14,32 +14,21 @@ import re
 import numpy as np
 import torch
 from PIL import Image
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from eve_ds.utils.image import normalize_image
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 TEXT_KEYS = ("txt", "caption")
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
-# (x / 255 - mean) / std as one multiply-add on uint8 pixel values x.
-_SCALE = 1 / (255 * torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1))
-_SHIFT = -torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1) / torch.tensor(IMAGENET_DEFAULT_STD).view(
-    1, 3, 1, 1
-)
-
-
-def normalize_image(image: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Batches carry images as uint8 (4x less to move from loader workers and to the GPU); the consumer
-    normalises them where they are, after the transfer: (x / 255 - mean) / std in float32, then `dtype`.
-    A floating-point image is taken as already normalised and only cast."""
-    if image.is_floating_point():
-        return image.to(dtype)
-    x = image.float().mul_(_SCALE.to(image.device)).add_(_SHIFT.to(image.device))
-    return x.to(dtype)
 
 
 def batch_to_device(batch: dict, device: str | torch.device, dtype: torch.dtype = torch.float32) -> dict:
-    """Every tensor of `batch` moved to `device`, the image normalised there (`normalize_image`); other
-    values (keys, counts) kept as they are."""
+    """Every tensor of `batch` moved to `device`, the image normalised there (`normalize_image`) in `dtype`;
+    the uint8 image stays available as `pixels` (pixel targets are computed from it in float32, not from
+    the bf16-rounded image). Other values (keys, counts) are kept as they are."""
     out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if not out["image"].is_floating_point():
+        out["pixels"] = out["image"]
     out["image"] = normalize_image(out["image"], dtype)
     return out
 

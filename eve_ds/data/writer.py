@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 from webdataset import TarWriter
 
-from eve_ds.data.manifest import MANIFEST, write_json_atomic
+from eve_ds.data.manifest import MANIFEST
+from eve_ds.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def _run_job(job_fn: JobFn, output: str, item: tuple[int, object]) -> ShardStats
     final = os.path.join(output, shard_name(index))
     stats = job_fn(index, job, final + ".partial")
     # Statistics first, rename last: a shard with a final name always has its statistics.
-    write_json_atomic(os.path.join(output, STATS_DIR, stats.name + ".json"), stats.to_dict())
+    atomic_write_json(os.path.join(output, STATS_DIR, stats.name + ".json"), stats.to_dict())
     os.replace(final + ".partial", final)
     return stats
 
@@ -100,7 +101,7 @@ def _check_arguments(output: str, fingerprint: dict) -> None:
                 "use an empty --output directory"
             )
     else:
-        write_json_atomic(path, fingerprint)
+        atomic_write_json(path, fingerprint)
 
 
 def _done_stats(output: str, index: int) -> ShardStats | None:
@@ -155,7 +156,7 @@ def build_shards(
                 done[item[0]] = run(item)
                 bar.update()
     manifest = make_manifest([done[i] for i in range(len(jobs))], extra_skipped or {}, fingerprint)
-    write_json_atomic(os.path.join(output, MANIFEST), manifest)
+    atomic_write_json(os.path.join(output, MANIFEST), manifest)
     return manifest
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from eve_ds.utils.config import ConfigError, check
+
 
 @dataclass
 class EVEConfig:
@@ -70,37 +72,39 @@ class EVEConfig:
         return list(range(self.num_layers - self.num_soft_blocks, self.num_layers))
 
     def validate(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"model config: {msg}")
-
-        need(
+        check(
             self.image_size % self.patch_size == 0,
-            f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}",
+            "model.image_size",
+            self.image_size,
+            f"a multiple of model.patch_size={self.patch_size}",
         )
-        need(
+        check(
             self.hidden_size % self.num_heads == 0,
-            f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}",
+            "model.hidden_size",
+            self.hidden_size,
+            f"divisible by model.num_heads={self.num_heads}",
         )
-        need(
+        check(
             self.decoder_width % self.decoder_heads == 0,
-            f"decoder_width={self.decoder_width} must be divisible by decoder_heads={self.decoder_heads}",
+            "model.decoder_width",
+            self.decoder_width,
+            f"divisible by model.decoder_heads={self.decoder_heads}",
         )
-        need(
-            0 <= self.num_soft_blocks <= self.num_layers,
-            f"num_soft_blocks={self.num_soft_blocks} must be in [0, num_layers={self.num_layers}]",
-        )
+        n = self.num_layers
+        check(0 <= self.num_soft_blocks <= n, "model.num_soft_blocks", self.num_soft_blocks, f"in [0, {n}]")
         for b in self.soft_blocks:
-            need(0 <= b < self.num_layers, f"soft_router_blocks entry {b} outside [0, {self.num_layers - 1}]")
-        need(self.num_experts >= 1, f"num_experts={self.num_experts} must be >= 1")
-        need(self.top_k in (1, 2), f"top_k={self.top_k}: DeepSpeed's MoE supports 1 or 2")
-        need(self.top_k <= self.num_experts, f"top_k={self.top_k} > num_experts={self.num_experts}")
-        need(
+            check(0 <= b < n, "model.soft_router_blocks", self.soft_router_blocks, f"entries in [0, {n - 1}]")
+        check(self.num_experts >= 1, "model.num_experts", self.num_experts, ">= 1")
+        check(self.top_k in (1, 2), "model.top_k", self.top_k, "1 or 2 (what DeepSpeed's MoE supports)")
+        check(self.top_k <= self.num_experts, "model.top_k", self.top_k, f"<= num_experts={self.num_experts}")
+        check(
             self.ep_size >= 1 and self.num_experts % self.ep_size == 0,
-            f"ep_size={self.ep_size} must divide num_experts={self.num_experts}",
+            "model.ep_size",
+            self.ep_size,
+            f"a divisor of model.num_experts={self.num_experts}",
         )
-        need(self.max_text_len >= 3, f"max_text_len={self.max_text_len} must be >= 3 ([CLS] x [SEP])")
-        need(0.0 <= self.drop_path_rate < 1.0, f"drop_path_rate={self.drop_path_rate} must be in [0, 1)")
+        check(self.max_text_len >= 3, "model.max_text_len", self.max_text_len, ">= 3 ([CLS] x [SEP])")
+        check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", self.drop_path_rate, "in [0, 1)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -110,7 +114,7 @@ class EVEConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"model config: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+            raise ConfigError(f"model config: unknown key(s) {unknown}; valid keys: {sorted(names)}")
         return cls(**d)
 
 
@@ -158,5 +162,5 @@ FLAVORS = {"eve_tiny": eve_tiny, "eve_base": eve_base, "eve_large": eve_large}
 
 def get_config(name: str, **overrides) -> EVEConfig:
     if name not in FLAVORS:
-        raise ValueError(f"unknown model flavor {name!r}; choose one of {sorted(FLAVORS)}")
+        raise ConfigError(f"model.flavor={name!r} is invalid: expected one of {sorted(FLAVORS)}")
     return FLAVORS[name](**overrides)

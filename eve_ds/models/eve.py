@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -10,7 +11,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from eve_ds.models.config import EVEConfig
-from eve_ds.models.layers import Block, SoftRouterFFN, Tokens
+from eve_ds.models.layers import Block, SoftRouterFFN, Tokens, init_weights
+from eve_ds.models.weights import load_state_dict_strict, read_native_export
 
 
 @dataclass
@@ -63,7 +65,7 @@ class EVEModel(nn.Module):
         experts = {id(m) for b in self.blocks if b.soft for m in b.ffn.moe.local_experts.modules()}
         for m in self.modules():
             if id(m) not in experts:
-                self._init_weights(m)
+                init_weights(m, cfg.init_std)
         for p in (self.cls_token, self.pos_embed, self.text_pos_embed, self.mask_token):
             if p is not None:
                 trunc_normal_(p, std=cfg.init_std)
@@ -71,22 +73,14 @@ class EVEModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu") -> EVEModel:
-        """The encoder of a native export, a DeepSpeed checkpoint tag or a run directory (its latest
-        checkpoint), gathered to ep_size=1, in eval mode. See `eve_ds.convert`."""
-        from eve_ds.convert import load_encoder  # the converter reads checkpoints; the model does not
-
-        return load_encoder(path, device)
-
-    def _init_weights(self, m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=self.cfg.init_std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            trunc_normal_(m.weight, std=self.cfg.init_std)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        """The encoder of a native export (`eve-convert export`), ep_size=1, in eval mode. DeepSpeed
+        checkpoints and run directories: `eve_ds.convert.load_encoder`."""
+        sd, cfg = read_native_export(path)
+        enc = {k.removeprefix("encoder."): v for k, v in sd.items() if k.startswith("encoder.")}
+        model_cfg = EVEConfig.from_dict({k: v for k, v in cfg["model"].items() if k != "flavor"})
+        model = cls(dataclasses.replace(model_cfg, ep_size=1), image_mask_token="mask_token" in enc)
+        load_state_dict_strict(model, enc, str(path))
+        return model.to(device).eval()
 
     def init_experts(self, ep_rank: int) -> None:
         """(Re)initialise this rank's experts; global expert g gets the same weights for any ep_size."""

@@ -10,6 +10,7 @@ from timm.models.vision_transformer import Block as ViTBlock
 from torch import Tensor, nn
 
 from eve_ds.models.config import EVEConfig
+from eve_ds.models.layers import init_weights
 
 
 class MLMHead(nn.Module):
@@ -22,7 +23,7 @@ class MLMHead(nn.Module):
         self.act = nn.GELU()
         self.norm = nn.LayerNorm(h, eps=1e-12)
         self.decoder = nn.Linear(h, cfg.vocab_size)
-        self.apply(lambda m: _init(m, cfg.init_std))
+        self.apply(lambda m: init_weights(m, cfg.init_std))
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (T, D) hidden states of masked positions only -> (T, V) logits."""
@@ -50,7 +51,7 @@ class PixelDecoder(nn.Module):
         )
         self.norm = nn.LayerNorm(w, eps=1e-6)
         self.pred = nn.Linear(w, cfg.patch_size**2 * cfg.in_chans)
-        self.apply(lambda m: _init(m, cfg.init_std))
+        self.apply(lambda m: init_weights(m, cfg.init_std))
         trunc_normal_(self.mask_token, std=cfg.init_std)
         trunc_normal_(self.pos_embed, std=cfg.init_std)
 
@@ -67,13 +68,3 @@ class PixelDecoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.pred(self.norm(x))[:, 1:]
-
-
-def _init(m: nn.Module, std: float) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=std)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)

@@ -6,11 +6,23 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import Tensor, nn
 
 from eve_ds.models.config import EVEConfig
 from eve_ds.models.moe import IMAGE, TEXT, ModalityMoE
+
+
+def init_weights(m: nn.Module, std: float) -> None:
+    """BEiT/MAE initialisation of one module: truncated normal for Linear and Embedding weights, zero
+    biases, unit LayerNorm (use with `module.apply`)."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        trunc_normal_(m.weight, std=std)
+    if isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
 
 
 @dataclass

@@ -13,6 +13,7 @@ makes the encoder own a learned image mask token (``EVEModel(image_mask_token=Tr
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,6 +22,8 @@ from torch import Tensor, nn
 
 from eve_ds.models.config import EVEConfig
 from eve_ds.models.eve import EncoderOutput, EVEModel
+from eve_ds.models.weights import load_state_dict_strict, read_native_export
+from eve_ds.utils.config import check
 
 OBJECTIVES: dict[str, Callable[[EVEConfig, ObjectiveConfig], nn.Module]] = {}
 
@@ -35,13 +38,17 @@ def register_objective(name: str):
 
 @dataclass
 class ObjectiveConfig:
-    """Pre-training task set and its hyper-parameters; defaults are the paper's (EVE = MLM + MIM-pixel)."""
+    """Pre-training task set and its hyper-parameters ([paper]: EVE Sec. 3-4; [ours]: this project's)."""
 
-    objectives: list[str] = field(default_factory=lambda: ["mlm", "mim_pixel"])
-    text_mask_ratio: float = 0.5  # MLM: fraction of real text tokens masked
-    image_mask_ratio: float = 0.75  # MIM: fraction of patches masked (25% enter the encoder)
-    aux_loss_weight: float = 0.001  # α of the load-balancing loss (eq. 7)
-    norm_pix_loss: bool = False  # MAE's per-patch normalised target; the paper reconstructs raw pixels
+    objectives: list[str] = field(default_factory=lambda: ["mlm", "mim_pixel"])  # [paper] MSM
+    text_mask_ratio: float = 0.5  # [paper] MLM: fraction of real text tokens masked
+    image_mask_ratio: float = 0.75  # [paper] MIM: fraction of patches masked (25% enter the encoder)
+    aux_loss_weight: float = 0.001  # [paper] α of the load-balancing loss (eq. 7)
+    # How the load-balancing losses of one step are combined before α: "mean" over every soft-router call
+    # (each soft block in each encoder pass) as the official EVE code does, or "sum" (the effective α is
+    # then multiplied by blocks x passes: 4 for Base MSM, 6 for Large). The paper does not say.
+    aux_loss_reduction: str = "mean"  # [official code]
+    norm_pix_loss: bool = False  # [paper] raw pixels (MAE's per-patch normalised target when true)
     mask_token_id: int = 103  # [MASK] in the BERT uncased vocabulary
     # Baselines for the Table 1 benchmark (ITC / ITM / MIM with visual-token targets).
     itc_embed_dim: int = 256
@@ -52,31 +59,42 @@ class ObjectiveConfig:
 
     def validate(self) -> None:
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
-        if unknown or not self.objectives:
-            raise ValueError(f"objective.objectives: unknown {unknown}; choose from {sorted(OBJECTIVES)}")
+        check(
+            bool(self.objectives) and not unknown,
+            "objective.objectives",
+            self.objectives,
+            f"a non-empty list of {sorted(OBJECTIVES)} (unknown {unknown})",
+        )
         for i, name in enumerate(self.objectives):
             for req in getattr(OBJECTIVES[name], "requires", ()):
-                if req not in self.objectives[:i]:
-                    raise ValueError(
-                        f"objective.objectives={self.objectives}: {name} needs {req} listed "
-                        f"before it (it reads {req}'s results), e.g. [..., {req}, {name}]"
-                    )
-        if self.mim_token_masking not in ("block", "random"):
-            raise ValueError(
-                f"objective.mim_token_masking={self.mim_token_masking!r}: choose block or random"
-            )
+                check(
+                    req in self.objectives[:i],
+                    "objective.objectives",
+                    self.objectives,
+                    f"{req} listed before {name} (it reads {req}'s results), e.g. [..., {req}, {name}]",
+                )
+        check(
+            self.mim_token_masking in ("block", "random"),
+            "objective.mim_token_masking",
+            self.mim_token_masking,
+            "block or random",
+        )
         for key in ("text_mask_ratio", "image_mask_ratio", "mim_token_mask_ratio"):
-            v = getattr(self, key)
-            if not 0.0 < v < 1.0:
-                raise ValueError(f"objective.{key}={v} must be in (0, 1)")
-        if self.aux_loss_weight < 0:
-            raise ValueError(f"objective.aux_loss_weight={self.aux_loss_weight} must be >= 0")
+            check(0.0 < getattr(self, key) < 1.0, f"objective.{key}", getattr(self, key), "in (0, 1)")
+        check(self.aux_loss_weight >= 0, "objective.aux_loss_weight", self.aux_loss_weight, ">= 0")
+        check(
+            self.aux_loss_reduction in ("mean", "sum"),
+            "objective.aux_loss_reduction",
+            self.aux_loss_reduction,
+            "mean or sum",
+        )
 
 
 class PretrainingModel(nn.Module):
     """The shared encoder plus a set of objectives; ``forward(batch)`` -> dict of losses and metrics.
 
-    ``loss`` = Σ objective ``*_loss`` + α · Σ (load-balancing loss of every soft-router call).
+    ``loss`` = Σ objective ``*_loss`` + α · (mean or sum of the load-balancing losses of every soft-router
+    call, `aux_loss_reduction`).
     """
 
     def __init__(self, model_cfg: EVEConfig, obj_cfg: ObjectiveConfig) -> None:
@@ -89,11 +107,13 @@ class PretrainingModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu") -> PretrainingModel:
-        """Encoder and objective heads of a native export, a DeepSpeed checkpoint tag or a run directory,
-        gathered to ep_size=1, in eval mode."""
-        from eve_ds.convert import load_pretraining_model
-
-        return load_pretraining_model(path, device)[0]
+        """Encoder and objective heads of a native export (`eve-convert export`), ep_size=1, in eval mode.
+        DeepSpeed checkpoints and run directories: `eve_ds.convert.load_pretraining_model`."""
+        sd, cfg = read_native_export(path)
+        model_cfg = EVEConfig.from_dict({k: v for k, v in cfg["model"].items() if k != "flavor"})
+        model = cls(dataclasses.replace(model_cfg, ep_size=1), ObjectiveConfig(**cfg.get("objective", {})))
+        load_state_dict_strict(model, sd, str(path))
+        return model.to(device).eval()
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
@@ -104,6 +124,8 @@ class PretrainingModel(nn.Module):
             calls.extend(res.pop("encoder_outputs"))
             out.update(res)
         aux = torch.stack([c.aux_loss for c in calls]).sum()
+        if self.obj_cfg.aux_loss_reduction == "mean":
+            aux = aux / max(1, sum(len(c.expert_counts) for c in calls))  # one term per soft-router call
         out["aux_loss"] = self.obj_cfg.aux_loss_weight * aux
         out["loss"] = sum(v for k, v in out.items() if k.endswith("_loss"))
         counts: dict[int, Tensor] = {}

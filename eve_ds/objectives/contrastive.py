@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from eve_ds.models.config import EVEConfig
 from eve_ds.models.eve import EVEModel
+from eve_ds.models.layers import init_weights
 from eve_ds.objectives.base import ObjectiveConfig, register_objective
 
 
@@ -62,8 +63,7 @@ class ImageTextContrastive(nn.Module):
         self.image_proj = nn.Linear(d, e)
         self.text_proj = nn.Linear(d, e)
         for m in (self.image_proj, self.text_proj):
-            trunc_normal_(m.weight, std=model_cfg.init_std)
-            nn.init.zeros_(m.bias)
+            init_weights(m, model_cfg.init_std)
         # Shape (1,), not (): DeepSpeed broadcasts parameters as byte views, which 0-d tensors cannot take.
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / obj_cfg.itc_init_temperature)))
         # The data-parallel group to gather over; None = the default (world) group. Set from outside.

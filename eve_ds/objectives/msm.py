@@ -12,6 +12,7 @@ from eve_ds.models.eve import EVEModel
 from eve_ds.models.heads import MLMHead, PixelDecoder
 from eve_ds.objectives.base import ObjectiveConfig, register_objective
 from eve_ds.objectives.masking import mask_patches, mask_text, patchify
+from eve_ds.utils.image import normalize_image
 
 
 @register_objective("mlm")
@@ -51,9 +52,11 @@ class MaskedImageModeling(nn.Module):
         self.cfg, self.model_cfg = obj_cfg, model_cfg
         self.decoder = PixelDecoder(model_cfg)
 
-    def target(self, image: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, P, p*p*C) pixels (normalised per patch with norm_pix_loss, as in MAE)."""
-        t = patchify(image.float(), self.model_cfg.patch_size)
+    def target(self, batch: dict) -> Tensor:
+        """(B, P, p*p*C) float32 pixels (normalised per patch with norm_pix_loss, as in MAE), computed from
+        the uint8 `pixels` when the batch has them, so that a bf16 run's target is not bf16-rounded."""
+        image = normalize_image(batch["pixels"]) if "pixels" in batch else batch["image"].float()
+        t = patchify(image, self.model_cfg.patch_size)
         if self.cfg.norm_pix_loss:
             mean, var = t.mean(-1, keepdim=True), t.var(-1, keepdim=True)
             t = (t - mean) / (var + 1e-6) ** 0.5
@@ -66,7 +69,7 @@ class MaskedImageModeling(nn.Module):
         )
         enc = encoder(image, batch["text_ids"], batch["text_mask"], keep_ids=keep_ids)
         pred = self.decoder(enc.image, ids_restore).float()  # (B, P, p*p*C)
-        per_patch = (pred - self.target(image)).pow(2).mean(-1)  # (B, P)
+        per_patch = (pred - self.target(batch)).pow(2).mean(-1)  # (B, P), float32
         return {
             "mim_loss": (per_patch * mask).sum() / mask.sum(),
             "encoder_outputs": [enc],

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from eve_ds.train.distributed import barrier
-from eve_ds.train.io import atomic_write_json, atomic_write_text
+from eve_ds.utils.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

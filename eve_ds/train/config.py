@@ -24,43 +24,54 @@ import yaml
 from eve_ds.data.config import DataConfig
 from eve_ds.models.config import FLAVORS, EVEConfig, get_config
 from eve_ds.objectives import ObjectiveConfig
+from eve_ds.utils.config import ConfigError, apply_override, check
+from eve_ds.utils.io import atomic_write_text
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+CONFIG_DIR = PACKAGE_DIR / "configs"  # run configs, package data
+DS_CONFIG_DIR = PACKAGE_DIR / "ds_configs"  # DeepSpeed configs, package data
 
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up then cosine decay (paper Sec. 4.1)."""
+    """AdamW, linear warm-up, then cosine decay. Sources: [paper] Sec. 4.1 / appendix of EVE; [ours] a
+    choice of this project (reason given); [BEiT] / [MAE] taken from those recipes."""
 
-    lr: float = 5e-4  # peak; 5e-4 for base, 2e-4 for large
-    min_lr: float = 1e-6  # end of the cosine
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-8
-    weight_decay: float = 0.05  # not applied to biases, norms, embeddings/tokens, layer scale, router bias
-    warmup_steps: int = 10_000
-    schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
-    grad_clip: float = 3.0  # 0 disables clipping
+    lr: float = 5e-4  # [paper] peak LR, Base 5e-4 (Large: 2e-4, in its config)
+    min_lr: float = 1e-6  # [ours] floor of the cosine; the paper says "cosine decay" only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # [paper]
+    eps: float = 1e-8  # [ours] PyTorch's AdamW default
+    weight_decay: float = 0.05  # [paper] value; which parameters are exempt: [BEiT/MAE] (train/engine.py)
+    warmup_steps: int = 10_000  # [paper]
+    schedule: str = "cosine"  # [paper] cosine | linear | constant (after warm-up)
+    grad_clip: float = 3.0  # [BEiT] 3.0; not stated in the paper; 0 disables clipping
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 480_000  # defines the schedule
+    max_steps: int = 480_000  # [paper] Base, 4M corpus; defines the schedule
     stop_after: int | None = None  # end this run after this step (with a checkpoint), schedule unchanged
-    global_batch_size: int = 2048  # = micro_batch_size x grad accumulation x data-parallel world size
-    micro_batch_size: int = 128  # per rank
+    global_batch_size: int = 2048  # [paper] = micro-batch x grad accumulation x data-parallel world size
+    micro_batch_size: int = 128  # [ours] per rank; adapted down to fit the layout
     seed: int = 0
-    ds_config: str = "zero2_bf16"  # a name in ds_configs/ or a path: ZeRO / precision / communication
+    ds_config: str = "zero2_bf16"  # a name in eve_ds/ds_configs/ or a JSON path: ZeRO, precision, comms
     checkpoint_every: int = 5000
     keep_last: int = 3
     eval_every: int = 10_000
     eval_batches: int = 50  # per rank; 0 = the whole validation set
     log_every: int = 50
-    init_from: str | None = None  # a BEiT v2 checkpoint (timm format) or a native EVE export
+    # Initial weights: a BEiT v2 checkpoint (timm format, or its `eve-convert import-beitv2` export), a
+    # native EVE export, a run dir or a DeepSpeed tag dir; "none" = from scratch. `${VAR}` is expanded.
+    # [paper] EVE starts from BEiT v2: the packaged base/large configs require it (see `init_problem`).
+    init_from: str | None = None
     grad_checkpointing: bool = False
     max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run
     dist_timeout_s: int = 600  # a collective that waits this long on a dead rank fails the run
     device: str = "auto"  # auto | cpu | cuda
+    # Bitwise-reproducible runs (ours): deterministic algorithms and one intra-op CPU thread. Without it a
+    # multi-threaded CPU run (or a GPU run) can differ from an identical one in the last bits, so a resumed
+    # run matches an uninterrupted one to float tolerance only.
+    deterministic: bool = False
 
 
 @dataclass
@@ -89,30 +100,30 @@ class RunConfig:
 
     def validate(self) -> None:
         t, o = self.train, self.optim
-        _check(t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1")
-        _check(t.stop_after is None or t.stop_after >= 1, "train.stop_after", t.stop_after, ">= 1 or null")
-        _check(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, ">= 1")
-        _check(t.global_batch_size >= 1, "train.global_batch_size", t.global_batch_size, ">= 1")
+        check(t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1")
+        check(t.stop_after is None or t.stop_after >= 1, "train.stop_after", t.stop_after, ">= 1 or null")
+        check(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, ">= 1")
+        check(t.global_batch_size >= 1, "train.global_batch_size", t.global_batch_size, ">= 1")
         for key in ("checkpoint_every", "eval_every", "log_every", "keep_last", "max_nonfinite_steps"):
-            _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), ">= 1")
-        _check(t.device in ("auto", "cpu", "cuda"), "train.device", t.device, "one of auto, cpu, cuda")
-        _check(o.lr > 0, "optim.lr", o.lr, "> 0")
-        _check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"in [0, optim.lr={o.lr}]")
-        _check(
+            check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), ">= 1")
+        check(t.device in ("auto", "cpu", "cuda"), "train.device", t.device, "one of auto, cpu, cuda")
+        check(o.lr > 0, "optim.lr", o.lr, "> 0")
+        check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"in [0, optim.lr={o.lr}]")
+        check(
             len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
             "optim.betas",
             o.betas,
             "two values in [0, 1)",
         )
-        _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
-        _check(
+        check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
+        check(
             o.schedule in ("cosine", "linear", "constant"),
             "optim.schedule",
             o.schedule,
             "one of cosine, linear, constant",
         )
-        _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
-        _check(
+        check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+        check(
             self.wandb.mode in ("online", "offline", "disabled"),
             "wandb.mode",
             self.wandb.mode,
@@ -121,15 +132,6 @@ class RunConfig:
         self.model.validate()
         self.objective.validate()
         self.data.validate()
-
-
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is invalid: expected {allowed}")
-
-
-class ConfigError(ValueError):
-    """A configuration key or value that cannot be used; the message names it."""
 
 
 # -- loading --------------------------------------------------------------------------------------------
@@ -160,20 +162,6 @@ def load_config(name_or_path: str = "eve_tiny_synthetic", overrides: list[str] |
     return from_dict(raw)
 
 
-def apply_override(raw: dict, item: str) -> None:
-    """`a.b.c=value` (value parsed as YAML: numbers, lists, null) into the nested dict `raw`."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form key=value")
-    key, value = item.split("=", 1)
-    parts = key.strip().split(".")
-    node = raw
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {p} is not a section")
-    node[parts[-1]] = yaml.safe_load(value)
-
-
 def from_dict(raw: dict) -> RunConfig:
     raw = dict(raw)
     model = dict(raw.pop("model", None) or {})
@@ -199,6 +187,7 @@ def from_dict(raw: dict) -> RunConfig:
     for key, cls in sections.items():
         kwargs[key] = _build(cls, raw.get(key) or {}, key)
     _expand_data_paths(kwargs["data"])
+    kwargs["train"].init_from = _init_path(kwargs["train"].init_from)
     cfg = RunConfig(**kwargs)
     try:
         cfg.validate()
@@ -210,19 +199,28 @@ def from_dict(raw: dict) -> RunConfig:
 
 
 def _expand_data_paths(data: DataConfig) -> None:
-    """Environment variables (e.g. ${EVE_DATA_ROOT}) and ~ in shard specs and the cache directory."""
+    """Environment variables (e.g. ${EVE_DATA_ROOT}) and ~ in shard specs and the cache directory. A path
+    with an unset variable is kept as written: `preflight.unset_variables` reports it at start-up and in
+    --dry-run, next to every other problem."""
 
-    def expand(value: str, key: str) -> str:
+    def expand(value: str) -> str:
         out = os.path.expanduser(os.path.expandvars(value))
-        if "$" in out:
-            raise ConfigError(f"{key}={value!r} uses an environment variable that is not set")
-        return out
+        return value if "$" in out else out
 
     for c in data.train:
-        c.shards = expand(c.shards, f"data.train[{c.name}].shards")
+        c.shards = expand(c.shards)
     if data.val:
-        data.val = expand(data.val, "data.val")
-    data.cache_dir = expand(data.cache_dir, "data.cache_dir")
+        data.val = expand(data.val)
+    data.cache_dir = expand(data.cache_dir)
+
+
+def _init_path(value: str | None) -> str | None:
+    """`none` -> None (from scratch); `${VAR}` and `~` expanded. An unset variable is kept as written:
+    `preflight.init_problem` reports it at start-up (and in --dry-run) with what to do."""
+    if value is None or value.strip().lower() in ("none", "null", ""):
+        return None
+    out = os.path.expanduser(os.path.expandvars(value))
+    return value if "$" in out else out
 
 
 def _reject_unknown(d: dict, cls: type, prefix: str, extra: tuple[str, ...]) -> None:
@@ -251,6 +249,8 @@ def _build(cls: type, d: dict, prefix: str) -> Any:
             kwargs[f.name] = _coerce(hints[f.name], d[f.name], f"{prefix}.{f.name}")
     try:
         return cls(**kwargs)
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix}: {e}") from e
 
@@ -301,6 +301,4 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    from eve_ds.train.io import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -13,12 +13,11 @@ import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
-from eve_ds.train.config import REPO_ROOT, ConfigError, RunConfig
+from eve_ds.train.config import DS_CONFIG_DIR, ConfigError, RunConfig
 
 logger = logging.getLogger(__name__)
 
-DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
-# ds_configs/*.json may hold only these: batch sizes, optimizer and schedule come from the run config.
+# eve_ds/ds_configs/*.json may hold only these: batch sizes, optimizer and schedule come from the run config.
 DS_ALLOWED_KEYS = {
     "bf16",
     "fp16",
@@ -84,7 +83,7 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
     ds = load_ds_file(cfg.train.ds_config)
     cfg.train.micro_batch_size = fit_micro_batch(cfg, world_size)
     if cfg.train.device == "cpu" and ds.get("bf16", {}).get("enabled"):
-        logger.warning("bf16 on CPU is slow and not what the CPU tests use; see ds_configs/zero2_cpu.json")
+        logger.warning("bf16 on CPU is slow and not what the CPU tests use; use train.ds_config=zero2_cpu")
     ds.update(
         train_batch_size=cfg.train.global_batch_size,
         train_micro_batch_size_per_gpu=cfg.train.micro_batch_size,
@@ -96,11 +95,23 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
     return ds
 
 
+# Parameters that are not weight matrices but tokens or tables (BEiT / MAE: `no_weight_decay()` of the model).
+NO_DECAY_NAMES = (
+    "cls_token",
+    "mask_token",
+    "pos_embed",
+    "text_pos_embed",
+    "relative_position_bias_table",
+    "modality_bias",
+)
+
+
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases, norms, 1-d scales (layer scale γ, router modality bias), embeddings, tokens and position
-    tables are exempt from weight decay, as in BEiT/MAE."""
-    keys = ("embed", "token", "relative_position_bias_table", "modality_bias")
-    return param.ndim <= 1 or any(k in name for k in keys)
+    """BEiT / MAE: no decay for biases, norm weights and other 1-d parameters (layer scale γ), the [CLS]
+    and mask tokens, position tables, relative-position bias tables and the router's modality biases.
+    Every weight matrix decays, the patch projection and the word embedding included (as in BEiT, MAE
+    and BERT)."""
+    return param.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -145,9 +156,3 @@ def build_engine(cfg: RunConfig, model: nn.Module, world_size: int, device: str)
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     return engine, optimizer, scheduler, ds_config
-
-
-def expert_parallel_rank(rank: int, ep_size: int) -> int:
-    """Rank within the expert-parallel group, as DeepSpeed lays groups out (consecutive ranks form one
-    expert-parallel group). Needed before `deepspeed.initialize`, which creates the groups."""
-    return rank % ep_size

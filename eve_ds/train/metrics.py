@@ -54,7 +54,7 @@ class MetricsWriter:
         """On resume: drop lines logged after the checkpoint's step (they will be logged again)."""
         if not self.enabled or not self.path.exists():
             return
-        from eve_ds.train.io import atomic_write_text
+        from eve_ds.utils.io import atomic_write_text
 
         keep = [
             line

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -12,7 +13,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from eve_ds.bench.flops import TextShape, flops_per_pair, peak_tflops
 from eve_ds.convert import resume_options
 from eve_ds.data import (
     batch_to_device,
@@ -21,15 +21,19 @@ from eve_ds.data import (
     ensure_synthetic_corpus,
     load_tokenizer,
 )
+from eve_ds.data.pipeline import mixture
 from eve_ds.objectives import PretrainingModel
+from eve_ds.objectives.flops import TextShape, flops_per_pair, peak_tflops
 from eve_ds.train import EXIT_PREEMPTED
 from eve_ds.train.checkpoint import CheckpointManager, latest_complete
-from eve_ds.train.config import RunConfig, save_config
+from eve_ds.train.config import ConfigError, RunConfig, save_config
 from eve_ds.train.distributed import all_reduce_max, barrier, init_distributed, resolve_device
-from eve_ds.train.engine import build_engine, expert_parallel_rank, fit_micro_batch, grad_accum_steps
-from eve_ds.train.evaluate import attribute_ids_if_synthetic, evaluate
-from eve_ds.train.io import atomic_write_json
+from eve_ds.train.engine import build_engine, fit_micro_batch, grad_accum_steps
 from eve_ds.train.metrics import MetricsWriter, setup_logging
+from eve_ds.train.preflight import start_problems
+from eve_ds.train.validation import attribute_ids_if_synthetic, evaluate
+from eve_ds.utils.io import atomic_write_json
+from eve_ds.utils.ranks import expert_parallel_rank
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +47,12 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        problems = start_problems(cfg)  # before anything costs time: data, engine, GPUs
+        if problems:
+            raise ConfigError("; ".join(problems))
         self.device = resolve_device(cfg.train.device)
+        if cfg.train.deterministic:
+            make_deterministic(self.device)
         self.denv = init_distributed(self.device, cfg.train.dist_timeout_s)
         self.rank, self.world = self.denv.rank, self.denv.world_size
         setup_logging(self.rank, self.run_dir)
@@ -133,6 +142,19 @@ class Trainer:
         logger.info("resumed from %s (step %d)", tag, self.state["step"])
         return True
 
+    def _log_mixture(self, corpora) -> None:
+        rows, steps = mixture(corpora, self.cfg.train.global_batch_size)
+        for r in rows:
+            logger.info(
+                "corpus %s: %d pairs in %d shards, weight %g -> %.1f%% of samples",
+                r["name"],
+                r["pairs"],
+                r["shards"],
+                r["weight"],
+                100 * r["fraction"],
+            )
+        logger.info("one epoch of the corpus union = %d steps", steps)
+
     def save(self) -> Path:
         eve_config = {
             "model": self.cfg.model.to_dict(),
@@ -190,11 +212,8 @@ class Trainer:
             outs.append(out)
         self.state["step"] = int(self.engine.global_steps)
         self.state["samples_seen"] += self.cfg.train.global_batch_size
-        keep = [
-            k
-            for k in outs[0]
-            if k.endswith("_loss") or k in ("loss", "mlm_acc") or k.startswith("expert_load")
-        ]
+        # Every scalar an objective reports (losses, accuracies, task metrics) and the expert loads.
+        keep = [k for k, v in outs[0].items() if is_scalar(v) or k.startswith("expert_load")]
         return {"lr": lr, **{k: sum(o[k].detach().float() for o in outs) / len(outs) for k in keep}}
 
     def _log(self, step: int, m: dict, window_samples: int, window_s: float) -> None:
@@ -222,7 +241,7 @@ class Trainer:
 
     def _mfu(self, samples_per_s: float) -> float | None:
         """Model FLOPs utilisation: pairs/s x FLOPs per pair / (peak bf16 FLOP/s x GPUs). The FLOP formula
-        (matmuls only, training = 3 x forward) is stated in eve_ds/bench/flops.py."""
+        (matmuls only, training = 3 x forward) is stated in eve_ds/objectives/flops.py."""
         peak = peak_tflops(torch.cuda.get_device_name())
         if peak is None:
             return None
@@ -297,6 +316,7 @@ class Trainer:
         )
         self.state["data_layout"] = loader.layout
         self.epoch_samples = loader.num_samples
+        self._log_mixture(loader.dataset.corpora)
         data_iter = iter(loader)
         if resumed:  # after iter(): creating the loader iterator draws from the torch RNG
             self.ckpt.load_rng(self.resume_from)
@@ -358,10 +378,22 @@ class Trainer:
             for line in path.read_text().splitlines():
                 rec = json.loads(line)
                 if "loss" in rec:
-                    last = {
-                        k: rec[k] for k in ("loss", "mlm_loss", "mim_loss", "aux_loss", "mlm_acc") if k in rec
-                    }
+                    last = {k: v for k, v in rec.items() if k == "loss" or k.endswith(("_loss", "_acc"))}
         return last
+
+
+def make_deterministic(device: str) -> None:
+    """Same inputs, same bits: deterministic kernels, and one CPU thread (the split of a reduction over
+    threads changes its rounding). cuBLAS needs a fixed workspace for deterministic matmuls."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    if device == "cpu":
+        torch.set_num_threads(1)
+
+
+def is_scalar(v) -> bool:
+    """A 0-d tensor: what the trainer and the evaluation average and log from an objective's outputs."""
+    return isinstance(v, torch.Tensor) and v.ndim == 0
 
 
 def _float(x) -> float | None:

@@ -1,6 +1,6 @@
-"""Where a training step's time goes, by model region and by operator (torch.profiler).
+"""`eve-profile`: where a training step's time goes, by model region and by operator (torch.profiler).
 
-    python -m eve_ds.bench.profile --model eve_base --batch-size 4 --task-set mlm,mim_pixel
+    eve-profile --model eve_base --batch-size 4 --task-set mlm,mim_pixel --device cuda
 
 Regions are labelled from outside the model (forward hooks open a `record_function` per module), so the
 model code stays free of profiling calls. Forward + backward of the plain module (no optimizer step).
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from eve_ds.bench.pretrain import BenchConfig, build_model, memory_batches
+from eve_ds.bench.table1 import BenchConfig, build_model, memory_batches
 from eve_ds.models.config import FLAVORS, get_config
 from eve_ds.models.heads import MLMHead, PixelDecoder
 from eve_ds.models.layers import Attention, HardRouterFFN, SoftRouterFFN
@@ -51,7 +51,7 @@ def label_regions(model: nn.Module) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="eve_ds.bench.profile", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="eve-profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="eve_tiny", choices=sorted(FLAVORS))
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--task-set", default="mlm,mim_pixel")

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from eve_ds.bench.flops import TextShape, flops_per_pair, peak_tflops
 from eve_ds.data.transforms import batch_to_device
 from eve_ds.models.config import EVEConfig, get_config
 from eve_ds.objectives import ObjectiveConfig, PretrainingModel
+from eve_ds.objectives.flops import TextShape, flops_per_pair, peak_tflops
 from eve_ds.objectives.mim_token import token_mim_mask
 
 logger = logging.getLogger(__name__)

@@ -14,12 +14,12 @@ import argparse
 import logging
 import sys
 
-from eve_ds.convert.checkpoint import ConvertError
+from eve_ds.convert.ds_checkpoint import ConvertError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="convert_ckpt.py",
+        prog="eve-convert",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         run(args)
-    except ConvertError as e:
-        print(f"convert_ckpt.py {args.cmd}: error: {e}", file=sys.stderr)
+    except (ConvertError, FileExistsError) as e:
+        print(f"eve-convert {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.dst}")
     return 0

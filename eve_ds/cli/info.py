@@ -23,24 +23,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 
 import torch
-import yaml
 
 from eve_ds.models.config import EVEConfig, get_config
+from eve_ds.objectives import ObjectiveConfig, PretrainingModel
+from eve_ds.utils.config import parse_override
 
 
 def parse_overrides(items: list[str]) -> dict:
     """``["model.ep_size=4", "top_k=1"]`` -> ``{"ep_size": 4, "top_k": 1}`` (values parsed as YAML)."""
     out = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r}: expected KEY=VALUE, e.g. model.ep_size=4")
-        key = key.removeprefix("model.")
-        out[key] = yaml.safe_load(value)
+        parts, value = parse_override(item)
+        out[".".join(parts).removeprefix("model.")] = value
     return out
 
 
@@ -95,8 +92,6 @@ def count_parameters(model) -> dict:
 
 def describe(name: str, overrides: dict | None = None) -> dict:
     """Resolved architecture and parameter counts of flavor ``name`` (with config overrides)."""
-    from eve_ds.objectives import ObjectiveConfig, PretrainingModel  # the library never imports objectives
-
     names = {f.name for f in dataclasses.fields(EVEConfig)}
     unknown = sorted(set(overrides or {}) - names)
     if unknown:
@@ -181,13 +176,6 @@ def _ranges(ids: list[int]) -> str:
     return ", ".join(out) or "-"
 
 
-def _deepspeed_logs_to_stderr() -> None:
-    """DeepSpeed's logger writes to stdout; keep stdout for the report (parseable with --json)."""
-    for handler in logging.getLogger("DeepSpeed").handlers:
-        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
-            handler.setStream(sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="eve-info",
@@ -203,7 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_intermixed_args(argv)
-    _deepspeed_logs_to_stderr()
     try:
         info = describe(args.name, parse_overrides(args.overrides))
     except ValueError as e:

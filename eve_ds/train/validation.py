@@ -1,13 +1,9 @@
 """Validation: MSM metrics on held-out shards with fixed masks, and for the synthetic corpus the MLM
-accuracy on attribute words next to the same accuracy with images shuffled across the batch.
-
-    eve-evaluate --checkpoint RUN_DIR|TAG_DIR|EXPORT_DIR --data SHARDS [--json]
-"""
+accuracy on attribute words next to the same accuracy with images shuffled across the batch
+(`eve-evaluate`, eve_ds/cli/evaluate.py, runs it on a checkpoint)."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 from collections import defaultdict
 
@@ -58,9 +54,9 @@ def evaluate(
             state = gen.get_state()
             out = model(batch, generator=gen)
             sums["n"] += b
-            for k in ("loss", "mlm_loss", "mim_loss", "aux_loss", "mlm_acc"):
-                if k in out:
-                    sums[k] += float(out[k]) * b
+            for k, v in out.items():
+                if isinstance(v, torch.Tensor) and v.ndim == 0:  # every scalar the objectives report
+                    sums[k] += float(v) * b
             if categories and "mlm_pred" in out:
                 gen.set_state(state)
                 shuffled = dict(batch, image=batch["image"].roll(1, 0))
@@ -75,12 +71,17 @@ def evaluate(
                         sums["attr_hit_shuffled" + suffix] += float(hit_s[is_c].sum())
     model.train(was_training)
     keys = sorted(sums)
-    totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:  # a rank without batches has fewer keys
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, keys)
+        keys = sorted(set().union(*every))
+    totals = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(totals)
     t = dict(zip(keys, totals.tolist()))
     n = max(t.get("n", 0.0), 1.0)
-    metrics = {k: t[k] / n for k in ("loss", "mlm_loss", "mim_loss", "aux_loss", "mlm_acc") if k in t}
+    counters = {"n"} | {k for k in t if k.startswith("attr_")}
+    metrics = {k: v / n for k, v in t.items() if k not in counters}
     metrics["num_samples"] = int(t.get("n", 0))
     for suffix in suffixes:
         if "attr_n" + suffix in t:
@@ -98,56 +99,3 @@ def attribute_ids_if_synthetic(data_cfg, tokenizer) -> dict[str, list[int]] | No
     from eve_ds.data.synthetic import attribute_token_ids
 
     return attribute_token_ids(tokenizer)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from eve_ds.convert import load_pretraining_model
-    from eve_ds.data import build_val_loader, load_tokenizer
-    from eve_ds.data.config import DataConfig
-    from eve_ds.train.metrics import setup_logging
-
-    p = argparse.ArgumentParser(prog="eve-evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="run dir, DeepSpeed tag dir or native export dir")
-    p.add_argument("--data", required=True, help="brace-expanded validation shard spec")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-batches", type=int, default=0, help="0 = the whole set")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument(
-        "--synthetic",
-        action="store_true",
-        help="also report attribute-word accuracy (synthetic corpus); default: from the config",
-    )
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    args = p.parse_args(argv)
-    setup_logging(0)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, config = load_pretraining_model(args.checkpoint, device=device)
-    run = config.get("run") or {}
-    data_cfg = run.get("data") or {}
-    tokenizer = load_tokenizer(data_cfg.get("tokenizer", "bert-base-uncased"))
-    synthetic = args.synthetic or bool(data_cfg.get("synthetic", False))
-    attr_ids = (
-        attribute_ids_if_synthetic(DataConfig(train=[], synthetic=True), tokenizer) if synthetic else None
-    )
-    mcfg = model.model_cfg
-    loader = build_val_loader(
-        args.data,
-        image_size=mcfg.image_size,
-        max_text_len=mcfg.max_text_len,
-        batch_size=args.batch_size,
-        tokenizer=tokenizer,
-    )
-    metrics = evaluate(
-        model, loader, device=device, seed=args.seed, max_batches=args.max_batches, attr_token_ids=attr_ids
-    )
-    if args.json:
-        print(json.dumps(metrics, sort_keys=True))
-    else:
-        for k, v in metrics.items():
-            print(f"{k:32s} {v}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

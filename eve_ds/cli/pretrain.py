@@ -1,13 +1,15 @@
-"""`eve-pretrain` / `python -m eve_ds.train`: pre-train EVE.
+"""`eve-pretrain` / `python -m eve_ds.cli.pretrain`: pre-train EVE.
 
 eve-pretrain                                   # tiny model, synthetic corpus, CPU: a first run
 eve-pretrain --config eve_base_4m --run-dir runs/base optim.lr=4e-4 model.ep_size=8
-torchrun --nproc_per_node 2 -m eve_ds.train model.ep_size=2
+eve-pretrain --config eve_base_4m --dry-run --json --world-size 16     # preflight, no training
+torchrun --nproc_per_node 2 -m eve_ds.cli.pretrain model.ep_size=2
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -36,8 +38,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run directory (default: runs/<config name>); an existing "
         "one is resumed from its latest checkpoint",
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, corpora, shards, init checkpoint and layout without training; "
+        "exit 0 when the run would start, 2 with every problem listed",
+    )
+    p.add_argument("--json", action="store_true", help="with --dry-run: print one JSON object")
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="with --dry-run: the world size to check (default: WORLD_SIZE, SLURM_NTASKS or 1)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p.parse_args(argv)
+
+
+def dry_run(cfg, args: argparse.Namespace) -> int:
+    from eve_ds.train.preflight import format_report, preflight, world_size_from_env
+
+    report = preflight(cfg, args.world_size or world_size_from_env())
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 2 if report["problems"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,12 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"eve-pretrain: config error: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        return dry_run(cfg, args)
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
+    from eve_ds.convert import ConvertError
     from eve_ds.train.trainer import NonFiniteLossError, Trainer
 
     try:
         return Trainer(cfg, run_dir).train()
-    except ConfigError as e:
+    except (ConfigError, ConvertError) as e:
         print(f"eve-pretrain: config error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:

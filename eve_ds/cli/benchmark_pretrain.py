@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from eve_ds.bench.pretrain import DEFAULT_TASK_SETS, BenchConfig, RowResult, run_benchmark, with_ratios
 from eve_ds.bench.report import meta_info, task_label, to_json, to_markdown
+from eve_ds.bench.table1 import DEFAULT_TASK_SETS, BenchConfig, RowResult, run_benchmark, with_ratios
 from eve_ds.models.config import FLAVORS
 
 logger = logging.getLogger("eve_ds.bench")

@@ -1,0 +1,74 @@
+"""Convert image-caption annotations into webdataset shards with a manifest.
+
+    python tools/make_shards.py --format coco --input annotations/captions_train2014.json \
+        --image-root coco/ --output shards/coco --exclude test_images.txt --workers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from eve_ds.data.sources import FORMATS, make_shards
+from eve_ds.data.writer import summary
+
+log = logging.getLogger("make_shards")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--input", required=True, help="annotation file (JSON list, COCO JSON, CSV/TSV)")
+    p.add_argument("--image-root", default=".", help="directory the image paths are relative to")
+    p.add_argument("--output", required=True, help="directory for shard-NNNNNN.tar and manifest.json")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--exclude", help="file of image paths or basenames to leave out, one a line")
+    p.add_argument("--source", help="source name stored with each sample (default: input file stem)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument("--resize-short-side", type=int, help="re-encode images larger than this (e.g. 384)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle before sharding")
+    p.add_argument("--image-column", default="image", help="csv: column of image paths")
+    p.add_argument("--caption-column", default="caption", help="csv: column of captions")
+    p.add_argument("--delimiter", help="csv: field delimiter (default: tab for .tsv, else comma)")
+    args = p.parse_args(argv)
+    if args.samples_per_shard < 1 or args.workers < 1:
+        p.error("--samples-per-shard and --workers must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    csv_options = (
+        {
+            "image_column": args.image_column,
+            "caption_column": args.caption_column,
+            "delimiter": args.delimiter,
+        }
+        if args.format == "csv"
+        else None
+    )
+    try:
+        manifest = make_shards(
+            args.format,
+            args.input,
+            args.image_root,
+            args.output,
+            samples_per_shard=args.samples_per_shard,
+            exclude=args.exclude,
+            source=args.source,
+            workers=args.workers,
+            resize_short_side=args.resize_short_side,
+            seed=args.seed,
+            csv_options=csv_options,
+        )
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        log.error("cannot convert %s: %s", args.input, e)
+        return 2
+    log.info("%s: %s", args.output, summary(manifest))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,3 +1,0 @@
-from eve_ds.train.cli import main
-
-raise SystemExit(main())
