@@ -33,6 +33,7 @@ setup(
     entry_points={
         "console_scripts": [
             "eve-pretrain=eve_ds.cli.pretrain:main",
+            "eve-finetune=eve_ds.cli.finetune:main",
             "eve-evaluate=eve_ds.cli.evaluate:main",
             "eve-info=eve_ds.cli.info:main",
             "eve-convert=eve_ds.cli.convert_ckpt:main",

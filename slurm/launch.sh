@@ -98,6 +98,19 @@ run_tasks() {
     return "$rc"
 }
 
+# `eve-pretrain --dry-run` in the batch shell, before srun: a missing shard, init checkpoint or a bad
+# layout costs seconds, not an allocation. Exit 2 (no requeue) with every problem in the log.
+preflight() {
+    [[ ${EVE_SKIP_PREFLIGHT:-0} == 1 ]] && return 0
+    local rc=0
+    "${EVE_PYTHON:-python}" -m eve_ds.cli.pretrain --config "$CONFIG" --run-dir "$RUN_DIR" --dry-run \
+        --world-size "$SLURM_NTASKS" "${TRAIN_ARGS[@]}" 2>&1 | tee -a "$LOG" || rc=$?
+    if ((rc != 0)); then
+        log "preflight failed (exit $rc): nothing was started; fix the problems above and resubmit"
+        exit 2
+    fi
+}
+
 # Decide what a finished srun means for the job: done, requeue, or give up.
 finish() {
     local rc=$1 restarts=${SLURM_RESTART_COUNT:-0} max=${EVE_MAX_RESTARTS:-20}
@@ -148,6 +161,7 @@ main() {
     log "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: config $CONFIG, run dir $RUN_DIR"
     log "nodes $SLURM_JOB_NODELIST, $SLURM_NTASKS tasks x ${SLURM_CPUS_PER_TASK:-1} cpus, master $MASTER_ADDR:$MASTER_PORT"
     log "trainer args: ${TRAIN_ARGS[*]}"
+    preflight
     local rc=0
     run_tasks || rc=$?
     finish "$rc"

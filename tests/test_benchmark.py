@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
-from eve_ds.bench.cli import main, parse_task_sets
-from eve_ds.bench.flops import TextShape, flops_per_pair, peak_tflops
-from eve_ds.bench.pretrain import DEFAULT_TASK_SETS, search_max_batch
+from eve_ds.bench.table1 import DEFAULT_TASK_SETS, search_max_batch
+from eve_ds.cli.benchmark_pretrain import main, parse_task_sets
 from eve_ds.models.config import get_config
 from eve_ds.objectives import ObjectiveConfig
+from eve_ds.objectives.flops import TextShape, flops_per_pair, peak_tflops
 
 ROW_FIELDS = {
     "task_set",
@@ -20,6 +21,13 @@ ROW_FIELDS = {
     "ratio_to_msm",
     "gflops_per_pair",
     "mfu",
+}
+LOSS_KEY = {
+    "mlm": "mlm_loss",
+    "mim_pixel": "mim_loss",
+    "mim_token": "mim_token_loss",
+    "itc": "itc_loss",
+    "itm": "itm_loss",
 }
 
 
@@ -38,7 +46,8 @@ def test_quick_cpu_smoke(tmp_path):
         assert r["max_micro_batch"] == 4 and r["mfu"] is None
         assert r["pairs_per_s"] > 0 and r["gflops_per_pair"] > 0
         assert r["hours_per_epoch"] == pytest.approx(10_000_000 / (r["pairs_per_s"] * 8) / 3600)
-        assert all(v == v for v in r["losses"].values())  # finite, not NaN
+        assert {"loss", *(LOSS_KEY[t] for t in r["task_set"])} <= set(r["losses"]), r["losses"]
+        assert all(math.isfinite(v) for v in r["losses"].values()), r["losses"]
     msm = next(r for r in d["rows"] if r["task_set"] == ["mlm", "mim_pixel"])
     assert msm["ratio_to_msm"] == 1.0
     full = next(r for r in d["rows"] if r["task_set"] == ["mlm", "itc", "itm", "mim_pixel"])

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_batch
 
+from eve_ds.cli.convert_ckpt import main as convert_main
 from eve_ds.convert import (
-    ConvertError,
     export,
     import_beitv2,
     load_encoder,
@@ -28,7 +29,6 @@ from eve_ds.convert import (
     resume_options,
 )
 from eve_ds.convert.beit import beitv2_to_eve, load_init_weights
-from eve_ds.cli.convert_ckpt import main as convert_main
 from eve_ds.models.config import get_config
 from eve_ds.models.eve import EVEModel
 from eve_ds.objectives.base import PretrainingModel
@@ -64,13 +64,7 @@ def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def fixed_batch() -> dict:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 2000, (2, 12), generator=g)
-    ids[:, 0] = 101
-    mask = torch.ones(2, 12, dtype=torch.long)
-    mask[1, 9:] = 0
-    ids[1, 9:] = 0
-    return {"image": torch.randn(2, 3, 64, 64, generator=g), "text_ids": ids, "text_mask": mask}
+    return make_batch(get_config("eve_tiny"), B=2, L=12)
 
 
 def msm_metrics(model) -> dict[str, float]:

@@ -19,6 +19,7 @@ from eve_ds.data.pipeline import load_corpus
 from eve_ds.data.synthetic import make_synthetic_corpus
 from eve_ds.data.transforms import normalize_image, train_transform
 from eve_ds.data.writer import ShardStats, make_manifest, write_tar
+from eve_ds.train.config import from_dict
 
 IMAGE = 32
 
@@ -336,6 +337,6 @@ def test_config_validation_names_the_key():
     with pytest.raises(ValueError, match="crop_scale"):
         DataConfig(synthetic=True, crop_scale=[0.5, 1.5])
     with pytest.raises(ValueError, match=r"data.train=.*at least one corpus"):
-        DataConfig()
+        from_dict({"model": {"flavor": "eve_tiny"}, "data": {"synthetic": False}})
     cfg = DataConfig(train=[{"name": "coco", "shards": "x-{0..3}.tar", "weight": 2}], crop_scale=[0.4, 1.0])
     assert cfg.train[0] == CorpusConfig("coco", "x-{0..3}.tar", 2.0) and cfg.crop_scale == (0.4, 1.0)

@@ -6,12 +6,12 @@ import importlib.util
 import io
 import json
 import os
-import tarfile
 
 import pytest
+from conftest import read_tars
 from PIL import Image
 
-from eve_ds.data.convert import make_shards
+from eve_ds.data.sources import make_shards
 
 
 def load_tool(name: str):
@@ -28,18 +28,6 @@ make_shards_tool = load_tool("make_shards")
 
 def jpeg(path, size=(16, 12), colour=(200, 30, 30), mode="RGB", fmt="JPEG"):
     Image.new(mode, size, colour if mode != "L" else 128).save(path, format=fmt)
-
-
-def read_tars(out: str) -> dict[str, dict[str, bytes]]:
-    """{key: {ext: bytes}} over all shards in `out`."""
-    samples = {}
-    for name in sorted(os.listdir(out)):
-        if name.endswith(".tar"):
-            with tarfile.open(os.path.join(out, name)) as tar:
-                for m in tar.getmembers():
-                    key, ext = m.name.split(".", 1)
-                    samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return samples
 
 
 @pytest.fixture

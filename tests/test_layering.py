@@ -55,7 +55,9 @@ def test_layers_import_only_downwards():
 
 def test_rule_checker_sees_lazy_imports(tmp_path):
     f = tmp_path / "m.py"
-    f.write_text("def load():\n    from eve_ds.convert import load_encoder\n    import eve_ds.train.trainer\n")
+    f.write_text(
+        "def load():\n    from eve_ds.convert import load_encoder\n    import eve_ds.train.trainer\n"
+    )
     assert eve_imports(f) == {"convert", "train"}
 
 

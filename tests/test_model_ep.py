@@ -1,5 +1,7 @@
-"""Expert parallelism is exact: eve_tiny (4 experts) with ep_size=2 over two gloo processes, through
-``deepspeed.initialize``, gives the outputs, losses and gradients of ep_size=1 in one process.
+"""Expert parallelism is exact: eve_tiny (4 experts) with ep_size=2 over two gloo processes, through the
+trainer's own engine builder (`eve_ds.train.engine.build_engine`: merged DeepSpeed config, AdamW with the
+weight-decay and expert parameter groups, LR schedule, ``deepspeed.initialize``), gives the outputs, losses,
+gradients and first AdamW step of ep_size=1 in one process.
 
 Rank r runs its own batch b_r with mask generator seed 1000 + r; the reference runs ep_size=1 on b_0 and b_1
 separately with the same seeds. Gradients are compared with those of mean(L_0, L_1), which is what data
@@ -11,47 +13,63 @@ Expert weights map between the layouts as global expert g = ep_rank * n_local + 
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port, make_batch
 
-from eve_ds.models.config import eve_tiny
-from eve_ds.objectives import ObjectiveConfig, PretrainingModel
+from eve_ds.objectives import PretrainingModel
+from eve_ds.train.config import RunConfig, load_config
+from eve_ds.train.engine import build_engine, no_weight_decay
 
 EP, SEED, STAGES = 2, 11, (0, 2)
 # Gradient clipping per ZeRO stage. ZeRO-2 clips with the exact global norm (experts of all ranks included),
-# so the step is checked with DeepSpeed's default max norm 1.0 (active: the gradient norm is ~9). ZeRO-0's
-# fp32 path (deepspeed.runtime.utils.clip_grad_norm_) averages the per-rank norms instead, which is not the
-# global norm under expert parallelism, so the ZeRO-0 step is checked with clipping off.
+# so the step is checked with max norm 1.0 (active: the gradient norm is ~9). ZeRO-0's fp32 path
+# (deepspeed.runtime.utils.clip_grad_norm_) averages the per-rank norms instead, which is not the global
+# norm under expert parallelism, so the ZeRO-0 step is checked with clipping off.
 CLIP = {0: 0.0, 2: 1.0}
-pytestmark = pytest.mark.slow
+# AdamW's first step moves a parameter by -lr * (wd * p + g / (|g| + eps)). With the default eps=1e-8 that
+# is lr * sign(g) for all but the tiniest gradients, and the float noise of a near-zero gradient could flip
+# it; eps=1 keeps the step a smooth function of g (|d step / d g| <= lr), so 1e-5 agreement of the
+# gradients carries over to the step. lr=1 and the recipe's weight decay make both terms large.
+LR, EPS, WD = 1.0, 1.0, 0.05
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
-def config(ep_size: int):
-    return eve_tiny(num_experts=4, ep_size=ep_size, drop_path_rate=0.0)
+def run_config(ep_size: int, stage: int, tmp: str) -> RunConfig:
+    """The run config of a 2-sample-per-rank eve_tiny step with ZeRO `stage` (0: a JSON file in `tmp`)."""
+    if stage == 0:
+        ds_config = os.path.join(tmp, "zero0_fp32.json")
+        with open(ds_config, "w") as f:
+            json.dump({"zero_optimization": {"stage": 0}}, f)
+    else:
+        ds_config = "zero2_cpu"  # the packaged file the CPU runs use
+    return load_config(
+        "eve_tiny_synthetic",
+        [
+            "model.num_experts=4",
+            f"model.ep_size={ep_size}",
+            "model.drop_path_rate=0.0",
+            f"train.global_batch_size={2 * EP}",
+            "train.micro_batch_size=2",
+            f"train.ds_config={ds_config}",
+            f"optim.lr={LR}",
+            f"optim.eps={EPS}",
+            f"optim.weight_decay={WD}",
+            f"optim.grad_clip={CLIP[stage]}",
+            "optim.warmup_steps=0",  # the first step uses the peak LR
+        ],
+    )
 
 
-def make_batch(cfg, rank: int) -> dict:
-    g = torch.Generator().manual_seed(100 + rank)
-    B, L = 2, 10
-    ids = torch.randint(200, 2000, (B, L), generator=g)
-    mask = torch.ones(B, L, dtype=torch.long)
-    ids[:, 0], ids[0, -1] = 101, 102
-    ids[1, 6], ids[1, 7:], mask[1, 7:] = 102, 0, 0  # sample 1 padded
-    return {
-        "image": torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g),
-        "text_ids": ids,
-        "text_mask": mask,
-    }
-
-
-def build(ep_size: int, ep_rank: int) -> PretrainingModel:
+def build(cfg: RunConfig, ep_rank: int) -> PretrainingModel:
+    """The model as the trainer builds it: seeded non-expert weights, then this rank's experts."""
     torch.manual_seed(SEED)
-    model = PretrainingModel(config(ep_size), ObjectiveConfig())
+    model = PretrainingModel(cfg.model, cfg.objective)
     model.init_experts(ep_rank)
     return model
 
@@ -76,13 +94,8 @@ def step_outputs(model, batch, rank: int, forward) -> dict:
     return {"out": out, "values": keep, "hidden": hidden}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two, a lot faster on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def batch_of(cfg: RunConfig, rank: int) -> dict:
+    return make_batch(cfg.model, B=2, L=10, seed=100 + rank)
 
 
 # -- the two ranks ---------------------------------------------------------------------------------------
@@ -98,33 +111,22 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     )
     torch.set_num_threads(1)
     import deepspeed
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     deepspeed.init_distributed(dist_backend="gloo")
     result = {}
     for stage in STAGES:
-        model = build(EP, rank)
-        groups = split_params_into_different_moe_groups_for_optimizer(
-            {"params": list(model.parameters()), "name": "all"}
-        )
-        ds_config = {
-            "train_micro_batch_size_per_gpu": 2,
-            "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": stage},
-            "zero_allow_untested_optimizer": True,
-            "gradient_clipping": CLIP[stage],
-            "steps_per_print": 10**9,
-        }
-        engine, *_ = deepspeed.initialize(
-            model=model, optimizer=torch.optim.SGD(groups, lr=1.0), config=ds_config
-        )
+        cfg = run_config(EP, stage, out_dir)
+        model = build(cfg, rank % EP)
+        engine, optimizer, _, ds_config = build_engine(cfg, model, EP, "cpu")
+        assert ds_config["zero_optimization"]["stage"] == stage
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        res = step_outputs(model, make_batch(model.model_cfg, rank), rank, engine)
+        res = step_outputs(model, batch_of(cfg, rank), rank, engine)
         engine.backward(res.pop("out")["loss"])
         if stage == 0:  # ZeRO-0 keeps the reduced .grad on every parameter
             res["grads"] = {
                 global_name(n, rank, 4 // EP): p.grad.clone() for n, p in model.named_parameters()
             }
+        res["lr"] = optimizer.param_groups[0]["lr"]  # the LR of this step
         engine.step()
         res["deltas"] = {
             global_name(n, rank, 4 // EP): p.detach() - before[n] for n, p in model.named_parameters()
@@ -133,28 +135,26 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ep_run(tmp_path_factory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("ep")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=EP, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=EP, join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(EP)]
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict:
-    """ep_size=1, one process: per-rank outputs and the gradient of the mean of the two ranks' losses."""
-    model = build(1, 0)
-    runs = [step_outputs(model, make_batch(model.model_cfg, r), r, model) for r in range(EP)]
+def reference(tmp_path_factory) -> dict:
+    """ep_size=1, one process: per-rank outputs, the gradient of the mean of the two ranks' losses, and the
+    initial weights."""
+    cfg = run_config(1, 2, str(tmp_path_factory.mktemp("ref")))
+    model = build(cfg, 0)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    runs = [step_outputs(model, batch_of(cfg, r), r, model) for r in range(EP)]
     loss = sum(r.pop("out")["loss"] for r in runs) / EP
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    return {"runs": runs, "grads": grads}
+    decays = {n: not no_weight_decay(n, p) for n, p in model.named_parameters()}
+    return {"runs": runs, "grads": grads, "params": params, "decays": decays}
 
 
 def local_names(names, rank: int) -> list[str]:
@@ -190,14 +190,21 @@ def test_ep2_gradients_match_grad_of_mean_loss(ep_run, reference):
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_ep2_sgd_step_matches_ep1(ep_run, reference, stage):
-    """SGD lr=1, one step: every parameter moves by -clip_coef * grad of the mean loss, ZeRO-0 and ZeRO-2."""
-    ref = reference["grads"]
+def test_ep2_adamw_step_matches_ep1(ep_run, reference, stage):
+    """One AdamW step from the engine's parameter groups, ZeRO-0 and ZeRO-2: every parameter moves by
+    -lr * (wd * p + c g / (|c g| + eps)), g the gradient of the mean loss, c the clipping coefficient, and
+    wd = 0 for exactly the parameters `no_weight_decay` exempts (biases, norms, tokens, position tables,
+    router modality biases), experts included."""
+    ref, p0, decays = reference["grads"], reference["params"], reference["decays"]
     norm = torch.sqrt(sum(g.double().pow(2).sum() for g in ref.values())).item()
     coef = min(1.0, CLIP[stage] / norm) if CLIP[stage] > 0 else 1.0
     assert stage == 0 or coef < 0.5  # clipping is active in the ZeRO-2 check
+    assert {True, False} == set(decays.values())
     for rank in range(EP):
+        assert ep_run[rank][stage]["lr"] == LR
         deltas = ep_run[rank][stage]["deltas"]
         assert sorted(deltas) == sorted(local_names(ref, rank))
         for n, d in deltas.items():
-            torch.testing.assert_close(d, -coef * ref[n], rtol=1e-5, atol=1e-5, msg=f"stage {stage} {n}")
+            g = coef * ref[n].double()
+            want = -LR * (WD * decays[n] * p0[n].double() + g / (g.abs() + EPS))
+            torch.testing.assert_close(d.double(), want, rtol=1e-5, atol=1e-5, msg=f"stage {stage} {n}")

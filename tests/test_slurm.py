@@ -11,7 +11,8 @@
 - `sbatch --test-only` accepts the paper's job scripts with their resources overridden for a CPU node.
 
 The cluster tests (marker `slurm`) need root (munge, SlurmUser=root) and apt; they are skipped with the
-reason otherwise. The checks of the scripts themselves at the top need neither. About 3-5 minutes on 2 cores,
+reason otherwise, except under EVE_REQUIRE_SLURM=1 (set by .ci/run when it runs as root), where a cluster
+that cannot start fails them: CI must not pass with the Slurm tier silently skipped. The checks of the scripts themselves at the top need neither. About 3-5 minutes on 2 cores,
 most of it the real trainer's start-up (three times: reference run, preempted run, its requeued run).
 """
 
@@ -131,16 +132,23 @@ def test_launcher_refuses_to_run_outside_slurm():
 # -- the cluster --------------------------------------------------------------------------------------
 
 
+def unavailable(reason: str) -> None:
+    """Skip the cluster tests, or fail them where the Slurm tier is required (EVE_REQUIRE_SLURM=1)."""
+    if os.environ.get("EVE_REQUIRE_SLURM") == "1":
+        pytest.fail(f"EVE_REQUIRE_SLURM=1 but the Slurm tier cannot run: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def cluster():
     """SLURM_CONF of the local cluster; started here (and stopped at the end) unless already running."""
     if os.geteuid() != 0:
-        pytest.skip("the local Slurm cluster needs root (munge key, SlurmUser=root)")
+        unavailable("the local Slurm cluster needs root (munge key, SlurmUser=root)")
     already = subprocess.run([str(CLUSTER), "status"], capture_output=True, timeout=60).returncode == 0
     if not already:
         r = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=900)
         if r.returncode != 0:
-            pytest.skip(f"slurm/local_cluster.sh start failed (needs apt and root):\n{r.stderr[-3000:]}")
+            unavailable(f"slurm/local_cluster.sh start failed (needs apt and root):\n{r.stderr[-3000:]}")
     conf = subprocess.run([str(CLUSTER), "env"], capture_output=True, text=True, check=True).stdout
     yield conf.strip().split("=", 1)[1]
     if not already:
@@ -286,7 +294,7 @@ PY
         # The last --config wins; everything else reaches the trainer untouched and in order.
         assert t["argv"] == [
             "-m",
-            "eve_ds.train",
+            "eve_ds.cli.pretrain",
             "--config",
             "eve_large_16m",
             "--run-dir",

@@ -186,37 +186,6 @@ def test_ds_config_merge_derives_accumulation_and_keeps_ds_files_to_zero_and_pre
         load_ds_file(str(bad))
 
 
-def test_weight_decay_exemptions():
-    from eve_ds.objectives import PretrainingModel
-    from eve_ds.train.engine import no_weight_decay
-
-    cfg = load_config("eve_tiny_synthetic")
-    model = PretrainingModel(cfg.model, cfg.objective)
-    exempt = {n for n, p in model.named_parameters() if no_weight_decay(n, p)}
-    for name in (
-        "encoder.cls_token",
-        "encoder.pos_embed",
-        "encoder.text_pos_embed",
-        "encoder.blocks.0.attn.q_bias",
-        "encoder.blocks.0.norm1.weight",
-        "encoder.blocks.3.ffn.moe.deepspeed_moe.gate.modality_bias",
-        "encoder.blocks.0.attn.rel_pos.relative_position_bias_table",
-        "encoder.blocks.3.ffn.moe.deepspeed_moe.experts.deepspeed_experts.0.fc1.bias",
-    ):
-        assert name in exempt, name
-    for name in (  # every weight matrix decays, the word embedding and patch projection included (BEiT)
-        "encoder.word_embed.weight",
-        "encoder.patch_embed.proj.weight",
-        "encoder.blocks.0.attn.qkv.weight",
-        "encoder.blocks.0.ffn.ffn_image.fc1.weight",
-        "encoder.blocks.3.ffn.moe.deepspeed_moe.gate.wg.weight",
-        "encoder.blocks.3.ffn.moe.deepspeed_moe.experts.deepspeed_experts.0.fc1.weight",
-        "objectives.mlm.head.dense.weight",
-    ):
-        assert name not in exempt, name
-        assert name in dict(model.named_parameters()), name
-
-
 class ReadsTheImage(torch.nn.Module):
     """A stand-in model with known answers for `evaluate`: sample i of the hand-made batches below carries
     its index in its image (every pixel i * 20) and in its text (token 2000 + i). MLM targets are the

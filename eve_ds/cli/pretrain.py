@@ -14,23 +14,24 @@ import logging
 import sys
 from pathlib import Path
 
-from eve_ds.train.config import ConfigError, load_config
+from eve_ds.train.config import ConfigError, load_config, packaged_configs
 
 logger = logging.getLogger("eve_ds.train")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(
+    argv: list[str] | None, prog: str = "eve-pretrain", default_config: str = "eve_tiny_synthetic"
+) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="eve-pretrain",
+        prog=prog,
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
     p.add_argument(
         "--config",
-        default="eve_tiny_synthetic",
-        help="packaged config name (eve_tiny_synthetic, eve_base_4m, eve_large_4m, eve_large_16m) "
-        "or a YAML path",
+        default=default_config,
+        help=f"packaged config name ({', '.join(packaged_configs())}) or a YAML path (default: {default_config})",
     )
     p.add_argument(
         "--run-dir",
@@ -52,7 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with --dry-run: the world size to check (default: WORLD_SIZE, SLURM_NTASKS or 1)",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.prog = prog
+    return args
 
 
 def dry_run(cfg, args: argparse.Namespace) -> int:
@@ -64,11 +67,15 @@ def dry_run(cfg, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train (pre-training or a downstream task: the `task:` section decides) or --dry-run."""
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"eve-pretrain: config error: {e}", file=sys.stderr)
+        print(f"{args.prog}: config error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
         return dry_run(cfg, args)
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return Trainer(cfg, run_dir).train()
     except (ConfigError, ConvertError) as e:
-        print(f"eve-pretrain: config error: {e}", file=sys.stderr)
+        print(f"{args.prog}: config error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         logger.error("%s", e)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from eve_ds.convert.ds_checkpoint import ConvertError, localize_experts
 from eve_ds.convert.export import is_native_export, read_source
+from eve_ds.convert.resolution import adapt_resolution
 from eve_ds.models.config import EVEConfig
 from eve_ds.utils.ranks import expert_parallel_rank
 
@@ -192,7 +193,9 @@ def load_init_weights(
         sd["encoder.type_embed.weight"] = torch.cat(
             [torch.zeros_like(own["encoder.type_embed.weight"][:1]), own["encoder.type_embed.weight"][1:]]
         )
-    problems, unknown = init_weight_problems(sd, {k: v.shape for k, v in own.items()}, report["source"])
+    shapes = {k: v.shape for k, v in own.items()}
+    adapt_resolution(sd, shapes)
+    problems, unknown = init_weight_problems(sd, shapes, report["source"])
     if problems:
         raise ConvertError(f"{path} does not fit the model config: " + "; ".join(problems))
     sd = {k: v for k, v in sd.items() if k in own}

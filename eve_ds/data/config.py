@@ -54,12 +54,6 @@ class DataConfig:
         self.validate()
 
     def validate(self) -> None:
-        check(
-            self.synthetic or len(self.train) > 0,
-            "data.train",
-            [],
-            "at least one corpus when synthetic is false",
-        )
         names = [c.name for c in self.train]
         check(len(set(names)) == len(names), "data.train", names, "unique corpus names")
         for c in self.train:

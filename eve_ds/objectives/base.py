@@ -56,6 +56,9 @@ class ObjectiveConfig:
     mim_token_vocab_size: int = 8192
     mim_token_mask_ratio: float = 0.4  # BEiT: 40% of the patches replaced by the mask token
     mim_token_masking: str = "block"  # block (BEiT's block-wise) | random
+    # Downstream heads (set by the task from its data; see eve_ds/tasks/).
+    vqa_num_answers: int = 3129  # VQA answer vocabulary
+    nlvr2_head: str = "biattn"  # NLVR2 head: biattn (official) | concat
 
     def validate(self) -> None:
         unknown = [o for o in self.objectives if o not in OBJECTIVES]

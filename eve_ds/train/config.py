@@ -24,6 +24,7 @@ import yaml
 from eve_ds.data.config import DataConfig
 from eve_ds.models.config import FLAVORS, EVEConfig, get_config
 from eve_ds.objectives import ObjectiveConfig
+from eve_ds.tasks.config import TaskConfig
 from eve_ds.utils.config import ConfigError, apply_override, check
 from eve_ds.utils.io import atomic_write_text
 
@@ -43,13 +44,14 @@ class OptimConfig:
     eps: float = 1e-8  # [ours] PyTorch's AdamW default
     weight_decay: float = 0.05  # [paper] value; which parameters are exempt: [BEiT/MAE] (train/engine.py)
     warmup_steps: int = 10_000  # [paper]
+    warmup_ratio: float | None = None  # fraction of train.max_steps; replaces warmup_steps when set
     schedule: str = "cosine"  # [paper] cosine | linear | constant (after warm-up)
     grad_clip: float = 3.0  # [BEiT] 3.0; not stated in the paper; 0 disables clipping
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 480_000  # [paper] Base, 4M corpus; defines the schedule
+    max_steps: int | None = 480_000  # [paper] Base, 4M corpus; defines the schedule (null: task.epochs)
     stop_after: int | None = None  # end this run after this step (with a checkpoint), schedule unchanged
     global_batch_size: int = 2048  # [paper] = micro-batch x grad accumulation x data-parallel world size
     micro_batch_size: int = 128  # [ours] per rank; adapted down to fit the layout
@@ -90,6 +92,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     model_flavor: str = "eve_base"
     name: str = "eve"
 
@@ -100,7 +103,18 @@ class RunConfig:
 
     def validate(self) -> None:
         t, o = self.train, self.optim
-        check(t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1")
+        check(
+            (t.max_steps is None and self.task.name != "msm") or (t.max_steps or 0) >= 1,
+            "train.max_steps",
+            t.max_steps,
+            ">= 1 (null derives it from task.epochs, for a downstream task)",
+        )
+        check(
+            o.warmup_ratio is None or 0 <= o.warmup_ratio < 1,
+            "optim.warmup_ratio",
+            o.warmup_ratio,
+            "in [0, 1)",
+        )
         check(t.stop_after is None or t.stop_after >= 1, "train.stop_after", t.stop_after, ">= 1 or null")
         check(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, ">= 1")
         check(t.global_batch_size >= 1, "train.global_batch_size", t.global_batch_size, ">= 1")
@@ -132,9 +146,21 @@ class RunConfig:
         self.model.validate()
         self.objective.validate()
         self.data.validate()
+        self.task.validate()
+        d = self.data
+        check(
+            self.task.name != "msm" or d.synthetic or len(d.train) > 0,
+            "data.train",
+            [],
+            "at least one corpus when data.synthetic is false (pre-training)",
+        )
 
 
 # -- loading --------------------------------------------------------------------------------------------
+
+
+def packaged_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -145,8 +171,7 @@ def resolve_config_path(name_or_path: str) -> Path:
         return path
     packaged = CONFIG_DIR / f"{name_or_path}.yaml"
     if not packaged.is_file():
-        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown config {name_or_path!r}: not a file and not one of {names}")
+        raise ConfigError(f"unknown config {name_or_path!r}: not a file and not one of {packaged_configs()}")
     return packaged
 
 
@@ -181,6 +206,7 @@ def from_dict(raw: dict) -> RunConfig:
         "optim": OptimConfig,
         "train": TrainConfig,
         "wandb": WandbConfig,
+        "task": TaskConfig,
     }
     _reject_unknown(raw, RunConfig, "", extra=())
     kwargs: dict[str, Any] = {"model": model_cfg, "model_flavor": flavor, "name": raw.get("name", "eve")}
@@ -188,6 +214,8 @@ def from_dict(raw: dict) -> RunConfig:
         kwargs[key] = _build(cls, raw.get(key) or {}, key)
     _expand_data_paths(kwargs["data"])
     kwargs["train"].init_from = _init_path(kwargs["train"].init_from)
+    if kwargs["task"].data_root:
+        kwargs["task"].data_root = os.path.expanduser(os.path.expandvars(kwargs["task"].data_root))
     cfg = RunConfig(**kwargs)
     try:
         cfg.validate()

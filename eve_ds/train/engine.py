@@ -114,17 +114,25 @@ def no_weight_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr_mult: float = 1.0) -> list[dict]:
+    """decay / no_decay groups (`no_weight_decay`), split again into encoder and heads when the heads get
+    their own LR (`task.head_lr_mult`), then into dense and expert parameters (DeepSpeed's MoE groups)."""
+    groups: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if no_weight_decay(name, p) else decay).append(p)
-    groups = [
-        {"name": "decay", "params": decay, "weight_decay": weight_decay},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+            head = head_lr_mult != 1.0 and not name.startswith("encoder.")
+            groups.setdefault(("no_decay" if no_weight_decay(name, p) else "decay", head), []).append(p)
+    out = [
+        {
+            "name": kind + ("_head" if head else ""),
+            "params": params,
+            "weight_decay": weight_decay if kind == "decay" else 0.0,
+            "lr": lr * (head_lr_mult if head else 1.0),
+        }
+        for (kind, head), params in sorted(groups.items())
     ]
     # Expert parameters get groups of their own: ZeRO-2 reduces them over the expert-data-parallel group.
-    return split_params_into_different_moe_groups_for_optimizer(groups)
+    return split_params_into_different_moe_groups_for_optimizer(out)
 
 
 def lr_lambda(cfg: RunConfig):
@@ -149,7 +157,11 @@ def build_engine(cfg: RunConfig, model: nn.Module, world_size: int, device: str)
     ds_config = build_ds_config(cfg, world_size)
     o = cfg.optim
     optimizer = torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=device == "cuda"
+        param_groups(model, o.weight_decay, o.lr, cfg.task.head_lr_mult),
+        lr=o.lr,
+        betas=tuple(o.betas),
+        eps=o.eps,
+        fused=device == "cuda",
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, optimizer, _, scheduler = deepspeed.initialize(

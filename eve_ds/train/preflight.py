@@ -49,7 +49,7 @@ def unset_variables(cfg: RunConfig) -> list[str]:
     """Data paths that still hold a `${VAR}` after expansion: the variable is not set."""
     d = cfg.data
     paths = [(f"data.train[{c.name}].shards", c.shards) for c in d.train]
-    paths += [("data.val", d.val), ("data.cache_dir", d.cache_dir)]
+    paths += [("data.val", d.val), ("data.cache_dir", d.cache_dir), ("task.data_root", cfg.task.data_root)]
     return [
         f"{key}={value!r} uses an environment variable that is not set"
         for key, value in paths
@@ -135,6 +135,7 @@ def init_shape_problems(cfg: RunConfig) -> list[str]:
     """Load the init checkpoint on the CPU and compare every tensor's shape with the model's."""
     from eve_ds.convert import ConvertError
     from eve_ds.convert.beit import init_weight_problems, source_weights
+    from eve_ds.convert.resolution import adapt_resolution
     from eve_ds.objectives import PretrainingModel
 
     model_cfg = dataclasses.replace(cfg.model, ep_size=1)  # checkpoint names are global expert ids
@@ -144,6 +145,7 @@ def init_shape_problems(cfg: RunConfig) -> list[str]:
         sd, report = source_weights(cfg.train.init_from, model_cfg)
     except (ConvertError, OSError) as e:
         return [f"train.init_from: {e}"]
+    adapt_resolution(sd, own)
     problems, _ = init_weight_problems(sd, own, report["source"])
     return [f"train.init_from={cfg.train.init_from!r}: {p}" for p in problems]
 

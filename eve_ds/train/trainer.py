@@ -24,6 +24,7 @@ from eve_ds.data import (
 from eve_ds.data.pipeline import mixture
 from eve_ds.objectives import PretrainingModel
 from eve_ds.objectives.flops import TextShape, flops_per_pair, peak_tflops
+from eve_ds.tasks.task import Task, TaskContext, build_task
 from eve_ds.train import EXIT_PREEMPTED
 from eve_ds.train.checkpoint import CheckpointManager, latest_complete
 from eve_ds.train.config import ConfigError, RunConfig, save_config
@@ -62,6 +63,8 @@ class Trainer:
         self.stop_signal: int | None = None
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.rank, cfg.train.keep_last)
         self.resume_from = latest_complete(self.run_dir / "checkpoints")
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.task = self._prepare_task()
         self._build_model()
         self.engine, _, self.scheduler, ds_config = build_engine(cfg, self.model, self.world, self.device)
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
@@ -78,7 +81,6 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
             atomic_write_json(self.run_dir / "ds_config.json", ds_config)
         self.metrics = MetricsWriter(self.run_dir, self.rank == 0, cfg.wandb, cfg.to_dict())
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
 
     def _check_layout(self) -> None:
         ep = self.cfg.model.ep_size
@@ -96,6 +98,49 @@ class Trainer:
             self.world,
             self.cfg.train.global_batch_size,
         )
+
+    def _prepare_task(self) -> Task | None:
+        """The downstream task (None for pre-training): its data read (rank 0 generates a synthetic set
+        first), the objective options its data decides, and the step count derived from its epochs."""
+        cfg = self.cfg
+        ctx = TaskContext(
+            tokenizer=self.tokenizer,
+            cache_dir=cfg.data.cache_dir,
+            image_size=cfg.model.image_size,
+            max_text_len=cfg.model.max_text_len,
+            seed=cfg.train.seed,
+            num_workers=cfg.data.num_workers,
+            hflip=cfg.data.hflip,
+        )
+        task = build_task(cfg.task, ctx)
+        if task is None:
+            return None
+        if cfg.objective.objectives != [task.objective]:
+            raise ConfigError(
+                f"objective.objectives={cfg.objective.objectives} but task.name={cfg.task.name} trains "
+                f"[{task.objective}]: set objective.objectives=[{task.objective}]"
+            )
+        for rank_turn in (0, 1):  # rank 0 generates what is missing; then the others read it
+            if (self.rank == 0) == (rank_turn == 0):
+                task.prepare()
+            barrier()
+        for key, value in task.objective_options().items():
+            setattr(cfg.objective, key, value)
+        n = len(task.train_dataset()[0])
+        if cfg.train.max_steps is None:
+            cfg.train.max_steps = max(1, math.ceil(cfg.task.epochs * n / cfg.train.global_batch_size))
+        if cfg.optim.warmup_ratio is not None:
+            cfg.optim.warmup_steps = round(cfg.optim.warmup_ratio * cfg.train.max_steps)
+        logger.info(
+            "task %s: %d training examples, %d steps (%.2f epochs of global batch %d), %d warm-up",
+            cfg.task.name,
+            n,
+            cfg.train.max_steps,
+            cfg.train.max_steps * cfg.train.global_batch_size / n,
+            cfg.train.global_batch_size,
+            cfg.optim.warmup_steps,
+        )
+        return task
 
     def _build_model(self) -> None:
         cfg = self.cfg
@@ -142,6 +187,45 @@ class Trainer:
         logger.info("resumed from %s (step %d)", tag, self.state["step"])
         return True
 
+    def _train_loader(self):
+        """The task's examples, or the pre-training corpora (the synthetic one generated first)."""
+        cfg, t = self.cfg, self.cfg.train
+        if self.task is not None:
+            loader = self.task.train_loader(
+                batch_size=t.micro_batch_size,
+                rank=self.rank,
+                world_size=self.world,
+                start_batch=self.state["batches_consumed"],
+            )
+            self.state["data_layout"] = {"task": cfg.task.name, "examples": len(loader.dataset)}
+            self.epoch_samples = len(loader.dataset)
+            return loader
+        if cfg.data.synthetic and self.rank == 0:  # generate once, before the other ranks look for it
+            ensure_synthetic_corpus(
+                cfg.data.cache_dir,
+                cfg.data.synthetic_num_train,
+                cfg.data.synthetic_num_val,
+                cfg.data.synthetic_seed,
+                cfg.model.image_size,
+            )
+        barrier()
+        loader = build_train_loader(
+            cfg.data,
+            image_size=cfg.model.image_size,
+            max_text_len=cfg.model.max_text_len,
+            batch_size=t.micro_batch_size,
+            rank=self.rank,
+            world_size=self.world,
+            seed=t.seed,
+            start_batch=self.state["batches_consumed"],
+            tokenizer=self.tokenizer,
+            saved_layout=self.state.get("data_layout"),
+        )
+        self.state["data_layout"] = loader.layout
+        self.epoch_samples = loader.num_samples
+        self._log_mixture(loader.dataset.corpora)
+        return loader
+
     def _log_mixture(self, corpora) -> None:
         rows, steps = mixture(corpora, self.cfg.train.global_batch_size)
         for r in rows:
@@ -161,6 +245,8 @@ class Trainer:
             "objective": vars(self.cfg.objective),
             "run": self.cfg.to_dict(),
         }
+        if self.task is not None:  # e.g. the VQA answer vocabulary: travels with checkpoints and exports
+            eve_config["task"] = {"name": self.cfg.task.name, **self.task.assets()}
         return self.ckpt.save(self.engine, self.state["step"], dict(self.state), eve_config)
 
     # -- signals ------------------------------------------------------------------------------------------
@@ -181,6 +267,10 @@ class Trainer:
         place)."""
         batch = next(data_iter)
         self.state["batches_consumed"] += 1
+        while batch is None:  # a task batch whose every image was unreadable
+            self.state["skipped_samples"] += self.cfg.train.micro_batch_size
+            batch = next(data_iter)
+            self.state["batches_consumed"] += 1
         self.state["skipped_samples"] += int(batch.get("num_skipped", 0))
         self.text_tokens = float(batch["text_mask"].sum(1).float().mean())  # for the FLOP count (MFU)
         out = self.engine(batch_to_device(batch, self.device, self.dtype))
@@ -250,6 +340,17 @@ class Trainer:
         return samples_per_s * flops / (peak * 1e12 * self.world)
 
     def validate(self) -> dict:
+        if self.task is not None:
+            m = self.task.evaluate(
+                self.engine.module,
+                self.cfg.task.eval_split,
+                device=self.device,
+                dtype=self.dtype,
+                batch_size=self.cfg.train.micro_batch_size,
+            )
+            self.metrics.log({"step": self.state["step"], **{f"val/{k}": v for k, v in m.items()}})
+            logger.info("validation at step %d: %s", self.state["step"], _fmt(m))
+            return m
         spec = self._val_spec()
         if spec is None:
             return {}
@@ -273,11 +374,7 @@ class Trainer:
             attr_token_ids=attr,
         )
         self.metrics.log({"step": self.state["step"], **{f"val/{k}": v for k, v in m.items()}})
-        logger.info(
-            "validation at step %d: %s",
-            self.state["step"],
-            ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()),
-        )
+        logger.info("validation at step %d: %s", self.state["step"], _fmt(m))
         return m
 
     def _val_spec(self) -> str | None:
@@ -286,37 +383,14 @@ class Trainer:
         return resolve_val_spec(self.cfg.data, self.cfg.model.image_size)
 
     def train(self) -> int:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         resumed = self._resume()
         start = self.state["step"]
         end = min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
         if start >= t.max_steps:
             logger.info("run in %s is already complete (step %d of %d)", self.run_dir, start, t.max_steps)
             return self._finish(final=not (self.run_dir / "final_metrics.json").exists(), saved=True)
-        if cfg.data.synthetic and self.rank == 0:  # generate once, before the other ranks look for it
-            ensure_synthetic_corpus(
-                cfg.data.cache_dir,
-                cfg.data.synthetic_num_train,
-                cfg.data.synthetic_num_val,
-                cfg.data.synthetic_seed,
-                cfg.model.image_size,
-            )
-        barrier()
-        loader = build_train_loader(
-            cfg.data,
-            image_size=cfg.model.image_size,
-            max_text_len=cfg.model.max_text_len,
-            batch_size=t.micro_batch_size,
-            rank=self.rank,
-            world_size=self.world,
-            seed=t.seed,
-            start_batch=self.state["batches_consumed"],
-            tokenizer=self.tokenizer,
-            saved_layout=self.state.get("data_layout"),
-        )
-        self.state["data_layout"] = loader.layout
-        self.epoch_samples = loader.num_samples
-        self._log_mixture(loader.dataset.corpora)
+        loader = self._train_loader()
         data_iter = iter(loader)
         if resumed:  # after iter(): creating the loader iterator draws from the torch RNG
             self.ckpt.load_rng(self.resume_from)
@@ -394,6 +468,10 @@ def make_deterministic(device: str) -> None:
 def is_scalar(v) -> bool:
     """A 0-d tensor: what the trainer and the evaluation average and log from an objective's outputs."""
     return isinstance(v, torch.Tensor) and v.ndim == 0
+
+
+def _fmt(m: dict) -> str:
+    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
 
 
 def _float(x) -> float | None:

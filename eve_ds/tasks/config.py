@@ -1,0 +1,60 @@
+"""The `task:` section of a run config: which task a run trains (`msm` = pre-training) and its data.
+
+Sources: [paper] EVE's appendix (fine-tuning recipes); [official] the released EVE fine-tuning code;
+[ours] this project's choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from eve_ds.utils.config import check
+
+TASK_NAMES = ("msm", "vqa", "retrieval", "nlvr2")
+
+
+@dataclass
+class TaskConfig:
+    name: str = "msm"  # msm (pre-training) | vqa | retrieval | nlvr2
+    # The dataset's files as distributed (see docs/finetuning.md for each layout); `${VAR}` is expanded.
+    data_root: str | None = None
+    # Generate the task's synthetic set (shapes scenes, official layout) into data.cache_dir when missing
+    # and use it as data_root.
+    synthetic: bool = False
+    synthetic_seed: int = 0
+    synthetic_num_train: int = 2000  # images (VQA, retrieval) or statements (NLVR2)
+    synthetic_num_val: int = 300
+    synthetic_num_test: int = 300
+    epochs: float = 10.0  # [paper] fine-tuning length; derives train.max_steps when that is null
+    head_lr_mult: float = 1.0  # LR multiplier of the new heads ([official] code: 10; the paper says nothing)
+    eval_split: str = "minival"  # split evaluated during and at the end of training
+    skip_bad_eval_images: bool = False  # evaluation: skip missing/unreadable images instead of failing
+    # VQA v2
+    answer_vocab_size: int = 3129  # [paper/official] the standard answer list
+    vqa_train_splits: list[str] | None = None  # default: train + val minus the minival images
+    minival_images: int = 1000  # [ours] val images held out for model selection
+    # Retrieval (COCO / Flickr30K, Karpathy splits)
+    dataset: str = "coco"  # coco | flickr30k
+    rerank_k: int = 128  # [ours, ALBEF uses 128/256] ITC top-k re-scored by the ITM head
+    # NLVR2
+    nlvr2_head: str = "biattn"  # biattn ([official] bi-attention head) | concat (MLP on both [CLS])
+
+    def validate(self) -> None:
+        check(self.name in TASK_NAMES, "task.name", self.name, f"one of {list(TASK_NAMES)}")
+        if self.name == "msm":
+            return
+        check(
+            self.synthetic or bool(self.data_root),
+            "task.data_root",
+            self.data_root,
+            "the dataset directory (or task.synthetic=true)",
+        )
+        check(self.epochs > 0, "task.epochs", self.epochs, "> 0")
+        check(self.head_lr_mult > 0, "task.head_lr_mult", self.head_lr_mult, "> 0")
+        check(self.answer_vocab_size >= 2, "task.answer_vocab_size", self.answer_vocab_size, ">= 2")
+        check(self.minival_images >= 0, "task.minival_images", self.minival_images, ">= 0")
+        check(self.dataset in ("coco", "flickr30k"), "task.dataset", self.dataset, "coco or flickr30k")
+        check(self.rerank_k >= 1, "task.rerank_k", self.rerank_k, ">= 1")
+        check(self.nlvr2_head in ("biattn", "concat"), "task.nlvr2_head", self.nlvr2_head, "biattn or concat")
+        for key in ("synthetic_num_train", "synthetic_num_val", "synthetic_num_test"):
+            check(getattr(self, key) >= 1, f"task.{key}", getattr(self, key), ">= 1")

@@ -1,0 +1,180 @@
+"""VQA v2 as a task of the shared trainer: the official files (`vqa_data`), the official accuracy
+(`vqa_eval`), the `vqa` objective, and the EvalAI submission file."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from eve_ds.tasks.synthetic_vqa import ensure_synthetic_vqa
+from eve_ds.tasks.task import Task, gather_objects, rank_slice, register_task
+from eve_ds.tasks.vqa_data import AnswerVocab, VQADataset, read_vqa, split_minival, vqa_collate
+from eve_ds.tasks.vqa_eval import score_predictions, write_results
+from eve_ds.utils.image import normalize_image
+
+log = logging.getLogger(__name__)
+
+TEST_SPLITS = ("test-dev", "test")
+
+
+@register_task("vqa")
+class VQATask(Task):
+    objective = "vqa"
+    metric = "vqa_score"
+
+    def root(self) -> str:
+        c = self.cfg
+        if not c.synthetic:
+            return c.data_root
+        return ensure_synthetic_vqa(
+            self.ctx.cache_dir,
+            seed=c.synthetic_seed,
+            num_train_images=c.synthetic_num_train,
+            num_val_images=c.synthetic_num_val,
+            num_test_images=c.synthetic_num_test,
+            image_size=self.ctx.image_size,
+        )
+
+    def prepare(self) -> None:
+        """Train split (train + val minus minival by default), the minival, and the answer vocabulary."""
+        root = self.root()
+        c = self.cfg
+        val, counts = read_vqa(root, "val", skip_missing=True)
+        rest, self.minival = split_minival(val, c.minival_images, seed=0)
+        parts = {"val": rest}
+        for split in c.vqa_train_splits or ["train", "val"]:
+            if split != "val":
+                parts[split], more = read_vqa(root, split, skip_missing=True)
+                counts = {k: counts.get(k, 0) + more.get(k, 0) for k in {*counts, *more}}
+        if c.vqa_train_splits is not None and "val" not in c.vqa_train_splits:
+            parts.pop("val")
+        self.train_examples = [e for part in parts.values() for e in part]
+        self.vocab = AnswerVocab.build(self.train_examples, size=c.answer_vocab_size)
+        self.counts = counts
+        log.info(
+            "VQA v2 from %s: %d training questions (%s), %d minival, %d answers; %s",
+            root,
+            len(self.train_examples),
+            "+".join(parts),
+            len(self.minival),
+            len(self.vocab),
+            counts,
+        )
+
+    def objective_options(self) -> dict:
+        return {"vqa_num_answers": len(self.vocab)}
+
+    def assets(self) -> dict:
+        return {"answer_vocab": self.vocab.to_json()}
+
+    def train_dataset(self):
+        ds = VQADataset(
+            self.train_examples,
+            self.vocab,
+            self.ctx.image_size,
+            train=True,
+            hflip=self.ctx.hflip,
+            seed=self.ctx.seed,
+        )
+        return ds, functools.partial(
+            vqa_collate, tokenizer=self.ctx.tokenizer, max_text_len=self.ctx.max_text_len
+        )
+
+    def load_assets(self, assets: dict) -> None:
+        if "answer_vocab" not in assets:
+            raise ValueError(
+                "the checkpoint has no VQA answer vocabulary: it was not fine-tuned with task.name=vqa"
+            )
+        self.vocab = AnswerVocab.from_json(assets["answer_vocab"])
+
+    def read(self, split: str):
+        """Every question of a split; for test splits also those whose image is missing (they still need an
+        answer in the submission file)."""
+        skip = self.cfg.skip_bad_eval_images
+        test = split in TEST_SPLITS
+        return read_vqa(self.root(), split, skip_missing=skip and not test, missing_ok=test)[0]
+
+    def evaluate(self, model, split: str, *, device: str, dtype: torch.dtype, batch_size: int) -> dict:
+        examples = self.minival if split == "minival" else self.read(split)
+        return self.score(model, examples, split, device=device, dtype=dtype, batch_size=batch_size)
+
+    def evaluate_split(
+        self, model, split: str, *, device: str, batch_size: int, predictions: str | None = None
+    ) -> dict:
+        examples = self.read(split)
+        return self.score(
+            model, examples, split, device=device, batch_size=batch_size, predictions=predictions
+        )
+
+    def score(
+        self,
+        model,
+        examples,
+        split: str,
+        *,
+        device: str,
+        batch_size: int,
+        dtype: torch.dtype = torch.float32,
+        predictions: str | None = None,
+    ) -> dict:
+        preds = predict(
+            model, examples, self.vocab, self.ctx, device=device, dtype=dtype, batch_size=batch_size
+        )
+        metrics = {"num_questions": len(examples)}
+        if predictions:  # EvalAI rejects a file without every question: unreadable ones get the top answer
+            fallback = self.vocab.answer(0)
+            n = write_results(
+                predictions,
+                {q: a for q, a in preds.items() if a},
+                [e.question_id for e in examples],
+                fallback,
+            )
+            if n:
+                log.warning(
+                    "%d question(s) without a readable image were answered %r in %s", n, fallback, predictions
+                )
+            metrics["predictions"] = os.path.abspath(predictions)
+        answered = {q: a for q, a in preds.items() if a is not None}
+        metrics["num_unreadable"] = len(examples) - len(answered)
+        if split not in TEST_SPLITS:
+            metrics.update(score_predictions(answered, [e for e in examples if e.question_id in answered]))
+        return metrics
+
+
+@torch.no_grad()
+def predict(
+    model, examples, vocab: AnswerVocab, ctx, *, device: str, dtype: torch.dtype, batch_size: int
+) -> dict:
+    """{question_id: answer string, or None when its image could not be read}, over every rank."""
+    was_training = model.training
+    model.eval()
+    dataset = Subset(
+        VQADataset(examples, vocab, ctx.image_size, train=False), list(rank_slice(len(examples)))
+    )
+    collate = functools.partial(vqa_collate, tokenizer=ctx.tokenizer, max_text_len=ctx.max_text_len)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=ctx.num_workers)
+    preds: dict[int, str | None] = {}
+    for batch in loader:
+        if batch is None:
+            continue
+        for qid in batch.get("skipped_question_ids", []):
+            preds[qid] = None
+        if not batch["question_id"]:
+            continue
+        inputs = {
+            "image": normalize_image(batch["image"].to(device), dtype),
+            "text_ids": batch["text_ids"].to(device),
+            "text_mask": batch["text_mask"].to(device),
+        }
+        logits = model(inputs)["vqa_logits"]
+        for qid, i in zip(batch["question_id"], logits.argmax(1).tolist()):
+            preds[qid] = vocab.answer(i)
+    model.train(was_training)
+    merged: dict[int, str | None] = {}
+    for part in gather_objects(preds):
+        merged.update(part)
+    return merged
