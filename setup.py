@@ -42,6 +42,7 @@ setup(
             "eve-make-shards=eve_ds.cli.make_shards:main",
             "eve-make-synthetic=eve_ds.cli.make_synthetic:main",
             "eve-bench-data=eve_ds.cli.bench_data:main",
+            "eve-bench-finetune=eve_ds.cli.bench_finetune:main",
         ]
     },
 )

@@ -20,6 +20,7 @@ import torch
 from eve_ds.bench.report import meta_info, task_label, to_json, to_markdown
 from eve_ds.bench.table1 import DEFAULT_TASK_SETS, BenchConfig, RowResult, run_benchmark, with_ratios
 from eve_ds.models.config import FLAVORS
+from eve_ds.train.distributed import resolve_device
 
 logger = logging.getLogger("eve_ds.bench")
 
@@ -91,9 +92,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def bench_config(args: argparse.Namespace) -> BenchConfig:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("benchmark_pretrain: --device cuda but no CUDA device is available")
+    try:
+        device = resolve_device(args.device or "auto")
+    except RuntimeError as e:
+        raise SystemExit(f"eve-bench: {e}") from e
     bc = BenchConfig(
         model=args.model,
         device=device,

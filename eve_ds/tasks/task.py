@@ -40,9 +40,9 @@ class TaskContext:
 
 
 class Task:
-    """Base class: subclasses set `objective` and `metric` and implement the four methods."""
+    """Base class: subclasses set `objectives` and `metric` and implement the methods that raise."""
 
-    objective: str = ""  # the objective registry name (its module holds the task head)
+    objectives: tuple[str, ...] = ()  # objective registry names, in order (their modules hold the heads)
     metric: str = ""  # the key of the main metric in `evaluate`'s result
 
     def __init__(self, cfg: TaskConfig, ctx: TaskContext) -> None:

@@ -23,7 +23,7 @@ TEST_SPLITS = ("test-dev", "test")
 
 @register_task("vqa")
 class VQATask(Task):
-    objective = "vqa"
+    objectives = ("vqa",)
     metric = "vqa_score"
 
     def root(self) -> str:

@@ -72,8 +72,8 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
     """-> {"mixture": [{name, pairs, shards, fraction}], "steps_per_epoch", "init_from", "world_size",
     "problems": [...]}; an empty problem list means the run would start."""
     problems = unset_variables(cfg) + layout_problems(cfg, world_size)
-    corpora, data_problems = check_corpora(cfg)
-    problems += data_problems
+    corpora, data_problems = check_corpora(cfg) if cfg.task.name == "msm" else ([], [])
+    problems += data_problems + task_problems(cfg)
     rows, steps = mixture(corpora, cfg.train.global_batch_size) if corpora else ([], 0)
     problem = init_problem(cfg)
     if problem is None and cfg.train.init_from is not None:
@@ -129,6 +129,14 @@ def check_corpora(cfg: RunConfig) -> tuple[list[Corpus], list[str]]:
     if d.val and "$" not in d.val and "{" not in d.val and not os.path.exists(d.val):
         problems.append(f"data.val={d.val!r}: no such file")
     return corpora, problems
+
+
+def task_problems(cfg: RunConfig) -> list[str]:
+    """A downstream task's dataset directory must exist (a synthetic set is generated at start)."""
+    t = cfg.task
+    if t.name == "msm" or t.synthetic or not t.data_root or "$" in t.data_root:
+        return []
+    return [] if os.path.isdir(t.data_root) else [f"task.data_root={t.data_root!r}: no such directory"]
 
 
 def init_shape_problems(cfg: RunConfig) -> list[str]:

@@ -115,10 +115,11 @@ class Trainer:
         task = build_task(cfg.task, ctx)
         if task is None:
             return None
-        if cfg.objective.objectives != [task.objective]:
+        if cfg.objective.objectives != list(task.objectives):
+            want = "[" + ", ".join(task.objectives) + "]"
             raise ConfigError(
                 f"objective.objectives={cfg.objective.objectives} but task.name={cfg.task.name} trains "
-                f"[{task.objective}]: set objective.objectives=[{task.objective}]"
+                f"{want}: set objective.objectives={want}"
             )
         for rank_turn in (0, 1):  # rank 0 generates what is missing; then the others read it
             if (self.rank == 0) == (rank_turn == 0):
