@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from eve_ds.data.manifest import MANIFEST, read_manifest
+from eve_ds.data.manifest import MANIFEST, read_manifest, shard_counts
 from eve_ds.data.pipeline import corpus_shards, mixture
 from eve_ds.data.stream import Corpus
 from eve_ds.train.config import RunConfig
@@ -120,12 +120,17 @@ def check_corpora(cfg: RunConfig) -> tuple[list[Corpus], list[str]]:
             problems.append(
                 f"data.train[{c.name}]: {len(missing)} of {len(urls)} shard files missing, e.g. {missing[:3]}"
             )
-        if manifest is None:
-            problems.append(f"data.train[{c.name}]: no {MANIFEST} next to {c.shards}; cannot size the corpus")
-            continue
-        by_name = {s["name"]: s["num_samples"] for s in read_manifest(manifest)["shards"]}
-        counts = [by_name.get(os.path.basename(u), 0) for u in urls]
-        corpora.append(Corpus(c.name, urls, counts, c.weight))
+        present = [u for u in urls if u not in missing]
+        if manifest is not None:
+            by_name = {s["name"]: s["num_samples"] for s in read_manifest(manifest)["shards"]}
+            counts = [by_name.get(os.path.basename(u), 0) for u in present]
+        else:  # img2dataset shards: their stats files (or the tar headers), as the loader counts them
+            try:
+                counts = shard_counts(present) if present else []
+            except (OSError, ValueError) as e:
+                problems.append(f"data.train[{c.name}]: cannot size the corpus without {MANIFEST}: {e}")
+                continue
+        corpora.append(Corpus(c.name, present, counts, c.weight))
     if d.val and "$" not in d.val and "{" not in d.val and not os.path.exists(d.val):
         problems.append(f"data.val={d.val!r}: no such file")
     return corpora, problems

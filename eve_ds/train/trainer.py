@@ -65,6 +65,8 @@ class Trainer:
         self.resume_from = latest_complete(self.run_dir / "checkpoints")
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.task = self._prepare_task()
+        if cfg.optim.warmup_ratio is not None:  # after the task derived max_steps from its epochs
+            cfg.optim.warmup_steps = round(cfg.optim.warmup_ratio * cfg.train.max_steps)
         self._build_model()
         self.engine, _, self.scheduler, ds_config = build_engine(cfg, self.model, self.world, self.device)
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
@@ -130,8 +132,6 @@ class Trainer:
         n = len(task.train_dataset()[0])
         if cfg.train.max_steps is None:
             cfg.train.max_steps = max(1, math.ceil(cfg.task.epochs * n / cfg.train.global_batch_size))
-        if cfg.optim.warmup_ratio is not None:
-            cfg.optim.warmup_steps = round(cfg.optim.warmup_ratio * cfg.train.max_steps)
         logger.info(
             "task %s: %d training examples, %d steps (%.2f epochs of global batch %d), %d warm-up",
             cfg.task.name,
