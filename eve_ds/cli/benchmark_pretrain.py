@@ -186,3 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_benchmark(bc, progress)
     write(args, bc, rows, meta_info(bc, argv))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

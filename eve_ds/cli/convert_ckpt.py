@@ -82,3 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"wrote {args.dst}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
