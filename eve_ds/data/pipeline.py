@@ -102,7 +102,7 @@ def load_corpus(
 def mixture(corpora: list[Corpus], global_batch_size: int) -> tuple[list[dict], int]:
     """What the stream will draw: per corpus {name, pairs, shards, weight, fraction}, and the number of
     optimizer steps in one epoch of the union (all pairs once, on average)."""
-    total = sum(c.sampling_mass for c in corpora)
+    total = sum(c.sampling_mass for c in corpora) or 1.0  # all empty: fractions 0
     rows = [
         {
             "name": c.name,

@@ -156,6 +156,7 @@ def gather_objects(obj) -> list:
 
 
 TASKS: dict[str, type[Task]] = {}
+TASK_MODULES = {"vqa": "vqa_task", "retrieval": "retrieval", "nlvr2": "nlvr2"}  # in eve_ds/tasks/
 
 
 def register_task(name: str):
@@ -170,7 +171,7 @@ def build_task(cfg: TaskConfig, ctx: TaskContext) -> Task | None:
     """The task of `cfg.name`; None for pre-training (msm)."""
     if cfg.name == "msm":
         return None
-    importlib.import_module(f"eve_ds.tasks.{cfg.name}")  # registers the task
+    importlib.import_module(f"eve_ds.tasks.{TASK_MODULES[cfg.name]}")  # registers the task
     if cfg.name not in TASKS:
         raise ValueError(f"task.name={cfg.name!r}: no such task (have {sorted(TASKS)})")
     return TASKS[cfg.name](cfg, ctx)

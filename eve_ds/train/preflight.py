@@ -121,6 +121,8 @@ def check_corpora(cfg: RunConfig) -> tuple[list[Corpus], list[str]]:
                 f"data.train[{c.name}]: {len(missing)} of {len(urls)} shard files missing, e.g. {missing[:3]}"
             )
         present = [u for u in urls if u not in missing]
+        if not present:
+            continue  # reported above
         if manifest is not None:
             by_name = {s["name"]: s["num_samples"] for s in read_manifest(manifest)["shards"]}
             counts = [by_name.get(os.path.basename(u), 0) for u in present]
