@@ -146,6 +146,15 @@ def rank_slice(n: int) -> range:
     return range(rank, n, world)
 
 
+def even_rank_slice(n: int) -> list[int]:
+    """`rank_slice`, padded by wrapping around so that every rank gets ceil(n / world) examples: equal
+    numbers of encoder passes, which expert parallelism needs (each MoE pass is collective). For results
+    keyed by example (a repeated example gives the same result)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    mine = list(rank_slice(n))
+    return mine + [i % n for i in range(len(mine), -(-n // world))] if n else []
+
+
 def gather_objects(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] (the one object outside torch.distributed)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -156,7 +165,7 @@ def gather_objects(obj) -> list:
 
 
 TASKS: dict[str, type[Task]] = {}
-TASK_MODULES = {"vqa": "vqa_task", "retrieval": "retrieval", "nlvr2": "nlvr2"}  # in eve_ds/tasks/
+TASK_MODULES = {"vqa": "vqa_task", "retrieval": "retrieval_task", "nlvr2": "nlvr2"}  # in eve_ds/tasks/
 
 
 def register_task(name: str):

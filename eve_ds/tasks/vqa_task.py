@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from eve_ds.tasks.synthetic_vqa import ensure_synthetic_vqa
-from eve_ds.tasks.task import Task, gather_objects, rank_slice, register_task
+from eve_ds.tasks.task import Task, even_rank_slice, gather_objects, register_task
 from eve_ds.tasks.vqa_data import AnswerVocab, VQADataset, read_vqa, split_minival, vqa_collate
 from eve_ds.tasks.vqa_eval import score_predictions, write_results
 from eve_ds.utils.image import normalize_image
@@ -152,9 +152,7 @@ def predict(
     """{question_id: answer string, or None when its image could not be read}, over every rank."""
     was_training = model.training
     model.eval()
-    dataset = Subset(
-        VQADataset(examples, vocab, ctx.image_size, train=False), list(rank_slice(len(examples)))
-    )
+    dataset = Subset(VQADataset(examples, vocab, ctx.image_size, train=False), even_rank_slice(len(examples)))
     collate = functools.partial(vqa_collate, tokenizer=ctx.tokenizer, max_text_len=ctx.max_text_len)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=ctx.num_workers)
     preds: dict[int, str | None] = {}

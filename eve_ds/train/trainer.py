@@ -67,6 +67,9 @@ class Trainer:
         self.task = self._prepare_task()
         if cfg.optim.warmup_ratio is not None:  # after the task derived max_steps from its epochs
             cfg.optim.warmup_steps = round(cfg.optim.warmup_ratio * cfg.train.max_steps)
+            logger.info(
+                "warm-up: %d steps (optim.warmup_ratio=%g)", cfg.optim.warmup_steps, cfg.optim.warmup_ratio
+            )
         self._build_model()
         self.engine, _, self.scheduler, ds_config = build_engine(cfg, self.model, self.world, self.device)
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
@@ -133,13 +136,12 @@ class Trainer:
         if cfg.train.max_steps is None:
             cfg.train.max_steps = max(1, math.ceil(cfg.task.epochs * n / cfg.train.global_batch_size))
         logger.info(
-            "task %s: %d training examples, %d steps (%.2f epochs of global batch %d), %d warm-up",
+            "task %s: %d training examples, %d steps (%.2f epochs of global batch %d)",
             cfg.task.name,
             n,
             cfg.train.max_steps,
             cfg.train.max_steps * cfg.train.global_batch_size / n,
             cfg.train.global_batch_size,
-            cfg.optim.warmup_steps,
         )
         return task
 
