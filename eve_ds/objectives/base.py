@@ -56,6 +56,9 @@ class ObjectiveConfig:
     mim_token_vocab_size: int = 8192
     mim_token_mask_ratio: float = 0.4  # BEiT: 40% of the patches replaced by the mask token
     mim_token_masking: str = "block"  # block (BEiT's block-wise) | random
+    # Table 5 †: MLM and MIM from ONE pass (`msm_joint`), text_mask_ratio of the text and this fraction of
+    # the patches masked (dropped) together.
+    joint_image_mask_ratio: float = 0.5  # [paper]
     # Downstream heads (set by the task from its data; see eve_ds/tasks/).
     vqa_num_answers: int = 3129  # VQA answer vocabulary
     nlvr2_head: str = "biattn"  # NLVR2 head: biattn (official) | concat
@@ -82,7 +85,7 @@ class ObjectiveConfig:
             self.mim_token_masking,
             "block or random",
         )
-        for key in ("text_mask_ratio", "image_mask_ratio", "mim_token_mask_ratio"):
+        for key in ("text_mask_ratio", "image_mask_ratio", "mim_token_mask_ratio", "joint_image_mask_ratio"):
             check(0.0 < getattr(self, key) < 1.0, f"objective.{key}", getattr(self, key), "in (0, 1)")
         check(self.aux_loss_weight >= 0, "objective.aux_loss_weight", self.aux_loss_weight, ">= 0")
         check(

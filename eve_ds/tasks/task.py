@@ -165,7 +165,7 @@ def gather_objects(obj) -> list:
 
 
 TASKS: dict[str, type[Task]] = {}
-TASK_MODULES = {"vqa": "vqa_task", "retrieval": "retrieval_task", "nlvr2": "nlvr2"}  # in eve_ds/tasks/
+TASK_MODULES = {"vqa": "vqa_task", "retrieval": "retrieval_task", "nlvr2": "nlvr2_task"}  # in eve_ds/tasks/
 
 
 def register_task(name: str):

@@ -1,0 +1,154 @@
+"""NLVR2 as a task of the shared trainer: the official files (`nlvr2_data`), accuracy on dev / test-P
+(`test1`), and the `nlvr2` objective (two fusion passes and the bi-attention or concat head).
+
+Unreadable images: a training pair with a missing image is skipped at read time and one that cannot be
+decoded is skipped by the collate (both counted); in evaluation either is an error unless
+`task.skip_bad_eval_images`, because an accuracy over a silently shrunken split cannot be compared.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections import defaultdict
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from eve_ds.tasks.nlvr2_data import NLVR2Dataset, NLVR2Example, nlvr2_collate, read_nlvr2
+from eve_ds.tasks.synthetic_nlvr2 import ensure_synthetic_nlvr2, read_templates
+from eve_ds.tasks.task import Task, TaskContext, gather_objects, rank_slice, register_task
+from eve_ds.utils.image import normalize_image
+from eve_ds.utils.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+@register_task("nlvr2")
+class NLVR2Task(Task):
+    objectives = ("nlvr2",)
+    metric = "nlvr2_acc"
+
+    def root(self) -> str:
+        c = self.cfg
+        if not c.synthetic:
+            return c.data_root
+        return ensure_synthetic_nlvr2(
+            self.ctx.cache_dir,
+            seed=c.synthetic_seed,
+            num_train=c.synthetic_num_train,
+            num_dev=c.synthetic_num_val,
+            num_test=c.synthetic_num_test,
+            image_size=self.ctx.image_size,
+        )
+
+    def prepare(self) -> None:
+        root = self.root()
+        self.train_examples, self.counts = read_nlvr2(root, "train")
+        if not self.train_examples:
+            raise ValueError(f"{root}/train.json: no training example has both images ({self.counts})")
+        log.info("NLVR2 from %s: %s (pairs with a missing image are skipped)", root, self.counts)
+
+    def objective_options(self) -> dict:
+        return {"nlvr2_head": self.cfg.nlvr2_head}
+
+    def train_dataset(self):
+        ds = NLVR2Dataset(
+            self.train_examples, self.ctx.image_size, train=True, hflip=self.ctx.hflip, seed=self.ctx.seed
+        )
+        return ds, functools.partial(
+            nlvr2_collate, tokenizer=self.ctx.tokenizer, max_text_len=self.ctx.max_text_len
+        )
+
+    def evaluate(self, model, split: str, *, device: str, dtype: torch.dtype, batch_size: int) -> dict:
+        return self.score(model, split, device=device, dtype=dtype, batch_size=batch_size)
+
+    def evaluate_split(
+        self, model, split: str, *, device: str, batch_size: int, predictions: str | None = None
+    ) -> dict:
+        return self.score(model, split, device=device, batch_size=batch_size, predictions=predictions)
+
+    def score(
+        self,
+        model,
+        split: str,
+        *,
+        device: str,
+        batch_size: int,
+        dtype: torch.dtype = torch.float32,
+        predictions: str | None = None,
+    ) -> dict:
+        """{"nlvr2_acc", "num_examples" (scored), "num_skipped"}, and `nlvr2_acc/<template>` on the
+        synthetic set; `predictions`: write NLVR2's prediction file (identifier,True|False lines)."""
+        root, skip = self.root(), self.cfg.skip_bad_eval_images
+        examples, counts = read_nlvr2(root, split, skip_missing=skip)
+        preds = predict(model, examples, self.ctx, device=device, dtype=dtype, batch_size=batch_size)
+        unreadable = [e for e in examples if preds[e.identifier] is None]
+        if unreadable and not skip:
+            e = unreadable[0]
+            raise ValueError(
+                f"NLVR2 {split}: {len(unreadable)} example(s) with an image that cannot be decoded, e.g. "
+                f"{e.identifier!r} ({e.left_path}, {e.right_path}); set task.skip_bad_eval_images=true "
+                "(eve-evaluate --skip-bad-images) to skip them"
+            )
+        scored = [e for e in examples if preds[e.identifier] is not None]
+        metrics = {
+            "nlvr2_acc": accuracy(scored, preds),
+            "num_examples": len(scored),
+            "num_skipped": counts["missing_image"] + len(unreadable),
+        }
+        metrics.update(template_accuracy(root, split, scored, preds))
+        if predictions:
+            write_predictions(predictions, scored, preds)
+            metrics["predictions"] = os.path.abspath(predictions)
+        return metrics
+
+
+def accuracy(examples: list[NLVR2Example], preds: dict[str, int | None]) -> float:
+    return sum(preds[e.identifier] == e.label for e in examples) / max(1, len(examples))
+
+
+def template_accuracy(root: str, split: str, examples: list[NLVR2Example], preds: dict) -> dict:
+    """{"nlvr2_acc/<template>": accuracy} on a synthetic split (its lines name their template); {} else."""
+    templates = read_templates(root, split)
+    groups: dict[str, list[NLVR2Example]] = defaultdict(list)
+    for e in examples:
+        if e.identifier in templates:
+            groups[templates[e.identifier]].append(e)
+    return {f"nlvr2_acc/{t}": accuracy(group, preds) for t, group in sorted(groups.items())}
+
+
+def write_predictions(path: str, examples: list[NLVR2Example], preds: dict) -> None:
+    """NLVR2's prediction file, as the official evaluation script reads it: `identifier,True|False`."""
+    lines = [f"{e.identifier},{bool(preds[e.identifier])}\n" for e in examples]
+    atomic_write_text(path, "".join(lines))
+
+
+@torch.no_grad()
+def predict(
+    model, examples: list[NLVR2Example], ctx: TaskContext, *, device: str, dtype: torch.dtype, batch_size: int
+) -> dict[str, int | None]:
+    """{identifier: 1 (True) | 0 (False), or None when an image could not be decoded}, over every rank."""
+    was_training = model.training
+    model.eval()
+    mine = list(rank_slice(len(examples)))
+    dataset = Subset(NLVR2Dataset(examples, ctx.image_size, train=False), mine)
+    collate = functools.partial(nlvr2_collate, tokenizer=ctx.tokenizer, max_text_len=ctx.max_text_len)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=ctx.num_workers)
+    preds: dict[str, int | None] = {examples[i].identifier: None for i in mine}  # None until scored
+    for batch in loader:
+        if batch is None:  # every item of the batch was unreadable
+            continue
+        inputs = {
+            "image": normalize_image(batch["image"].to(device), dtype),  # (B, 2, 3, S, S)
+            "text_ids": batch["text_ids"].to(device),
+            "text_mask": batch["text_mask"].to(device),
+        }
+        logits = model(inputs)["nlvr2_logits"]
+        preds.update(zip(batch["identifier"], logits.argmax(1).tolist()))
+    model.train(was_training)
+    merged: dict[str, int | None] = {}
+    for part in gather_objects(preds):
+        merged.update(part)
+    return merged
