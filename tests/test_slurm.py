@@ -165,6 +165,8 @@ def job_env(conf: str, **extra: str) -> dict[str, str]:
     # Nothing of an enclosing Slurm job (CI on a cluster) may leak into the submissions.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "EVE_"))}
     env.update({"SLURM_CONF": conf, "EVE_ROOT": str(REPO), "EVE_PYTHON": sys.executable, **extra})
+    if "EVE_PYTHON" in extra:  # a stand-in trainer cannot answer the launcher's `--dry-run` preflight
+        env.setdefault("EVE_SKIP_PREFLIGHT", "1")
     return env
 
 
