@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from eve_ds.bench.table1 import MSM, BenchConfig, RowResult
-from eve_ds.models.config import get_config
 from eve_ds.objectives.flops import FORMULA
 
 NAMES = {"mlm": "MLM", "itc": "ITC", "itm": "ITM", "mim_token": "MIM (token)", "mim_pixel": "MIM (pixel)"}
@@ -97,7 +96,7 @@ def to_markdown(bc: BenchConfig, rows: list[RowResult], meta: dict) -> str:
     dev = meta["device"]["name"]
     head = (
         f"Pre-training throughput, `{bc.model}` on {dev} ({bc.device}), data={bc.data}, "
-        f"ZeRO-{bc.zero_stage}, text {bc.text_len}/{get_config(bc.model).max_text_len} tokens; "
+        f"ZeRO-{bc.zero_stage}, text {bc.text_len}/{bc.model_config().max_text_len} tokens; "
         f"hours per epoch of {bc.corpus_size / 1e6:g}M pairs on {bc.num_gpus} GPUs.\n"
     )
     lines = [
@@ -140,7 +139,7 @@ def to_json(bc: BenchConfig, rows: list[RowResult], meta: dict) -> dict:
     return {
         "benchmark": "pretrain_table1",
         **meta,
-        "config": {"bench": dataclasses.asdict(bc), "model": get_config(bc.model).to_dict()},
+        "config": {"bench": dataclasses.asdict(bc), "model": bc.model_config().to_dict()},
         "flops_formula": FORMULA,
         "mfu_formula": "achieved FLOP/s (pairs/s x FLOPs/pair) / peak dense bf16 FLOP/s of one GPU "
         "(H100 SXM / H200 989, A100 312 TFLOP/s); null on CPU",

@@ -24,6 +24,7 @@ from eve_ds.models.config import EVEConfig, get_config
 from eve_ds.objectives import ObjectiveConfig, PretrainingModel
 from eve_ds.objectives.flops import TextShape, flops_per_pair, peak_tflops
 from eve_ds.objectives.mim_token import token_mim_mask
+from eve_ds.utils.config import apply_override
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,16 @@ class BenchConfig:
     num_gpus: int = 8
     peak_tflops: float | None = None  # None: from the device name (null on CPU)
     seed: int = 0
+    model_overrides: list[str] = field(default_factory=list)  # "key=value" on the flavor's EVEConfig
 
     CPU_DEFAULT_BATCH = 8
+
+    def model_config(self) -> EVEConfig:
+        """The flavor's config with `model_overrides` applied."""
+        raw = get_config(self.model).to_dict()
+        for item in self.model_overrides:
+            apply_override(raw, item)
+        return EVEConfig.from_dict(raw)
 
     def ds_config_name(self) -> str:
         return self.ds_config or ("zero2_bf16" if self.device == "cuda" else "zero2_cpu")
@@ -319,7 +328,7 @@ def time_steps(engine, data: Iterator[dict[str, Tensor]], bc: BenchConfig) -> tu
 
 
 def run_row(bc: BenchConfig, task_set: list[str]) -> RowResult:
-    cfg = get_config(bc.model)
+    cfg = bc.model_config()
     obj = ObjectiveConfig(objectives=list(task_set))
     obj.validate()
     if bc.batch_size is not None or bc.device != "cuda":

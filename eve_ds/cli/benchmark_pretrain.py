@@ -60,6 +60,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"{BenchConfig.CPU_DEFAULT_BATCH} on CPU",
     )
     p.add_argument("--max-batch-limit", type=int, default=d.max_batch_limit)
+    p.add_argument(
+        "--batch-granularity",
+        type=int,
+        default=d.batch_granularity,
+        help="the max-batch search stops when its bracket is this narrow",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model config override, e.g. --set expert_impl=loop (repeatable)",
+    )
     p.add_argument("--zero-stage", type=int, default=d.zero_stage, choices=[0, 1, 2])
     p.add_argument("--ds-config", default=None, help="ds_configs/ name (default: zero2_bf16 / zero2_cpu)")
     p.add_argument(
@@ -101,6 +114,8 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         device=device,
         batch_size=args.batch_size,
         max_batch_limit=args.max_batch_limit,
+        batch_granularity=args.batch_granularity,
+        model_overrides=args.set,
         zero_stage=args.zero_stage,
         ds_config=args.ds_config,
         data=args.data,

@@ -1,90 +1,134 @@
-"""`eve-profile`: where a training step's time goes, by model region and by operator (torch.profiler).
+"""`eve-profile`: where a training step's time goes — by model region, by step part, by operator.
 
-    eve-profile --model eve_base --batch-size 4 --task-set mlm,mim_pixel --device cuda
+    eve-profile --model eve_base --batch-size 64 --task-set mlm,mim_pixel --device cuda --dtype bf16 \\
+        --json profile.json
 
-Regions are labelled from outside the model (forward hooks open a `record_function` per module), so the
-model code stays free of profiling calls. Forward + backward of the plain module (no optimizer step).
+Prints (and writes with --json):
+  * the device time of every model region per training step (each call replayed on its own, forward +
+    backward: `eve_ds.bench.regions`), with their sum;
+  * the DeepSpeed engine's step (ZeRO stage of the benchmark's DeepSpeed config) split into forward,
+    backward and optimizer step, and the host-to-device copy of one batch;
+  * with --ops, torch.profiler's operator table of one forward + backward (self device time on CUDA).
 """
 
 from __future__ import annotations
 
 import argparse
-import time
-from collections import defaultdict
+import logging
+import sys
 
 import torch
-from torch import nn
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
 
-from eve_ds.bench.table1 import BenchConfig, build_model, memory_batches
+from eve_ds.bench.regions import h2d_time, region_times, step_split
+from eve_ds.bench.report import device_info, git_revision, versions
+from eve_ds.bench.table1 import BenchConfig, build_bench_engine, build_model, memory_batches
 from eve_ds.models.config import FLAVORS, get_config
-from eve_ds.models.heads import MLMHead, PixelDecoder
-from eve_ds.models.layers import Attention, HardRouterFFN, SoftRouterFFN
 from eve_ds.objectives import ObjectiveConfig
+from eve_ds.train.distributed import init_distributed
+from eve_ds.utils.config import apply_override
+from eve_ds.utils.io import atomic_write_json
 
-REGIONS = {
-    Attention: "attention",
-    HardRouterFFN: "hard-router FFN",
-    SoftRouterFFN: "soft-router FFN (MoE)",
-    MLMHead: "MLM head",
-    PixelDecoder: "pixel decoder",
-}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def label_regions(model: nn.Module) -> list:
-    """Wrap the forward of every module of a REGIONS type in record_function(region)."""
-    handles = []
-    for m in model.modules():
-        name = next((n for t, n in REGIONS.items() if isinstance(m, t)), None)
-        if name is None:
-            continue
-
-        def pre(mod, args, _name=name):
-            mod._rf = record_function(f"region::{_name}")
-            mod._rf.__enter__()
-
-        def post(mod, args, out):
-            mod._rf.__exit__(None, None, None)
-
-        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-    return handles
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="eve-profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="eve_tiny", choices=sorted(FLAVORS))
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--task-set", default="mlm,mim_pixel")
-    p.add_argument("--steps", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--reps", type=int, default=10, help="timed repeats per region call")
+    p.add_argument("--steps", type=int, default=5, help="timed engine steps for the step split")
+    p.add_argument("--no-engine", action="store_true", help="skip the DeepSpeed step split")
+    p.add_argument("--ops", action="store_true", help="also print torch.profiler's operator table")
     p.add_argument("--top", type=int, default=25)
-    args = p.parse_args(argv)
-    cfg = get_config(args.model)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override")
+    p.add_argument("--json", default=None, help="write the results here")
+    return p.parse_args(argv)
+
+
+def model_config(name: str, overrides: list[str]):
+    cfg = get_config(name)
+    raw = cfg.to_dict()
+    for item in overrides:
+        apply_override(raw, item)
+    return type(cfg).from_dict(raw)
+
+
+def profile_model(args: argparse.Namespace, cfg, obj: ObjectiveConfig, bc: BenchConfig, dtype) -> dict:
+    """Region times, the batch copy and (--ops) the operator table of the plain module (no engine)."""
+    model = build_model(cfg, obj, 0).to(args.device, dtype)
+    batch = next(memory_batches(cfg, obj, args.batch_size, bc, dtype, num_batches=1))
+    gen = torch.Generator(device=args.device)
+
+    def forward():
+        return model(batch, generator=gen.manual_seed(0))
+
+    regions = region_times(model, forward, args.device, args.reps)
+    result = {
+        "model": args.model,
+        "task_set": obj.objectives,
+        "batch_size": args.batch_size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "overrides": args.set,
+        "regions_ms": regions,
+        "regions_sum_ms": sum(r["ms"] for r in regions.values()),
+        "h2d_ms": h2d_time(cfg, args.batch_size, args.device),
+    }
+    print(
+        f"{args.model} {'+'.join(obj.objectives)} batch {args.batch_size} {result['dtype']} {args.set or ''}"
+    )
+    print("device time per training step, region by region (forward + backward, each call on its own):")
+    for k, v in sorted(regions.items(), key=lambda kv: -kv[1]["ms"]):
+        print(f"  {k:28s} {v['ms']:9.2f} ms  ({v['calls']} calls)")
+    print(f"  {'sum of regions':28s} {result['regions_sum_ms']:9.2f} ms")
+    print(f"  {'host-to-device batch copy':28s} {result['h2d_ms']:9.2f} ms")
+    if args.ops:
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+        with profile(activities=acts) as prof:
+            forward()["loss"].backward()
+        sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.top))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    args = parse_args(argv)
+    dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+    cfg = model_config(args.model, args.set)
     obj = ObjectiveConfig(objectives=args.task_set.split(","))
-    model = build_model(cfg, obj, 0).to(args.device)
     bc = BenchConfig(model=args.model, device=args.device)
-    data = memory_batches(cfg, obj, args.batch_size, bc, torch.float32, num_batches=1)
-    model(next(data))["loss"].backward()  # warm-up
-    handles = label_regions(model)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
-    t0 = time.perf_counter()
-    with profile(activities=acts) as prof:
-        for _ in range(args.steps):
-            out = model(next(data))
-            out["loss"].backward()
-    wall = (time.perf_counter() - t0) / args.steps
-    for h in handles:
-        h.remove()
-    events = prof.key_averages()
-    regions = defaultdict(float)
-    for e in events:
-        if e.key.startswith("region::"):
-            regions[e.key[8:]] += e.cpu_time_total / 1e3 / args.steps
-    print(f"{args.model} {args.task_set} batch {args.batch_size}: {wall * 1e3:.0f} ms per forward+backward")
-    print("forward time by region (ms/step, inclusive):")
-    for k, v in sorted(regions.items(), key=lambda kv: -kv[1]):
-        print(f"  {k:28s} {v:9.1f}")
-    print(events.table(sort_by="self_cpu_time_total", row_limit=args.top))
+    init_distributed(args.device, timeout_s=600)
+    result = profile_model(args, cfg, obj, bc, dtype)
+    if not args.no_engine:
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        engine, edtype = build_bench_engine(bc, cfg, obj, args.batch_size)
+        split = step_split(
+            engine, memory_batches(cfg, obj, args.batch_size, bc, edtype), args.device, args.steps
+        )
+        result["engine_step_ms"] = split
+        result["engine_step_total_ms"] = sum(split.values())
+        result["peak_memory_gib"] = (
+            torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+        )
+        print("DeepSpeed engine step, synchronised between parts:")
+        for k, v in split.items():
+            print(f"  {k:28s} {v:9.2f} ms")
+        print(f"  {'total':28s} {result['engine_step_total_ms']:9.2f} ms")
+    commit, dirty = git_revision()
+    result["meta"] = {
+        "device": device_info(args.device),
+        "versions": versions(),
+        "git_revision": commit,
+        "git_dirty": dirty,
+        "command": "eve-profile " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    if args.json:
+        atomic_write_json(args.json, result)
     return 0
 
 

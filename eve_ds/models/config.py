@@ -45,6 +45,9 @@ class EVEConfig:
     capacity_factor: float = 1.0  # only used when drop_tokens is True
     modality_routing: bool = True  # router logits = W (x + b_m), paper eq. 6
     top2_second_expert_sampling: bool = False  # DeepSpeed's Gumbel-noise 2nd expert; off = plain top-2
+    # [ours] how the local experts run: "stacked" = two batched matmuls over all experts (one launch each),
+    # "loop" = DeepSpeed's Experts, one FFN call per expert. Same parameters and checkpoint names.
+    expert_impl: str = "stacked"
 
     # Pre-training heads.
     mlm_head_hidden: int | None = None  # two-layer MLP text decoder; None -> hidden_size
@@ -102,6 +105,9 @@ class EVEConfig:
             "model.ep_size",
             self.ep_size,
             f"a divisor of model.num_experts={self.num_experts}",
+        )
+        check(
+            self.expert_impl in ("stacked", "loop"), "model.expert_impl", self.expert_impl, "stacked | loop"
         )
         check(self.max_text_len >= 3, "model.max_text_len", self.max_text_len, ">= 3 ([CLS] x [SEP])")
         check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", self.drop_path_rate, "in [0, 1)")

@@ -8,6 +8,8 @@ load-balancing loss — is DeepSpeed's own code.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from deepspeed.moe.experts import Experts
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import TopKGate
 from timm.layers import Mlp
@@ -51,6 +53,34 @@ class ModalityTopKGate(TopKGate):
         return torch.nn.functional.linear(x.float(), self.wg.weight.float())
 
 
+class StackedExperts(Experts):
+    """DeepSpeed's ``Experts`` (same modules, parameters and checkpoint names) computed as two batched
+    matmuls over all local experts instead of a Python loop of 2 x E small ones: E times fewer kernel
+    launches in the forward and the backward pass. The experts must be plain GELU ``Mlp``s without
+    dropout (what :class:`ModalityMoE` builds)."""
+
+    def __init__(self, expert: Mlp, num_local_experts: int, expert_group_name: str | None) -> None:
+        plain = isinstance(expert.act, nn.GELU) and expert.act.approximate == "none"
+        for m in (expert.drop1, expert.norm, expert.drop2):
+            plain &= isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and m.p == 0)
+        if not plain:
+            raise ValueError(f"StackedExperts needs GELU Mlp experts without dropout or norm, got {expert}")
+        super().__init__(expert, num_local_experts, expert_group_name)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        """inputs: (G, E, C, D), G = expert-parallel groups, E = local experts -> (G, E, C, D)."""
+        G, E, C, D = inputs.shape
+        experts = self.deepspeed_experts
+        x = inputs.transpose(0, 1).reshape(E, G * C, D)
+        w1 = torch.stack([e.fc1.weight for e in experts])  # (E, F, D)
+        b1 = torch.stack([e.fc1.bias for e in experts])  # (E, F)
+        h = F.gelu(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))  # (E, G*C, F)
+        w2 = torch.stack([e.fc2.weight for e in experts])  # (E, D, F)
+        b2 = torch.stack([e.fc2.bias for e in experts])  # (E, D)
+        out = torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2))  # (E, G*C, D)
+        return out.view(E, G, C, D).transpose(0, 1)
+
+
 class ModalityMoE(MoE):
     """``deepspeed.moe.layer.MoE`` with a :class:`ModalityTopKGate`; experts are timm ``Mlp`` FFNs."""
 
@@ -65,6 +95,7 @@ class ModalityMoE(MoE):
         capacity_factor: float,
         modality_routing: bool,
         second_expert_sampling: bool,
+        expert_impl: str = "stacked",
     ) -> None:
         expert = Mlp(hidden_size, ffn_size, act_layer=nn.GELU)
         super().__init__(
@@ -91,6 +122,13 @@ class ModalityMoE(MoE):
             use_rts=False,
             top2_2nd_expert_sampling=second_expert_sampling,
         )
+        if expert_impl == "stacked":
+            # Built like DeepSpeed's own (MoE.__init__), in its place: same copies, flags and names.
+            self.deepspeed_moe.experts = StackedExperts(
+                expert, self.num_local_experts, self.expert_group_name
+            )
+        elif expert_impl != "loop":
+            raise ValueError(f"expert_impl must be 'stacked' or 'loop', got {expert_impl!r}")
 
     @property
     def gate(self) -> ModalityTopKGate:
