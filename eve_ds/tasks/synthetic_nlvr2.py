@@ -1,11 +1,18 @@
 """A synthetic NLVR2: true/false statements about pairs of shapes scenes, in NLVR2's official layout.
 
 Each image pair is two `eve_ds.data.synthetic` scenes; STATEMENTS_PER_PAIR statements are written about
-it, each from one of TEMPLATES and with a chosen truth value. Every block of 2 * len(TEMPLATES)
-consecutive examples holds each (template, label) exactly once, in a random order, so labels are
-balanced within every template and the template alone says nothing about the label. When a pair admits
-no statement of the wanted (template, label) -- "the left image has more shapes than the right image"
-cannot be made true of two scenes with three shapes each -- the pair is drawn again.
+it, each from one of TEMPLATES and with a chosen truth value. The templates say that exactly one, both or
+neither image contains a described shape (the issue's specification), or that the left / right image
+does. Every block of 2 * len(TEMPLATES) consecutive examples holds each (template, label) exactly once,
+in a random order, so labels are balanced within every template and the template alone says nothing
+about the label. When a pair admits no statement of the wanted (template, label, descriptor form) --
+"both images contain a large red shape" cannot be true of two scenes without one -- the pair is drawn
+again.
+
+Version 1 also counted shapes ("there are exactly five shapes in total", "the left image has more
+shapes than the right image") and named shapes by kind alone ("a circle"), which the tiny pre-trained
+encoder cannot read (docs/nlvr2.md); and it chose a descriptor's form after the scenes, so the form
+told the label of "both images" statements (text alone: 0.70).
 
 Written files (read by `eve_ds.tasks.nlvr2_data.read_nlvr2`, like the real data set):
 
@@ -29,32 +36,33 @@ from collections.abc import Callable
 
 import numpy as np
 
-from eve_ds.data.synthetic import COLOURS, SHAPES, SIZES, make_scene, render
+from eve_ds.data.synthetic import COLOURS, SIZES, make_scene, render
 from eve_ds.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when the generator changes, so cached data sets are regenerated
+VERSION = 2  # bump when the generator changes, so cached data sets are regenerated
 SPLITS = {"train": 0, "dev": 1, "test1": 2}
 # Scene seeds [seed, 1020 + split, pair] and block orders [seed, 1040 + split, block]: disjoint from
 # pre-training's [seed, 0 | 1, index].
 _SCENE_SEEDS, _BLOCK_SEEDS = 1020, 1040
 STATEMENTS_PER_PAIR = 2
 NUM_DIRECTORIES = 16  # train images are spread over images/train/0 ... /15, as NLVR2 spreads them
-COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 SIDES = ("left", "right")
 
-# A descriptor names some of a shape's attributes ("a large yellow shape"); forms are tried in a random
-# order so true and false statements use the same mix of specific and vague descriptions.
-FORMS = (("colour", "shape"), ("shape",), ("colour",), ("size", "colour", "shape"), ("size", "shape"))
-FORMS += (("size", "colour"), ("size",))
-_VALUES = {"size": list(SIZES), "colour": list(COLOURS), "shape": list(SHAPES)}
+# A descriptor names a shape by its colour, or by its size and colour ("a large yellow shape"): the
+# attributes the pre-trained encoder reads (masked-word accuracy: colour 0.79, size 0.87, shape 0.35).
+# Each statement's form is drawn once, before any scene: drawn again with every redrawn scene pair, the
+# form a (template, label) rarely fits (a true "both images contain a large red shape") would be
+# replaced by an easier one, and the form alone would tell the label.
+FORMS = (("colour",), ("size", "colour"))
+_VALUES = {"size": list(SIZES), "colour": list(COLOURS)}
 _DESCRIPTORS = [
     [dict(zip(form, v)) for v in itertools.product(*(_VALUES[a] for a in form))] for form in FORMS
 ]
 
 Scene = dict
-Statement = Callable[[Scene, Scene, np.random.Generator, bool], str | None]
+Statement = Callable[[Scene, Scene, np.random.Generator, bool, int], str | None]
 
 
 def phrase(desc: dict) -> str:
@@ -68,54 +76,32 @@ def contains(scene: Scene, desc: dict) -> bool:
     return any(all(s[a] == v for a, v in desc.items()) for s in scene["shapes"])
 
 
-def _pick(rng: np.random.Generator, want: bool, truth: Callable[[dict], bool]) -> dict | None:
-    """A random descriptor d with truth(d) == want, from the first form (in random order) that has one."""
-    for f in rng.permutation(len(FORMS)):
-        fits = [d for d in _DESCRIPTORS[f] if truth(d) == want]
-        if fits:
-            return fits[int(rng.integers(len(fits)))]
-    return None
+def _pick(rng: np.random.Generator, want: bool, form: int, truth: Callable[[dict], bool]) -> dict | None:
+    """A random descriptor d of FORMS[form] with truth(d) == want; None when there is none."""
+    fits = [d for d in _DESCRIPTORS[form] if truth(d) == want]
+    return fits[int(rng.integers(len(fits)))] if fits else None
 
 
-def one_image(left: Scene, right: Scene, rng: np.random.Generator, want: bool) -> str | None:
-    desc = _pick(rng, want, lambda d: contains(left, d) != contains(right, d))
+def one_image(left: Scene, right: Scene, rng: np.random.Generator, want: bool, form: int) -> str | None:
+    desc = _pick(rng, want, form, lambda d: contains(left, d) != contains(right, d))
     return None if desc is None else f"exactly one image contains {phrase(desc)}"
 
 
-def both_images(left: Scene, right: Scene, rng: np.random.Generator, want: bool) -> str | None:
-    desc = _pick(rng, want, lambda d: contains(left, d) and contains(right, d))
+def both_images(left: Scene, right: Scene, rng: np.random.Generator, want: bool, form: int) -> str | None:
+    desc = _pick(rng, want, form, lambda d: contains(left, d) and contains(right, d))
     return None if desc is None else f"both images contain {phrase(desc)}"
 
 
-def neither_image(left: Scene, right: Scene, rng: np.random.Generator, want: bool) -> str | None:
-    desc = _pick(rng, want, lambda d: not contains(left, d) and not contains(right, d))
+def neither_image(left: Scene, right: Scene, rng: np.random.Generator, want: bool, form: int) -> str | None:
+    desc = _pick(rng, want, form, lambda d: not contains(left, d) and not contains(right, d))
     return None if desc is None else f"neither image contains {phrase(desc)}"
 
 
-def side_contains(left: Scene, right: Scene, rng: np.random.Generator, want: bool) -> str | None:
-    side = SIDES[int(rng.integers(2))]
+def side_contains(left: Scene, right: Scene, rng: np.random.Generator, want: bool, form: int) -> str | None:
+    side = SIDES[int(rng.integers(2))]  # left and right are alike: redraws cannot bias it
     scene = left if side == "left" else right
-    desc = _pick(rng, want, lambda d: contains(scene, d))
+    desc = _pick(rng, want, form, lambda d: contains(scene, d))
     return None if desc is None else f"the {side} image contains {phrase(desc)}"
-
-
-def more_shapes(left: Scene, right: Scene, rng: np.random.Generator, want: bool) -> str | None:
-    counts = {"left": len(left["shapes"]), "right": len(right["shapes"])}
-    for i in rng.permutation(2):
-        a, b = SIDES[i], SIDES[1 - i]
-        if (counts[a] > counts[b]) == want:
-            return f"the {a} image has more shapes than the {b} image"
-    return None  # equal counts: "more" cannot be true
-
-
-def total_count(left: Scene, right: Scene, rng: np.random.Generator, want: bool) -> str:
-    total = len(left["shapes"]) + len(right["shapes"])
-    n = total
-    # A false count is drawn like a true one (a sum of two scenes' counts, 1-3 each) so that the number
-    # word alone says little about the label.
-    while not want and n == total:
-        n = int(rng.integers(1, 4) + rng.integers(1, 4))
-    return f"there are exactly {COUNT_WORDS[n]} shapes in total"
 
 
 STATEMENTS: dict[str, Statement] = {
@@ -123,8 +109,6 @@ STATEMENTS: dict[str, Statement] = {
     "both_images": both_images,
     "neither_image": neither_image,
     "side_contains": side_contains,
-    "more_shapes": more_shapes,
-    "total_count": total_count,
 }
 TEMPLATES = tuple(STATEMENTS)
 
@@ -146,13 +130,15 @@ def assignment(seed: int, split: str, index: int) -> tuple[str, int]:
 def make_pair(seed: int, split: str, pair: int, slots: list[tuple[str, int]], image_size: int) -> dict:
     """Scenes, images (PIL) and one sentence per (template, label) slot for image pair number `pair`."""
     rng = np.random.default_rng([seed, _SCENE_SEEDS + SPLITS[split], pair])
+    forms = [int(rng.integers(len(FORMS))) for _ in slots]  # fixed before any scene (see FORMS)
     for _ in range(1000):
         left, right = make_scene(rng, image_size), make_scene(rng, image_size)
-        sentences = [STATEMENTS[t](left, right, rng, bool(label)) for t, label in slots]
+        sentences = [STATEMENTS[t](left, right, rng, bool(y), f) for (t, y), f in zip(slots, forms)]
         if all(s is not None for s in sentences):
             images = render(left, rng, image_size), render(right, rng, image_size)
             return {"left": left, "right": right, "sentences": sentences, "images": images}
-    raise RuntimeError(f"no scene pair fits {slots} after 1000 draws")  # each draw fits with p > 0.1
+    # A true "both images contain a large red shape", the rarest slot, fits about one draw in four.
+    raise RuntimeError(f"no scene pair fits {slots} after 1000 draws")
 
 
 def _write_split(root: str, split: str, num: int, seed: int, image_size: int) -> None:
