@@ -1,0 +1,96 @@
+"""Which attribute words a pre-training run reads from the image, under different text masks.
+
+    python benchmarks/default_run_masks.py runs/eve_tiny_synthetic --json masks.json
+
+Fresh synthetic scenes (seeds disjoint from the corpus's), captioned as in training. Masks: `random50` (the
+validation's masking: 50% of each caption's tokens) and `only_<category>` (only that category's words
+masked, every other caption token visible: e.g. `only_relation` leaves both shapes' full descriptions in
+view). Each is scored with the images and with the images rolled across the batch (the text-only control).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from eve_ds.convert import load_init_weights
+from eve_ds.data.pipeline import load_tokenizer
+from eve_ds.data.synthetic import attribute_token_ids, caption, make_scene, render
+from eve_ds.models.config import eve_tiny
+from eve_ds.models.heads import MLMHead
+from eve_ds.objectives import ObjectiveConfig, PretrainingModel
+from eve_ds.objectives.masking import mask_text
+from eve_ds.utils.image import normalize_image
+
+
+def scenes_batch(
+    n: int, image_size: int, tokenizer, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    scenes = [make_scene(np.random.default_rng([7, 77, i]), image_size) for i in range(n)]
+    pixels = [
+        np.asarray(render(s, np.random.default_rng([7, 78, i]), image_size)) for i, s in enumerate(scenes)
+    ]
+    images = normalize_image(torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous())
+    enc = tokenizer(
+        [caption(s) for s in scenes],
+        max_length=max_len,
+        truncation=True,
+        padding="max_length",
+        return_tensors="pt",
+    )
+    return images, enc["input_ids"], enc["attention_mask"]
+
+
+@torch.no_grad()
+def score(model, head, images, ids, text_mask, mode: str, cats: dict, mask_id: int, bs: int = 128) -> dict:
+    """{category: [accuracy, accuracy with images rolled, masked words]} under one mask mode."""
+    counts = {c: [0, 0, 0] for c in cats}
+    for s in range(0, len(ids), bs):
+        t_ids, t_mask, img = ids[s : s + bs], text_mask[s : s + bs], images[s : s + bs]
+        if mode == "random50":
+            masked, mmask = mask_text(t_ids, t_mask, 0.5, mask_id, torch.Generator().manual_seed(s))
+        else:
+            mmask = torch.isin(t_ids, cats[mode.removeprefix("only_")])
+            masked = t_ids.masked_fill(mmask, mask_id)
+        target = t_ids[mmask]
+        pred = head(model.encoder(img, masked, t_mask).text[mmask]).argmax(-1)
+        pred_rolled = head(model.encoder(img.roll(1, 0), masked, t_mask).text[mmask]).argmax(-1)
+        for c, cid in cats.items():
+            is_c = torch.isin(target, cid)
+            counts[c][0] += int((pred == target)[is_c].sum())
+            counts[c][1] += int((pred_rolled == target)[is_c].sum())
+            counts[c][2] += int(is_c.sum())
+    return {
+        c: [round(h / max(n, 1), 3), round(hr / max(n, 1), 3), n] for c, (h, hr, n) in counts.items() if n
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="an eve_tiny pre-training run (or export) to load")
+    p.add_argument("--num-scenes", type=int, default=1024)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    cfg = eve_tiny()
+    tokenizer = load_tokenizer("bert-base-uncased")
+    cats = {c: torch.tensor(v) for c, v in attribute_token_ids(tokenizer).items()}
+    model = PretrainingModel(cfg, ObjectiveConfig(objectives=["mlm"]))
+    load_init_weights(model, args.run_dir)
+    model.eval()
+    head = next(m for m in model.modules() if isinstance(m, MLMHead))
+    data = scenes_batch(args.num_scenes, cfg.image_size, tokenizer, cfg.max_text_len)
+    result = {}
+    for mode in ["random50", *(f"only_{c}" for c in cats)]:
+        result[mode] = score(model, head, *data, mode, cats, tokenizer.mask_token_id)
+        print(mode, result[mode], flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"run_dir": args.run_dir, "num_scenes": args.num_scenes, "scores": result}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
