@@ -120,3 +120,28 @@ def test_max_batch_search_finds_the_largest_fitting_batch(largest):
 
 def test_parse_task_sets():
     assert parse_task_sets("mlm,mim_pixel; mlm,itc,itm") == [["mlm", "mim_pixel"], ["mlm", "itc", "itm"]]
+
+
+def test_eve_profile_regions_and_engine_split_on_cpu(tmp_path, capsys):
+    """eve-profile times every region call of one MSM step (4 blocks x 2 passes of attention, 3 + 3
+    hard-router and 1 + 1 soft-router calls on eve_tiny) and splits the engine's step; --set reaches the
+    model config."""
+    from eve_ds.cli.profile import main as profile
+
+    out = tmp_path / "p.json"
+    args = ["--model", "eve_tiny", "--batch-size", "2", "--reps", "1", "--steps", "1", "--json", str(out)]
+    assert profile([*args, "--set", "expert_impl=loop"]) == 0
+    d = json.loads(out.read_text())
+    calls = {k: v["calls"] for k, v in d["regions_ms"].items()}
+    assert calls == {
+        "attention": 8,
+        "hard-router FFN": 6,
+        "soft-router FFN (MoE)": 2,
+        "MLM head": 1,
+        "pixel decoder": 1,
+    }
+    assert all(v["ms"] > 0 for v in d["regions_ms"].values())
+    assert d["regions_sum_ms"] == pytest.approx(sum(v["ms"] for v in d["regions_ms"].values()))
+    assert set(d["engine_step_ms"]) == {"forward", "backward", "optimizer step"}
+    assert d["overrides"] == ["expert_impl=loop"] and d["meta"]["device"]["type"] == "cpu"
+    assert "sum of regions" in capsys.readouterr().out
