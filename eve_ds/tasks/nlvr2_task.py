@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Subset
 
 from eve_ds.tasks.nlvr2_data import NLVR2Dataset, NLVR2Example, nlvr2_collate, read_nlvr2
 from eve_ds.tasks.synthetic_nlvr2 import ensure_synthetic_nlvr2, read_templates
-from eve_ds.tasks.task import Task, TaskContext, gather_objects, rank_slice, register_task
+from eve_ds.tasks.task import Task, TaskContext, even_rank_slice, gather_objects, register_task
 from eve_ds.utils.image import normalize_image
 from eve_ds.utils.io import atomic_write_text
 
@@ -132,7 +132,9 @@ def predict(
     """{identifier: 1 (True) | 0 (False), or None when an image could not be decoded}, over every rank."""
     was_training = model.training
     model.eval()
-    mine = list(rank_slice(len(examples)))
+    # Padded so that every rank makes the same number of passes (expert parallelism: each MoE pass is
+    # collective); a repeated statement gives the same prediction.
+    mine = even_rank_slice(len(examples))
     dataset = Subset(NLVR2Dataset(examples, ctx.image_size, train=False), mine)
     collate = functools.partial(nlvr2_collate, tokenizer=ctx.tokenizer, max_text_len=ctx.max_text_len)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=ctx.num_workers)
