@@ -3,8 +3,8 @@
     python tools/benchmark_pretrain.py --model eve_tiny --quick --json /tmp/t1.json      # CI smoke test
     python tools/benchmark_pretrain.py --model eve_tiny --json benchmarks/results/table1-cpu.json \\
         --markdown benchmarks/results/table1-cpu.md
-    python tools/benchmark_pretrain.py --model eve_base --device cuda --json $OUT/table1-h100.json \\
-        --markdown $OUT/table1-h100.md                                                 # max batch searched
+    python tools/benchmark_pretrain.py --model eve_base --device cuda --json results/table1-h100.json \\
+        --markdown results/table1-h100.md                                                 # max batch searched
 """
 
 from __future__ import annotations
