@@ -145,3 +145,20 @@ def test_eve_profile_regions_and_engine_split_on_cpu(tmp_path, capsys):
     assert set(d["engine_step_ms"]) == {"forward", "backward", "optimizer step"}
     assert d["overrides"] == ["expert_impl=loop"] and d["meta"]["device"]["type"] == "cpu"
     assert "sum of regions" in capsys.readouterr().out
+
+
+def test_region_replay_runs_the_backward():
+    """A replayed region call is timed forward + backward: its parameters receive gradients."""
+    import torch
+
+    from eve_ds.bench.regions import Timer, capture_calls, time_call
+    from eve_ds.bench.table1 import BenchConfig, build_model, memory_batches
+
+    cfg, obj = get_config("eve_tiny"), ObjectiveConfig(objectives=["mlm", "mim_pixel"])
+    model = build_model(cfg, obj, 0)
+    batch = next(memory_batches(cfg, obj, 2, BenchConfig(), torch.float32, num_batches=1))
+    calls = capture_calls(model, lambda: model(batch, generator=torch.Generator().manual_seed(0)))
+    for region in ("attention", "soft-router FFN (MoE)"):
+        call = next(c for c in calls if c.region == region)
+        assert time_call(call, Timer("cpu"), reps=1) > 0
+        assert all(p.grad is not None for p in call.module.parameters() if p.requires_grad), region

@@ -105,16 +105,17 @@ class Timer:
 
 
 def time_call(call: Call, timer: Timer, reps: int) -> float:
-    """Forward + backward of one captured call, in ms (gradients of ones-like random signs)."""
-    with torch.no_grad():
-        probe = _outputs(call.module(*call.args)) or []
+    """Forward + backward of one captured call, in ms (random output gradients)."""
+    # With grad enabled: outputs made under no_grad do not require grad, and there would be no backward.
+    probe = _outputs(call.module(*call.args))
     gen = torch.Generator(device=probe[0].device).manual_seed(0) if probe else None
     grads = [torch.randn(o.shape, generator=gen, device=o.device, dtype=o.dtype) for o in probe]
+    del probe
 
     def fwd_bwd():
         outs = _outputs(call.module(*call.args))
         if outs:
-            torch.autograd.backward(outs[: len(grads)], grads[: len(outs)])
+            torch.autograd.backward(outs, grads)
 
     return timer(fwd_bwd, reps)
 
