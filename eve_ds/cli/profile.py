@@ -23,10 +23,9 @@ from torch.profiler import ProfilerActivity, profile
 from eve_ds.bench.regions import h2d_time, region_times, step_split
 from eve_ds.bench.report import device_info, git_revision, versions
 from eve_ds.bench.table1 import BenchConfig, build_bench_engine, build_model, memory_batches
-from eve_ds.models.config import FLAVORS, get_config
+from eve_ds.models.config import FLAVORS
 from eve_ds.objectives import ObjectiveConfig
 from eve_ds.train.distributed import init_distributed
-from eve_ds.utils.config import apply_override
 from eve_ds.utils.io import atomic_write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -47,14 +46,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override")
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args(argv)
-
-
-def model_config(name: str, overrides: list[str]):
-    cfg = get_config(name)
-    raw = cfg.to_dict()
-    for item in overrides:
-        apply_override(raw, item)
-    return type(cfg).from_dict(raw)
 
 
 def profile_model(args: argparse.Namespace, cfg, obj: ObjectiveConfig, bc: BenchConfig, dtype) -> dict:
@@ -98,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     args = parse_args(argv)
     dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
-    cfg = model_config(args.model, args.set)
+    bc = BenchConfig(model=args.model, device=args.device, model_overrides=args.set)
+    cfg = bc.model_config()
     obj = ObjectiveConfig(objectives=args.task_set.split(","))
-    bc = BenchConfig(model=args.model, device=args.device)
     init_distributed(args.device, timeout_s=600)
     result = profile_model(args, cfg, obj, bc, dtype)
     if not args.no_engine:

@@ -61,14 +61,6 @@ class NLVR2Task(Task):
             nlvr2_collate, tokenizer=self.ctx.tokenizer, max_text_len=self.ctx.max_text_len
         )
 
-    def evaluate(self, model, split: str, *, device: str, dtype: torch.dtype, batch_size: int) -> dict:
-        return self.score(model, split, device=device, dtype=dtype, batch_size=batch_size)
-
-    def evaluate_split(
-        self, model, split: str, *, device: str, batch_size: int, predictions: str | None = None
-    ) -> dict:
-        return self.score(model, split, device=device, batch_size=batch_size, predictions=predictions)
-
     def score(
         self,
         model,

@@ -88,14 +88,6 @@ class RetrievalTask(Task):
         skip = self.cfg.skip_bad_eval_images
         return read_karpathy(self.root(), self.cfg.dataset, split, skip_bad_test_images=skip)[0]
 
-    def evaluate(self, model, split: str, *, device: str, dtype: torch.dtype, batch_size: int) -> dict:
-        return self.score(model, split, device=device, dtype=dtype, batch_size=batch_size)
-
-    def evaluate_split(
-        self, model, split: str, *, device: str, batch_size: int, predictions: str | None = None
-    ) -> dict:
-        return self.score(model, split, device=device, batch_size=batch_size, predictions=predictions)
-
     def score(
         self,
         model,

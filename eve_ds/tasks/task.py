@@ -61,7 +61,7 @@ class Task:
         raise NotImplementedError
 
     def evaluate(self, model, split: str, *, device: str, dtype: torch.dtype, batch_size: int) -> dict:
-        raise NotImplementedError
+        return self.score(model, split, device=device, dtype=dtype, batch_size=batch_size)
 
     def assets(self) -> dict:
         """JSON-able data a model of this task needs at inference (saved in checkpoints and exports)."""
@@ -74,6 +74,20 @@ class Task:
         self, model, split: str, *, device: str, batch_size: int, predictions: str | None = None
     ) -> dict:
         """`eve-evaluate`: a whole split of the files under task.data_root, with a checkpoint's model."""
+        return self.score(model, split, device=device, batch_size=batch_size, predictions=predictions)
+
+    def score(
+        self,
+        model,
+        split: str,
+        *,
+        device: str,
+        batch_size: int,
+        dtype: torch.dtype = torch.float32,
+        predictions: str | None = None,
+    ) -> dict:
+        """The metrics of `split` (what `evaluate` and `evaluate_split` return unless a task overrides them);
+        with `predictions`, the task's prediction file written there."""
         raise NotImplementedError
 
     def train_loader(self, *, batch_size: int, rank: int, world_size: int, start_batch: int) -> DataLoader:
