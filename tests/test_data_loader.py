@@ -78,13 +78,14 @@ def test_batch_format(corpora, tok):
     (batch,) = take(train, 1)
     # uint8 from the loader (4x less to move from workers and to the GPU), normalised by the consumer
     assert batch["image"].shape == (4, 3, IMAGE, IMAGE) and batch["image"].dtype == torch.uint8
-    assert batch["text_ids"].shape == batch["text_mask"].shape == (4, 24)
     assert batch["text_ids"].dtype == batch["text_mask"].dtype == torch.int64
     image = normalize_image(batch["image"])
     assert image.dtype == torch.float32 and -2.2 < image.min() < 0 < image.max() < 2.7  # ImageNet-normalised
     assert normalize_image(image, torch.bfloat16).dtype == torch.bfloat16  # float input: only cast
     ids, mask = batch["text_ids"], batch["text_mask"]
     lengths = mask.sum(1)
+    # Padded to the batch's longest text (at most max_text_len = 24), not to max_text_len.
+    assert ids.shape == mask.shape == (4, int(lengths.max())) and lengths.max() <= 24
     assert (ids[:, 0] == tok.cls_token_id).all()
     assert all(ids[i, lengths[i] - 1] == tok.sep_token_id for i in range(4))
     assert ((ids == 0) == (mask == 0)).all()  # padding id 0 exactly where the mask is 0

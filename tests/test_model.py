@@ -22,6 +22,7 @@ from eve_ds.models.config import eve_tiny, get_config
 from eve_ds.models.moe import IMAGE, TEXT, ModalityMoE
 from eve_ds.objectives import ObjectiveConfig, PretrainingModel
 from eve_ds.objectives.masking import mask_patches, mask_text, patchify
+from eve_ds.utils.config import ConfigError
 
 # eve_base / eve_large at full size take 10-30 s per step on 2 CPU cores: same depth, heads, soft-router
 # blocks, 32 experts top-2, layer scale and relative position bias, narrower widths and a smaller vocabulary.
@@ -564,3 +565,33 @@ def test_relative_position_bias_equals_table_lookup(with_ids):
     (g,) = torch.autograd.grad((bias * w).sum(), rpb.relative_position_bias_table)
     (g_ref,) = torch.autograd.grad((ref * w).sum(), rpb.relative_position_bias_table)
     torch.testing.assert_close(g, g_ref)
+
+
+def test_sincos_position_embedding_is_maes_and_fixed():
+    """model.pos_embed=sincos: MAE's 2-D table (x in the first half of the channels, y in the second, each
+    [sin | cos] over dim / 4 frequencies), the image [CLS] at 0, and no optimizer ever moves it."""
+    from eve_ds.models.eve import sincos_pos_embed_2d
+    from eve_ds.train.engine import param_groups
+
+    table = sincos_pos_embed_2d(8, 2)  # frequencies 1 and 1 / 100
+    x, y = 1.0, 0.0  # patch 1 = row 0, column 1
+    expected = [math.sin(x), math.sin(x / 100), math.cos(x), math.cos(x / 100)]
+    expected += [math.sin(y), math.sin(y / 100), math.cos(y), math.cos(y / 100)]
+    torch.testing.assert_close(table[1], torch.tensor(expected))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_pos_embed_2d(6, 2)
+
+    cfg = eve_tiny(pos_embed="sincos")
+    model = build(cfg)
+    pos = model.encoder.pos_embed
+    assert not pos.requires_grad and float(pos[0, 0].abs().max()) == 0.0
+    torch.testing.assert_close(pos[0, 1:], sincos_pos_embed_2d(cfg.hidden_size, cfg.grid_size))
+    grouped = {id(p) for g in param_groups(model, 0.05, 1e-3) for p in g["params"]}
+    assert id(pos) not in grouped
+    before = pos.detach().clone()
+    opt = torch.optim.AdamW(param_groups(model, 0.05, 1e-3), lr=1e-3)
+    model(make_batch(cfg), gen(0))["loss"].backward()
+    opt.step()
+    torch.testing.assert_close(pos, before, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match=r"model\.pos_embed"):
+        eve_tiny(pos_embed="rope")

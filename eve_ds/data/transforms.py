@@ -156,15 +156,14 @@ def collate(
     """Batch dict: image (B, 3, S, S) uint8 (see `normalize_image`), text_ids / text_mask (B, L) int64, key,
     num_skipped.
 
-    text_ids are [CLS] tokens [SEP] then padding (id 0), truncated to L = max_text_len.
+    text_ids are [CLS] tokens [SEP] then padding (id 0) up to the batch's longest text, truncated to
+    L <= max_text_len: padding beyond the longest text would only cost compute.
     """
     planar = np.empty((len(images), 3, *images[0].shape[:2]), dtype=np.uint8)
     for out, pixels in zip(planar, images):
         out[...] = pixels.transpose(2, 0, 1)  # (S, S, 3) -> (3, S, S); numpy's uint8 transposition is fast
     image = torch.from_numpy(planar)
-    tok = tokenizer(
-        texts, max_length=max_text_len, truncation=True, padding="max_length", return_tensors="pt"
-    )
+    tok = tokenizer(texts, max_length=max_text_len, truncation=True, padding="longest", return_tensors="pt")
     return {
         "image": image,
         "text_ids": tok["input_ids"].long(),

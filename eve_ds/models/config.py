@@ -31,6 +31,9 @@ class EVEConfig:
     qkv_bias: bool = True  # BEiT v2 style: q and v biases, no k bias
     layer_scale_init: float | None = 0.1  # layer scale gamma on both residual branches; None disables it
     rel_pos_bias: bool = True  # per-block relative position bias among image tokens (BEiT v2)
+    # Absolute image position embedding: "learned" (BEiT v2 / EVE: a trained table, initialised at init_std)
+    # or "sincos" (MAE's fixed 2-D sin-cos table, values in [-1, 1], not trained; the image [CLS] gets 0).
+    pos_embed: str = "learned"
     drop_path_rate: float = 0.1
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -109,6 +112,7 @@ class EVEConfig:
         check(
             self.expert_impl in ("stacked", "loop"), "model.expert_impl", self.expert_impl, "stacked | loop"
         )
+        check(self.pos_embed in ("learned", "sincos"), "model.pos_embed", self.pos_embed, "learned | sincos")
         check(self.max_text_len >= 3, "model.max_text_len", self.max_text_len, ">= 3 ([CLS] x [SEP])")
         check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", self.drop_path_rate, "in [0, 1)")
 

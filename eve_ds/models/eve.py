@@ -37,6 +37,23 @@ class EncoderOutput:
         return self.hidden[:, self.n_image :]
 
 
+def sincos_pos_embed_2d(dim: int, grid: int, temperature: float = 10000.0) -> Tensor:
+    """MAE's fixed 2-D sin-cos position embedding -> (grid * grid, dim), row-major patches: the first half of
+    the channels encodes the column (x), the second half the row (y), each as [sin | cos] over dim / 4
+    frequencies 1 / temperature^(k / (dim / 4))."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs hidden_size divisible by 4, got {dim}")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    coords = torch.arange(grid, dtype=torch.float64)
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+
+    def encode(pos: Tensor) -> Tensor:
+        angles = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(x), encode(y)], dim=1).float()
+
+
 class EVEModel(nn.Module):
     """Embeddings (eq. 1-3) + blocks (hard router below, soft router on `cfg.soft_blocks`) + final norm."""
 
@@ -69,6 +86,11 @@ class EVEModel(nn.Module):
         for p in (self.cls_token, self.pos_embed, self.text_pos_embed, self.mask_token):
             if p is not None:
                 trunc_normal_(p, std=cfg.init_std)
+        if cfg.pos_embed == "sincos":
+            with torch.no_grad():
+                self.pos_embed[0, 1:] = sincos_pos_embed_2d(d, cfg.grid_size)
+                self.pos_embed[0, 0] = 0.0
+            self.pos_embed.requires_grad_(False)
         self.init_experts(ep_rank=0)
 
     @classmethod
