@@ -501,6 +501,8 @@ def worker(run_dir: str, ep_size: int, prefix: str) -> None:
             local, tail = rest.split(".", 1)
             name = f"{head}{EXPERT}{ep_rank * n_local + int(local)}.{tail}"
         dump["weights"][name] = p.detach().clone()
+        if not p.requires_grad:  # a frozen table (pos_embed=sincos) has no fp32 master copy and no moments
+            continue
         dump["fp32"][name] = safe_get_full_fp32_param(p)
         for key in ("exp_avg", "exp_avg_sq"):
             dump[key][name] = safe_get_full_optimizer_state(p, key)

@@ -6,12 +6,14 @@ import importlib.util
 import io
 import json
 import os
+import threading
 
 import pytest
 from conftest import read_tars
 from PIL import Image
 
 from eve_ds.data.sources import make_shards
+from eve_ds.data.writer import ShardStats, build_shards, shard_name, write_tar
 
 
 def load_tool(name: str):
@@ -218,3 +220,25 @@ def test_parallel_workers_match_serial(tmp_path, images):
     b = make_shards("albef-json", str(ann), str(images), str(tmp_path / "b"), samples_per_shard=3, workers=2)
     assert a["shards"] == b["shards"]
     assert read_tars(str(tmp_path / "a")) == read_tars(str(tmp_path / "b"))
+
+
+# A module-level lock: held by the test while the shard pool runs. A forked worker would inherit it held.
+_PARENT_LOCK = threading.Lock()
+
+
+def _lock_probing_job(index: int, job: int, path: str) -> ShardStats:
+    if not _PARENT_LOCK.acquire(timeout=10):
+        raise RuntimeError("the shard worker inherited a lock held in the parent (a fork, not a spawn)")
+    _PARENT_LOCK.release()
+    write_tar(path, [])
+    return ShardStats(shard_name(index), 0)
+
+
+def test_shard_workers_do_not_inherit_held_locks(tmp_path):
+    """Workers are spawned: a fork copies locks that another thread holds (logging, a tokenizer's pool,
+    torch), and a worker that needs one then waits forever — the rare hang of a full test run."""
+    with _PARENT_LOCK:
+        manifest = build_shards(
+            str(tmp_path / "out"), [0, 1, 2], _lock_probing_job, workers=2, fingerprint={"test": 1}
+        )
+    assert [s["name"] for s in manifest["shards"]] == [shard_name(i) for i in range(3)]

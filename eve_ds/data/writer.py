@@ -147,7 +147,9 @@ def build_shards(
     run = functools.partial(_run_job, job_fn, output)
     with tqdm(total=len(todo), desc=desc, unit="shard", disable=not todo) as bar:
         if workers > 1 and len(todo) > 1:
-            with multiprocessing.Pool(workers) as pool:
+            # Spawned, not forked: a fork of a process that runs threads (torch's, a tokenizer's, a test
+            # runner's) can copy a held lock into the child, which then waits on it forever.
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
                 for stats in pool.imap_unordered(run, todo):
                     done[_index(stats.name)] = stats
                     bar.update()
