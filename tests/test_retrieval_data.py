@@ -194,7 +194,10 @@ def test_train_dataset_flip_rule_and_collate(coco, tokenizer):
     batch = retrieval_train_collate(items, tokenizer, max_text_len=12)
     assert batch["image_id"].dtype == torch.int64 and batch["image_id"].tolist() == [1, 1]
     assert batch["image"].shape == (2, 3, 16, 16) and batch["image"].dtype == torch.uint8
-    assert batch["text_ids"].shape == (2, 12) and batch["text_mask"].dtype == torch.int64
+    longest = int(batch["text_mask"].sum(1).max())  # padded to the longest caption, at most max_text_len
+    assert (
+        batch["text_ids"].shape == (2, longest) and longest <= 12 and batch["text_mask"].dtype == torch.int64
+    )
     assert batch["num_skipped"] == 2
     assert (
         tokenizer.decode(batch["text_ids"][1], skip_special_tokens=True) == "a blue square left of a red one"
