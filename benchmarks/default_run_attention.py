@@ -48,14 +48,9 @@ def attention_maps(model: PretrainingModel, image, ids, mask) -> list[torch.Tens
 
     def hook(module: Attention, args, _out):
         x, tokens = args
-        B, N = x.shape[:2]
-        bias = None
-        if module.q_bias is not None:
-            bias = torch.cat([module.q_bias, torch.zeros_like(module.q_bias), module.v_bias])
-        qkv = torch.nn.functional.linear(x, module.qkv.weight, bias).view(B, N, 3, module.num_heads, -1)
-        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, _ = module.heads(x)
         logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-        attn_bias = module.attn_bias(tokens, N, q.dtype)
+        attn_bias = module.attn_bias(tokens, x.shape[1], q.dtype)
         if attn_bias is not None:
             logits = logits + attn_bias
         maps.append(logits.softmax(-1))

@@ -53,10 +53,7 @@ def test_recomputed_attention_is_the_models():
     assert len(maps) == len(blocks) == len(outputs)
     for attn_map, block, x, out in zip(maps, blocks, inputs, outputs):
         B, N, D = x.shape
-        qkv = torch.nn.functional.linear(
-            x, block.qkv.weight, torch.cat([block.q_bias, 0 * block.q_bias, block.v_bias])
-        )
-        v = qkv.view(B, N, 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)[2]
+        v = block.heads(x)[2]
         mixed = (attn_map @ v).transpose(1, 2).reshape(B, N, D)
         torch.testing.assert_close(block.proj(mixed), out, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(attn_map.sum(-1), torch.ones(attn_map.shape[:-1]))

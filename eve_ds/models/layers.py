@@ -111,14 +111,19 @@ class Attention(nn.Module):
             bias = neg if bias is None else bias + neg
         return bias
 
-    def forward(self, x: Tensor, tokens: Tokens) -> Tensor:
-        """x: (B, N, D) -> (B, N, D)."""
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (B, N, D) -> q, k, v, each (B, H, N, D / H)."""
         B, N, D = x.shape
         bias = None
         if self.q_bias is not None:
             bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, bias).view(B, N, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, Dh)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, x: Tensor, tokens: Tokens) -> Tensor:
+        """x: (B, N, D) -> (B, N, D)."""
+        B, N, D = x.shape
+        q, k, v = self.heads(x)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.attn_bias(tokens, N, q.dtype))
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 

@@ -275,7 +275,9 @@ class Trainer:
             batch = next(data_iter)
             self.state["batches_consumed"] += 1
         self.state["skipped_samples"] += int(batch.get("num_skipped", 0))
-        self.text_tokens = float(batch["text_mask"].sum(1).float().mean())  # for the FLOP count (MFU)
+        # For the FLOP count (MFU): real tokens per caption and the batch's padded length (its longest text).
+        self.text_tokens = float(batch["text_mask"].sum(1).float().mean())
+        self.text_len = int(batch["text_ids"].shape[1])
         out = self.engine(batch_to_device(batch, self.device, self.dtype))
         bad = all_reduce_max(0.0 if bool(torch.isfinite(out["loss"])) else 1.0, self.device)
         if bad:
@@ -338,7 +340,7 @@ class Trainer:
         peak = peak_tflops(torch.cuda.get_device_name())
         if peak is None:
             return None
-        text = TextShape(padded=self.cfg.model.max_text_len, real=round(self.text_tokens))
+        text = TextShape(padded=self.text_len, real=round(self.text_tokens))
         flops = flops_per_pair(self.cfg.model, self.cfg.objective, text, self.cfg.train.micro_batch_size)
         return samples_per_s * flops / (peak * 1e12 * self.world)
 
