@@ -5,13 +5,15 @@
 Fresh synthetic scenes (seeds disjoint from the corpus's), captioned as in training. Masks: `random50` (the
 validation's masking: 50% of each caption's tokens) and `only_<category>` (only that category's words
 masked, every other caption token visible: e.g. `only_relation` leaves both shapes' full descriptions in
-view). Each is scored with the images and with the images rolled across the batch (the text-only control).
+view). Each is scored with the images and with the images rolled across the batch (the text-only control),
+over all scenes and separately for the scenes with one, two and three shapes (`by_shapes`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,12 +25,14 @@ from eve_ds.models.config import eve_tiny
 from eve_ds.models.heads import MLMHead
 from eve_ds.objectives import ObjectiveConfig, PretrainingModel
 from eve_ds.objectives.masking import mask_text
+from eve_ds.train.config import load_config
 from eve_ds.utils.image import normalize_image
 
 
 def scenes_batch(
     n: int, image_size: int, tokenizer, max_len: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, text ids, text mask, number of shapes) of n fresh scenes."""
     scenes = [make_scene(np.random.default_rng([7, 77, i]), image_size) for i in range(n)]
     pixels = [
         np.asarray(render(s, np.random.default_rng([7, 78, i]), image_size)) for i, s in enumerate(scenes)
@@ -41,7 +45,7 @@ def scenes_batch(
         padding="max_length",
         return_tensors="pt",
     )
-    return images, enc["input_ids"], enc["attention_mask"]
+    return images, enc["input_ids"], enc["attention_mask"], torch.tensor([len(s["shapes"]) for s in scenes])
 
 
 @torch.no_grad()
@@ -75,21 +79,37 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
-    cfg = eve_tiny()
+    cfg = (
+        load_config(f"{args.run_dir}/config.yaml").model
+        if Path(args.run_dir, "config.yaml").exists()
+        else eve_tiny()
+    )
     tokenizer = load_tokenizer("bert-base-uncased")
     cats = {c: torch.tensor(v) for c, v in attribute_token_ids(tokenizer).items()}
     model = PretrainingModel(cfg, ObjectiveConfig(objectives=["mlm"]))
     load_init_weights(model, args.run_dir)
     model.eval()
     head = next(m for m in model.modules() if isinstance(m, MLMHead))
-    data = scenes_batch(args.num_scenes, cfg.image_size, tokenizer, cfg.max_text_len)
-    result = {}
-    for mode in ["random50", *(f"only_{c}" for c in cats)]:
+    *data, num_shapes = scenes_batch(args.num_scenes, cfg.image_size, tokenizer, cfg.max_text_len)
+    modes = ["random50", *(f"only_{c}" for c in cats)]
+    result, by_shapes = {}, {}
+    for mode in modes:
         result[mode] = score(model, head, *data, mode, cats, tokenizer.mask_token_id)
         print(mode, result[mode], flush=True)
+    for n in (1, 2, 3):
+        subset = [x[num_shapes == n] for x in data]
+        by_shapes[n] = {m: score(model, head, *subset, m, cats, tokenizer.mask_token_id) for m in modes}
+        by_shapes[n] = {m: r for m, r in by_shapes[n].items() if r}  # one shape: no relation words
+        print(f"{n} shape(s):", by_shapes[n], flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"run_dir": args.run_dir, "num_scenes": args.num_scenes, "scores": result}, f, indent=1)
+            out = {
+                "run_dir": args.run_dir,
+                "num_scenes": args.num_scenes,
+                "scores": result,
+                "by_shapes": by_shapes,
+            }
+            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

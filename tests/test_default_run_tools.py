@@ -15,6 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import default_run_attention as attention
 import default_run_conv_stem as conv_stem
+import default_run_focused as focused
+import default_run_masks as masks
 import default_run_study as study
 
 from eve_ds.models.config import eve_tiny
@@ -88,3 +90,48 @@ def test_study_commands_and_collection(tmp_path):
     table = study.markdown([{"row": "X", "overrides": ["a=1"], **got}])
     assert "| X | `a=1` | 500 | 0.600 (0.300) | 0.70 (0.20) |" in table
     assert study.collect(tmp_path / "missing") is None
+
+
+def test_focused_tasks_texts_masks_and_a_short_run():
+    """The diagnostic captions state what the scene shows; each task masks exactly its category's words; a
+    task trains and scores end to end."""
+    from eve_ds.data.pipeline import load_tokenizer
+    from eve_ds.data.synthetic import attribute_token_ids
+
+    scene = {
+        "shapes": [
+            {"colour": "red", "shape": "circle", "size": "small", "bbox": [2, 30, 16, 44]},
+            {"colour": "blue", "shape": "square", "size": "large", "bbox": [30, 30, 56, 56]},
+        ],
+        "relations": [{"subject": 0, "relation": "left", "object": 1}],
+    }
+    assert focused.describe(scene, "position") == "a red left"
+    assert focused.describe(scene, "short") == "red left blue"
+    assert focused.describe(scene, "corpus") == "a small red circle to the left of a large blue square"
+
+    tokenizer = load_tokenizer("bert-base-uncased")
+    cats = {c: torch.tensor(v) for c, v in attribute_token_ids(tokenizer).items()}
+    split = focused.make_split(tokenizer, seed=3, n=8, num_shapes=2, style="corpus")
+    assert (split["shapes"] == 2).all()
+    inputs, where = focused.masked_batch(
+        split["ids"], split["mask"], "shape", cats, tokenizer.mask_token_id, None
+    )
+    assert torch.isin(split["ids"][where], cats["shape"]).all() and int(where.sum()) == 16  # two per caption
+    assert (inputs[~where] == split["ids"][~where]).all()
+
+    curve = focused.run_task("curriculum", 2, 1, 32, tokenizer, cats, num_val=16)
+    assert [c["step"] for c in curve] == [1, 2]
+    assert set(curve[-1]["scores"]) == {"colour", "shape", "size", "relation"}
+
+
+def test_mask_scenes_carry_their_shape_counts():
+    """The by-number-of-shapes breakdown groups scenes by the shapes they really hold."""
+    import numpy as np
+
+    from eve_ds.data.pipeline import load_tokenizer
+    from eve_ds.data.synthetic import make_scene
+
+    images, ids, mask, counts = masks.scenes_batch(12, 64, load_tokenizer("bert-base-uncased"), 40)
+    expected = [len(make_scene(np.random.default_rng([7, 77, i]), 64)["shapes"]) for i in range(12)]
+    assert counts.tolist() == expected and images.shape[0] == ids.shape[0] == mask.shape[0] == 12
+    assert set(expected) == {1, 2, 3}
