@@ -20,7 +20,9 @@ images rolled across the batch (the text-only control). The tasks:
   relation masked -- the same comparison with the two names next to the masked word;
 - `mixed`: the default's MLM -- the corpus's mix of one to three shapes, 50% of the caption masked, scored
   per attribute category as the trainer's validation scores it;
-- `curriculum`: `mixed`, but the first 700 steps draw only one-shape scenes and steps 700-1,300 at most two.
+- `curriculum`: `mixed`, but the first 700 steps draw only one-shape scenes and steps 700-1,300 at most two;
+- `attribute_masking`: `mixed`, but training masks attribute words 4x as likely as the other caption
+  tokens (still 50% of each caption); validation masks as `mixed` does.
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
 from eve_ds.data.pipeline import load_tokenizer
 from eve_ds.data.synthetic import attribute_token_ids, caption, make_scene, render
 from eve_ds.models.config import eve_tiny
 from eve_ds.models.eve import EVEModel
 from eve_ds.models.heads import MLMHead
-from eve_ds.objectives.masking import mask_text
+from eve_ds.objectives.masking import mask_text, maskable_text_positions
 from eve_ds.utils.image import normalize_image
 
 IMAGE_SIZE = 64
@@ -53,7 +56,9 @@ TASKS = {
     "relation_short": (2, "short", "relation"),
     "mixed": (0, "corpus", None),
     "curriculum": (0, "corpus", None),
+    "attribute_masking": (0, "corpus", None),
 }
+ATTRIBUTE_WEIGHT = 4.0  # attribute_masking: how much likelier an attribute word is to be masked in training
 CURRICULUM = ((700, 1), (1300, 2))  # (last step, most shapes per scene) before the full mix
 
 
@@ -90,6 +95,24 @@ def make_split(tokenizer, seed: int, n: int, num_shapes: int, style: str) -> dic
         "mask": enc["attention_mask"],
         "shapes": torch.tensor(counts),
     }
+
+
+def attribute_weighted_mask(ids, mask, cats, mask_id, generator, weight: float = ATTRIBUTE_WEIGHT):
+    """50% of each caption's maskable tokens, drawn without replacement with attribute words `weight` times as
+    likely as the others (Efraimidis-Spirakis keys u^(1/w))."""
+    maskable = maskable_text_positions(mask)
+    n_mask = torch.clamp(torch.round(maskable.sum(1, keepdim=True).float() * 0.5), min=1).long()
+    w = torch.where(torch.isin(ids, torch.cat(list(cats.values()))), weight, 1.0)
+    key = (torch.rand(ids.shape, generator=generator).log() / w).masked_fill(~maskable, -float("inf"))
+    where = (key.argsort(1, descending=True).argsort(1) < n_mask) & maskable
+    return ids.masked_fill(where, mask_id), where
+
+
+def sincos_1d(dim: int, length: int, base: float = 100.0) -> torch.Tensor:
+    """(length, dim) [sin | cos] of position * base^(-k / (dim/2)), k = 0 .. dim/2 - 1."""
+    pos = torch.arange(length).float()[:, None]
+    omega = 1.0 / base ** (torch.arange(dim // 2).float() / (dim // 2))
+    return torch.cat([(pos * omega).sin(), (pos * omega).cos()], dim=1)
 
 
 def masked_batch(ids, mask, category, cats, mask_id, generator):
@@ -129,14 +152,21 @@ def run_task(
     cats,
     seed: int = 0,
     num_val: int = 1024,
+    model_overrides: dict | None = None,
+    text_sincos: bool = False,
 ) -> list:
     """Train one task from scratch; its validation curve [{step, seconds, scores}]."""
     num_shapes, style, category = TASKS[name]
     train = make_split(tokenizer, seed * 2 + 1, num_train, num_shapes, style)
     val = make_split(tokenizer, seed * 2 + 2, num_val, num_shapes, style)
     torch.manual_seed(seed)
-    cfg = eve_tiny(init_std=0.05, pos_embed="sincos")  # as eve_tiny_synthetic configures it
+    # As eve_tiny_synthetic configures it, unless overridden.
+    cfg = eve_tiny(**{"init_std": 0.05, "pos_embed": "sincos", **(model_overrides or {})})
     encoder, head = EVEModel(cfg), MLMHead(cfg)
+    if text_sincos:  # a variant for the relation question: fixed 1-D sin-cos text positions
+        with torch.no_grad():
+            encoder.text_pos_embed[0] = sincos_1d(cfg.hidden_size, cfg.max_text_len)
+        encoder.text_pos_embed.requires_grad_(False)
     params = [p for p in [*encoder.parameters(), *head.parameters()] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05, fused=True)
     pools = {k: torch.nonzero(train["shapes"] <= k)[:, 0] for k in (1, 2, 3)}
@@ -151,7 +181,10 @@ def run_task(
         mask = train["mask"][idx]
         length = int(mask.sum(1).max())
         ids, mask = train["ids"][idx, :length], mask[:, :length]
-        inputs, where = masked_batch(ids, mask, category, cats, tokenizer.mask_token_id, gen)
+        if name == "attribute_masking":
+            inputs, where = attribute_weighted_mask(ids, mask, cats, tokenizer.mask_token_id, gen)
+        else:
+            inputs, where = masked_batch(ids, mask, category, cats, tokenizer.mask_token_id, gen)
         out = encoder(train["image"][idx], inputs, mask)
         loss = F.cross_entropy(head(out.text[where]), ids[where]) + 0.001 * out.aux_loss
         opt.zero_grad(set_to_none=True)
@@ -174,14 +207,35 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--model", nargs="*", default=[], metavar="KEY=VALUE", help="eve_tiny overrides, e.g. num_layers=6"
+    )
+    p.add_argument("--text-sincos", action="store_true", help="fixed 1-D sin-cos text positions (a variant)")
     args = p.parse_args()
+    overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.model)}
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer("bert-base-uncased")
     cats = {c: torch.tensor(v) for c, v in attribute_token_ids(tokenizer).items()}
-    result = {"steps": args.steps, "num_train": args.num_train, "seed": args.seed, "tasks": {}}
+    result = {
+        "steps": args.steps,
+        "num_train": args.num_train,
+        "seed": args.seed,
+        "model_overrides": overrides,
+        "text_sincos": args.text_sincos,
+        "tasks": {},
+    }
     for name in args.tasks:
         result["tasks"][name] = run_task(
-            name, args.steps, args.eval_every, args.num_train, tokenizer, cats, args.seed
+            name,
+            args.steps,
+            args.eval_every,
+            args.num_train,
+            tokenizer,
+            cats,
+            args.seed,
+            1024,
+            overrides,
+            args.text_sincos,
         )
     if args.json:
         with open(args.json, "w") as f:

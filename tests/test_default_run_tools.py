@@ -135,3 +135,23 @@ def test_mask_scenes_carry_their_shape_counts():
     expected = [len(make_scene(np.random.default_rng([7, 77, i]), 64)["shapes"]) for i in range(12)]
     assert counts.tolist() == expected and images.shape[0] == ids.shape[0] == mask.shape[0] == 12
     assert set(expected) == {1, 2, 3}
+
+
+def test_attribute_weighted_mask_keeps_the_ratio_and_prefers_attribute_words():
+    from eve_ds.data.pipeline import load_tokenizer
+    from eve_ds.data.synthetic import attribute_token_ids
+    from eve_ds.objectives.masking import maskable_text_positions
+
+    tokenizer = load_tokenizer("bert-base-uncased")
+    cats = {c: torch.tensor(v) for c, v in attribute_token_ids(tokenizer).items()}
+    split = focused.make_split(tokenizer, seed=5, n=64, num_shapes=0, style="corpus")
+    ids, mask = split["ids"], split["mask"]
+    maskable = maskable_text_positions(mask)
+    attr = torch.isin(ids, torch.cat(list(cats.values())))
+    gen = torch.Generator().manual_seed(0)
+    inputs, where = focused.attribute_weighted_mask(ids, mask, cats, tokenizer.mask_token_id, gen, weight=1e6)
+    assert (where.sum(1) == torch.round(maskable.sum(1).float() * 0.5).long()).all()
+    assert not (where & ~maskable).any() and (inputs[where] == tokenizer.mask_token_id).all()
+    # With an overwhelming weight every caption masks attribute words before any other token.
+    n_attr = (attr & maskable).sum(1)
+    assert ((where & attr).sum(1) == torch.minimum(n_attr, where.sum(1))).all()
