@@ -48,20 +48,26 @@ def scenes_batch(
     return images, enc["input_ids"], enc["attention_mask"], torch.tensor([len(s["shapes"]) for s in scenes])
 
 
+def masked_batch(ids, text_mask, category, cats: dict, mask_id: int, generator):
+    """(masked ids, masked positions): only `category`'s words, or 50% of each caption's tokens (the
+    validation's masking) when category is None."""
+    if category is None:
+        return mask_text(ids, text_mask, 0.5, mask_id, generator)
+    where = torch.isin(ids, cats[category])
+    return ids.masked_fill(where, mask_id), where
+
+
 @torch.no_grad()
-def score(model, head, images, ids, text_mask, mode: str, cats: dict, mask_id: int, bs: int = 128) -> dict:
-    """{category: [accuracy, accuracy with images rolled, masked words]} under one mask mode."""
+def score(encoder, head, images, ids, text_mask, category, cats: dict, mask_id: int, bs: int = 128) -> dict:
+    """{category: [accuracy, accuracy with images rolled, masked words]} with `masked_batch`'s masks (the
+    random ones seeded per batch)."""
     counts = {c: [0, 0, 0] for c in cats}
     for s in range(0, len(ids), bs):
         t_ids, t_mask, img = ids[s : s + bs], text_mask[s : s + bs], images[s : s + bs]
-        if mode == "random50":
-            masked, mmask = mask_text(t_ids, t_mask, 0.5, mask_id, torch.Generator().manual_seed(s))
-        else:
-            mmask = torch.isin(t_ids, cats[mode.removeprefix("only_")])
-            masked = t_ids.masked_fill(mmask, mask_id)
+        masked, mmask = masked_batch(t_ids, t_mask, category, cats, mask_id, torch.Generator().manual_seed(s))
         target = t_ids[mmask]
-        pred = head(model.encoder(img, masked, t_mask).text[mmask]).argmax(-1)
-        pred_rolled = head(model.encoder(img.roll(1, 0), masked, t_mask).text[mmask]).argmax(-1)
+        pred = head(encoder(img, masked, t_mask).text[mmask]).argmax(-1)
+        pred_rolled = head(encoder(img.roll(1, 0), masked, t_mask).text[mmask]).argmax(-1)
         for c, cid in cats.items():
             is_c = torch.isin(target, cid)
             counts[c][0] += int((pred == target)[is_c].sum())
@@ -91,14 +97,16 @@ def main() -> None:
     model.eval()
     head = next(m for m in model.modules() if isinstance(m, MLMHead))
     *data, num_shapes = scenes_batch(args.num_scenes, cfg.image_size, tokenizer, cfg.max_text_len)
-    modes = ["random50", *(f"only_{c}" for c in cats)]
+    modes = {"random50": None, **{f"only_{c}": c for c in cats}}  # mode -> masked category
     result, by_shapes = {}, {}
-    for mode in modes:
-        result[mode] = score(model, head, *data, mode, cats, tokenizer.mask_token_id)
+    for mode, category in modes.items():
+        result[mode] = score(model.encoder, head, *data, category, cats, tokenizer.mask_token_id)
         print(mode, result[mode], flush=True)
     for n in (1, 2, 3):
         subset = [x[num_shapes == n] for x in data]
-        by_shapes[n] = {m: score(model, head, *subset, m, cats, tokenizer.mask_token_id) for m in modes}
+        by_shapes[n] = {
+            m: score(model.encoder, head, *subset, c, cats, tokenizer.mask_token_id) for m, c in modes.items()
+        }
         by_shapes[n] = {m: r for m, r in by_shapes[n].items() if r}  # one shape: no relation words
         print(f"{n} shape(s):", by_shapes[n], flush=True)
     if args.json:
