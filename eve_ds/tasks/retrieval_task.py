@@ -42,9 +42,10 @@ from eve_ds.tasks.retrieval_data import (
 )
 from eve_ds.tasks.retrieval_eval import recall_at_k, rerank, row_block
 from eve_ds.tasks.synthetic_retrieval import ensure_synthetic_retrieval
-from eve_ds.tasks.task import Task, TaskContext, gather_objects, rank_slice, register_task
+from eve_ds.tasks.task import Task, TaskContext, register_task
 from eve_ds.utils.image import normalize_image
 from eve_ds.utils.io import atomic_write_json
+from eve_ds.utils.ranks import gather_objects, rank_slice
 
 log = logging.getLogger(__name__)
 

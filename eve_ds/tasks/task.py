@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from eve_ds.tasks.config import TaskConfig
@@ -152,30 +151,6 @@ class EpochItems(Dataset):
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         return self.dataset[i]
-
-
-def rank_slice(n: int) -> range:
-    """The evaluation examples of this rank: every world-th, starting at its rank."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    return range(rank, n, world)
-
-
-def even_rank_slice(n: int) -> list[int]:
-    """`rank_slice`, padded by wrapping around so that every rank gets ceil(n / world) examples: equal
-    numbers of encoder passes, which expert parallelism needs (each MoE pass is collective). For results
-    keyed by example (a repeated example gives the same result)."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    mine = list(rank_slice(n))
-    return mine + [i % n for i in range(len(mine), -(-n // world))] if n else []
-
-
-def gather_objects(obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...] (the one object outside torch.distributed)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 TASKS: dict[str, type[Task]] = {}

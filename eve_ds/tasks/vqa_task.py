@@ -11,10 +11,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from eve_ds.tasks.synthetic_vqa import ensure_synthetic_vqa
-from eve_ds.tasks.task import Task, even_rank_slice, gather_objects, register_task
+from eve_ds.tasks.task import Task, register_task
 from eve_ds.tasks.vqa_data import AnswerVocab, VQADataset, read_vqa, split_minival, vqa_collate
 from eve_ds.tasks.vqa_eval import score_predictions, write_results
 from eve_ds.utils.image import normalize_image
+from eve_ds.utils.ranks import even_rank_slice, gather_objects
 
 log = logging.getLogger(__name__)
 
