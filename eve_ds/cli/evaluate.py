@@ -9,14 +9,8 @@ import argparse
 import json
 import sys
 
-from eve_ds.convert import load_pretraining_model
-from eve_ds.data import build_val_loader, load_tokenizer
-from eve_ds.data.config import DataConfig
-from eve_ds.tasks.config import TaskConfig
-from eve_ds.tasks.task import TaskContext, build_task
-from eve_ds.train.distributed import resolve_device
+from eve_ds.train.evaluation import EvalRequest, evaluate_checkpoint
 from eve_ds.train.metrics import setup_logging
-from eve_ds.train.validation import attribute_ids_if_synthetic, evaluate
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,67 +50,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(0)
-    device = resolve_device(args.device)
-    model, config = load_pretraining_model(args.checkpoint, device=device)
-    if args.task == "msm":
-        metrics = msm_metrics(model, config, args, device)
-    else:
-        try:
-            metrics = task_metrics(model, config, args, device)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"eve-evaluate: error: {e}", file=sys.stderr)
-            return 2
+    request = EvalRequest(
+        task=args.task,
+        data=args.data,
+        data_root=args.data_root,
+        split=args.split,
+        dataset=args.dataset,
+        rerank_k=args.rerank_k,
+        predictions=args.predictions,
+        skip_bad_images=args.skip_bad_images,
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
+        seed=args.seed,
+        synthetic=args.synthetic,
+    )
+    try:
+        metrics = evaluate_checkpoint(args.checkpoint, request, device=args.device)
+    except (ValueError, FileNotFoundError) as e:
+        if args.task == "msm":
+            raise
+        print(f"eve-evaluate: error: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(metrics, sort_keys=True))
     else:
         for k, v in metrics.items():
             print(f"{k:32s} {v}")
     return 0
-
-
-def msm_metrics(model, config: dict, args: argparse.Namespace, device: str) -> dict:
-    data_cfg = (config.get("run") or {}).get("data") or {}
-    tokenizer = load_tokenizer(data_cfg.get("tokenizer", "bert-base-uncased"))
-    synthetic = args.synthetic or bool(data_cfg.get("synthetic", False))
-    attr_ids = (
-        attribute_ids_if_synthetic(DataConfig(train=[], synthetic=True), tokenizer) if synthetic else None
-    )
-    mcfg = model.model_cfg
-    loader = build_val_loader(
-        args.data,
-        image_size=mcfg.image_size,
-        max_text_len=mcfg.max_text_len,
-        batch_size=args.batch_size,
-        tokenizer=tokenizer,
-    )
-    return evaluate(
-        model, loader, device=device, seed=args.seed, max_batches=args.max_batches, attr_token_ids=attr_ids
-    )
-
-
-def task_metrics(model, config: dict, args: argparse.Namespace, device: str) -> dict:
-    """A downstream task's metrics on `args.split` of the files under `args.data_root`."""
-    run = config.get("run") or {}
-    saved = (run.get("task") or {}) | {"name": args.task, "data_root": args.data_root, "synthetic": False}
-    if args.dataset:
-        saved["dataset"] = args.dataset
-    if args.rerank_k:
-        saved["rerank_k"] = args.rerank_k
-    saved["skip_bad_eval_images"] = args.skip_bad_images
-    cfg = TaskConfig(**{k: v for k, v in saved.items() if k in TaskConfig.__dataclass_fields__})
-    mcfg = model.model_cfg
-    ctx = TaskContext(
-        tokenizer=load_tokenizer(((run.get("data") or {}).get("tokenizer")) or "bert-base-uncased"),
-        cache_dir="",
-        image_size=mcfg.image_size,
-        max_text_len=mcfg.max_text_len,
-        num_workers=0,
-    )
-    task = build_task(cfg, ctx)
-    task.load_assets(config.get("task") or {})
-    return task.evaluate_split(
-        model, args.split, device=device, batch_size=args.batch_size, predictions=args.predictions
-    )
 
 
 if __name__ == "__main__":
