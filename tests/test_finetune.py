@@ -12,7 +12,7 @@ from eve_ds.convert.export import write_native
 from eve_ds.convert.resolution import adapt_resolution
 from eve_ds.models.config import get_config
 from eve_ds.objectives import ObjectiveConfig, PretrainingModel
-from eve_ds.tasks.task import EpochBatchSampler
+from eve_ds.tasks.base import EpochBatchSampler
 from eve_ds.train.engine import param_groups
 
 

@@ -16,8 +16,8 @@ from PIL import Image
 
 from eve_ds.data.pipeline import load_tokenizer
 from eve_ds.data.synthetic import COLOURS, SHAPES, SIZES
-from eve_ds.tasks.nlvr2_data import NLVR2DataError, NLVR2Dataset, nlvr2_collate, read_nlvr2
-from eve_ds.tasks.synthetic_nlvr2 import (
+from eve_ds.tasks.nlvr2.data import NLVR2DataError, NLVR2Dataset, nlvr2_collate, read_nlvr2
+from eve_ds.tasks.nlvr2.synthetic import (
     TEMPLATES,
     ensure_synthetic_nlvr2,
     make_pair,

@@ -16,11 +16,11 @@ from eve_ds.cli.finetune import main as finetune
 from eve_ds.data.pipeline import load_tokenizer
 from eve_ds.models.config import eve_tiny
 from eve_ds.objectives import ObjectiveConfig, PretrainingModel
+from eve_ds.tasks.base import TaskContext
 from eve_ds.tasks.config import TaskConfig
-from eve_ds.tasks.nlvr2_data import read_nlvr2
-from eve_ds.tasks.nlvr2_task import NLVR2Task
-from eve_ds.tasks.synthetic_nlvr2 import TEMPLATES, ensure_synthetic_nlvr2
-from eve_ds.tasks.task import TaskContext
+from eve_ds.tasks.nlvr2.data import read_nlvr2
+from eve_ds.tasks.nlvr2.synthetic import TEMPLATES, ensure_synthetic_nlvr2
+from eve_ds.tasks.nlvr2.task import NLVR2Task
 from eve_ds.utils.image import normalize_image
 
 SIZES = {"num_train": 32, "num_dev": 12, "num_test": 8}

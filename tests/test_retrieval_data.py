@@ -15,7 +15,7 @@ from PIL import Image
 
 from eve_ds.data import load_tokenizer
 from eve_ds.data.synthetic import COLOURS, SHAPES
-from eve_ds.tasks.retrieval_data import (
+from eve_ds.tasks.retrieval.data import (
     RetrievalDataError,
     RetrievalImage,
     RetrievalImageDataset,
@@ -26,8 +26,8 @@ from eve_ds.tasks.retrieval_data import (
     retrieval_train_collate,
     texts_of,
 )
-from eve_ds.tasks.retrieval_eval import LOW_SCORE, combine_partial, recall_at_k, rerank, row_block
-from eve_ds.tasks.synthetic_retrieval import (
+from eve_ds.tasks.retrieval.eval import LOW_SCORE, combine_partial, recall_at_k, rerank, row_block
+from eve_ds.tasks.retrieval.synthetic import (
     _multi_shape_paraphrases,
     ensure_synthetic_retrieval,
     make_synthetic_retrieval,

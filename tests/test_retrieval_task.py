@@ -25,11 +25,11 @@ from eve_ds.models.config import get_config
 from eve_ds.models.eve import EVEModel
 from eve_ds.objectives import ObjectiveConfig, PretrainingModel
 from eve_ds.objectives.contrastive import ImageTextContrastive, info_nce, sample_hard_negatives
-from eve_ds.tasks.retrieval_data import RetrievalDataError, load_image, read_karpathy, texts_of
-from eve_ds.tasks.retrieval_eval import recall_at_k
-from eve_ds.tasks.retrieval_task import retrieval_scores
-from eve_ds.tasks.synthetic_retrieval import ensure_synthetic_retrieval
-from eve_ds.tasks.task import TaskContext
+from eve_ds.tasks.base import TaskContext
+from eve_ds.tasks.retrieval.data import RetrievalDataError, load_image, read_karpathy, texts_of
+from eve_ds.tasks.retrieval.eval import recall_at_k
+from eve_ds.tasks.retrieval.synthetic import ensure_synthetic_retrieval
+from eve_ds.tasks.retrieval.task import retrieval_scores
 from eve_ds.train.config import load_config
 from eve_ds.utils.image import normalize_image
 

@@ -18,16 +18,8 @@ from PIL import Image
 
 from eve_ds.data.pipeline import load_tokenizer
 from eve_ds.data.synthetic import SIZES
-from eve_ds.tasks.nlvr2_data import load_image
-from eve_ds.tasks.synthetic_vqa import (
-    ID_BASE,
-    QUESTIONS_PER_IMAGE,
-    ensure_synthetic_vqa,
-    make_synthetic_vqa,
-    question_type,
-    synthetic_image,
-)
-from eve_ds.tasks.vqa_data import (
+from eve_ds.tasks.nlvr2.data import load_image
+from eve_ds.tasks.vqa.data import (
     AnswerVocab,
     VQADataError,
     VQADataset,
@@ -36,12 +28,20 @@ from eve_ds.tasks.vqa_data import (
     split_minival,
     vqa_collate,
 )
-from eve_ds.tasks.vqa_eval import (
+from eve_ds.tasks.vqa.eval import (
     normalize_answer,
     score_predictions,
     soft_score,
     vqa_accuracy,
     write_results,
+)
+from eve_ds.tasks.vqa.synthetic import (
+    ID_BASE,
+    QUESTIONS_PER_IMAGE,
+    ensure_synthetic_vqa,
+    make_synthetic_vqa,
+    question_type,
+    synthetic_image,
 )
 
 RED, BLUE = (230, 40, 40), (40, 100, 250)

@@ -19,8 +19,8 @@ from conftest import free_port
 from eve_ds.cli.convert_ckpt import main as convert
 from eve_ds.cli.evaluate import main as evaluate
 from eve_ds.cli.finetune import main as finetune
-from eve_ds.tasks.synthetic_vqa import ensure_synthetic_vqa
-from eve_ds.tasks.vqa_data import read_vqa
+from eve_ds.tasks.vqa.data import read_vqa
+from eve_ds.tasks.vqa.synthetic import ensure_synthetic_vqa
 
 ROOT = Path(__file__).resolve().parents[1]
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")

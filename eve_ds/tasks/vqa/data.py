@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import Dataset
 
 from eve_ds.data.transforms import _LEFT_RIGHT
-from eve_ds.tasks.nlvr2_data import load_image
-from eve_ds.tasks.vqa_eval import normalize_answer, soft_score
+from eve_ds.tasks.nlvr2.data import load_image
+from eve_ds.tasks.vqa.eval import normalize_answer, soft_score
 from eve_ds.utils.io import atomic_write_json
 
 # split -> (file subtype, image folder)

@@ -11,7 +11,7 @@ every one of their captions.
 Training is one example per (image, caption) pair; the image id travels with it, so the ITC loss can treat
 two captions of the same image in one batch as positives of each other. Evaluation embeds every image
 once (`RetrievalImageDataset`) and every caption once (`texts_of`) and scores all pairs
-(`eve_ds.tasks.retrieval_eval`).
+(`eve_ds.tasks.retrieval.eval`).
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ import os
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from eve_ds.tasks.synthetic_vqa import ensure_synthetic_vqa
-from eve_ds.tasks.task import Task, register_task
-from eve_ds.tasks.vqa_data import AnswerVocab, VQADataset, read_vqa, split_minival, vqa_collate
-from eve_ds.tasks.vqa_eval import score_predictions, write_results
+from eve_ds.tasks.base import Task, register_task
+from eve_ds.tasks.vqa.data import AnswerVocab, VQADataset, read_vqa, split_minival, vqa_collate
+from eve_ds.tasks.vqa.eval import score_predictions, write_results
+from eve_ds.tasks.vqa.synthetic import ensure_synthetic_vqa
 from eve_ds.utils.image import normalize_image
 from eve_ds.utils.ranks import even_rank_slice, gather_objects
 

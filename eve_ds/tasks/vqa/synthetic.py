@@ -17,7 +17,7 @@ distractors ("3", "no", "blue"), so the official normalisation matters. `questio
 official question type the question starts with, as in the real files ("what shape is the ..." -> "what");
 each annotation also names its `template` (an extra field the reader ignores).
 
-Written files (read by `eve_ds.tasks.vqa_data.read_vqa`, like the real data set):
+Written files (read by `eve_ds.tasks.vqa.data.read_vqa`, like the real data set):
 
     v2_OpenEnded_mscoco_{train2014,val2014,test-dev2015,test2015}_questions.json
     v2_mscoco_{train2014,val2014}_annotations.json
@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image
 
 from eve_ds.data.synthetic import COLOURS, RELATIONS, SHAPES, SIZES, make_scene, render
-from eve_ds.tasks.vqa_data import SPLITS, annotations_path, image_path, questions_path
+from eve_ds.tasks.vqa.data import SPLITS, annotations_path, image_path, questions_path
 from eve_ds.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from eve_ds.tasks.retrieval_data import (
+from eve_ds.tasks.base import Task, TaskContext, register_task
+from eve_ds.tasks.retrieval.data import (
     RetrievalDataError,
     RetrievalImage,
     RetrievalImageDataset,
@@ -40,9 +41,8 @@ from eve_ds.tasks.retrieval_data import (
     retrieval_train_collate,
     texts_of,
 )
-from eve_ds.tasks.retrieval_eval import recall_at_k, rerank, row_block
-from eve_ds.tasks.synthetic_retrieval import ensure_synthetic_retrieval
-from eve_ds.tasks.task import Task, TaskContext, register_task
+from eve_ds.tasks.retrieval.eval import recall_at_k, rerank, row_block
+from eve_ds.tasks.retrieval.synthetic import ensure_synthetic_retrieval
 from eve_ds.utils.image import normalize_image
 from eve_ds.utils.io import atomic_write_json
 from eve_ds.utils.ranks import gather_objects, rank_slice

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from eve_ds.data.synthetic import RELATIONS, caption, make_scene, render
-from eve_ds.tasks.retrieval_data import ANNOTATIONS, FLICKR_IMAGE_DIR
+from eve_ds.tasks.retrieval.data import ANNOTATIONS, FLICKR_IMAGE_DIR
 from eve_ds.utils.io import atomic_write_text, staging_dir
 
 log = logging.getLogger(__name__)

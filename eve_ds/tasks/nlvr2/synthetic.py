@@ -14,7 +14,7 @@ shapes than the right image") and named shapes by kind alone ("a circle"), which
 encoder cannot read (docs/nlvr2.md); and it chose a descriptor's form after the scenes, so the form
 told the label of "both images" statements (text alone: 0.70).
 
-Written files (read by `eve_ds.tasks.nlvr2_data.read_nlvr2`, like the real data set):
+Written files (read by `eve_ds.tasks.nlvr2.data.read_nlvr2`, like the real data set):
 
     train.json, dev.json, test1.json      NLVR2 JSON Lines, plus a "template" field per line
     images/train/<directory>/<pair>-img0.png ... (dev, test1 without <directory>)

@@ -154,7 +154,8 @@ class EpochItems(Dataset):
 
 
 TASKS: dict[str, type[Task]] = {}
-TASK_MODULES = {"vqa": "vqa_task", "retrieval": "retrieval_task", "nlvr2": "nlvr2_task"}  # in eve_ds/tasks/
+# The module that registers each task, under eve_ds/tasks/ (a task subpackage's `task` module).
+TASK_MODULES = {"vqa": "vqa.task", "retrieval": "retrieval.task", "nlvr2": "nlvr2.task"}
 
 
 def register_task(name: str):

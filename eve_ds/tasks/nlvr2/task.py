@@ -16,9 +16,9 @@ from collections import defaultdict
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from eve_ds.tasks.nlvr2_data import NLVR2Dataset, NLVR2Example, nlvr2_collate, read_nlvr2
-from eve_ds.tasks.synthetic_nlvr2 import ensure_synthetic_nlvr2, read_templates
-from eve_ds.tasks.task import Task, TaskContext, register_task
+from eve_ds.tasks.base import Task, TaskContext, register_task
+from eve_ds.tasks.nlvr2.data import NLVR2Dataset, NLVR2Example, nlvr2_collate, read_nlvr2
+from eve_ds.tasks.nlvr2.synthetic import ensure_synthetic_nlvr2, read_templates
 from eve_ds.utils.image import normalize_image
 from eve_ds.utils.io import atomic_write_text
 from eve_ds.utils.ranks import even_rank_slice, gather_objects
