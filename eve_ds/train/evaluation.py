@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from eve_ds.convert import load_pretraining_model
 from eve_ds.data import build_val_loader, load_tokenizer
 from eve_ds.data.config import DataConfig
+from eve_ds.tasks.base import TaskContext, build_task
 from eve_ds.tasks.config import TaskConfig
-from eve_ds.tasks.task import TaskContext, build_task
 from eve_ds.train.distributed import resolve_device
 from eve_ds.train.validation import attribute_ids_if_synthetic, evaluate
 

@@ -24,7 +24,7 @@ from eve_ds.data import (
 from eve_ds.data.pipeline import mixture
 from eve_ds.objectives import PretrainingModel
 from eve_ds.objectives.flops import TextShape, flops_per_pair, peak_tflops
-from eve_ds.tasks.task import Task, TaskContext, build_task
+from eve_ds.tasks.base import Task, TaskContext, build_task
 from eve_ds.train import EXIT_PREEMPTED
 from eve_ds.train.checkpoint import CheckpointManager, latest_complete
 from eve_ds.train.config import ConfigError, RunConfig, save_config
