@@ -18,7 +18,7 @@ from PIL import Image
 
 from eve_ds.data.pipeline import load_tokenizer
 from eve_ds.data.synthetic import SIZES
-from eve_ds.tasks.nlvr2.data import load_image
+from eve_ds.tasks.base import load_image
 from eve_ds.tasks.vqa.data import (
     AnswerVocab,
     VQADataError,

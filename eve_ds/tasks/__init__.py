@@ -1,2 +1,3 @@
-"""Downstream tasks (VQA v2, image-text retrieval, NLVR2): each is a reader for the dataset's official
-files, a metric, and an objective in the registry; the trainer, engine and checkpoints are shared."""
+"""Downstream tasks (VQA v2, image-text retrieval, NLVR2): one subpackage each, with a reader for the
+dataset's official files (`data`), a metric (`eval`), a synthetic set (`synthetic`) and the task (`task`),
+over the shared base (`base`); the trainer, engine and checkpoints are the pre-training ones."""

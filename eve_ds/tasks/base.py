@@ -1,9 +1,12 @@
-"""What a downstream task adds to the shared trainer, and the exactly resumable loader of its examples.
+"""What a downstream task adds to the shared trainer, and what the tasks share: the base class, the exactly
+resumable loader of a task's examples, the epoch-seeded flips of its training images and its JSON reader.
 
-A task = a reader for the dataset's official files (`*_data.py`), a metric (`*_eval.py`) and an objective
-in the registry (`eve_ds/objectives/`). The trainer, engine, checkpoints and CLI are the pre-training ones:
+A task = a subpackage `eve_ds/tasks/<name>/` with a reader for the dataset's official files (`data`), a
+metric (`eval`), a synthetic set in the official layout (`synthetic`) and the `Task` subclass (`task`), plus
+its objectives in the registry (`eve_ds/objectives/`). The trainer, engine, checkpoints and CLI are the
+pre-training ones:
 
-    task = build_task(cfg.task, tokenizer, cache_dir, image_size, max_text_len)
+    task = build_task(cfg.task, ctx)    # ctx: TaskContext (tokenizer, cache dir, image size, ...)
     task.prepare()                      # rank 0 first: generate a synthetic set, read the files
     loader = task.train_loader(...)     # map-style examples in a seeded order, resumable by batch count
     metrics = task.evaluate(model, split, ...)
@@ -12,14 +15,19 @@ in the registry (`eve_ds/objectives/`). The trainer, engine, checkpoints and CLI
 from __future__ import annotations
 
 import importlib
+import json
 import logging
-from collections.abc import Callable, Iterator
+import os
+import random
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from eve_ds.data.transforms import _LEFT_RIGHT, crop_resize
 from eve_ds.tasks.config import TaskConfig
 
 log = logging.getLogger(__name__)
@@ -46,6 +54,25 @@ class Task:
 
     def __init__(self, cfg: TaskConfig, ctx: TaskContext) -> None:
         self.cfg, self.ctx = cfg, ctx
+
+    def root(self) -> str:
+        """The dataset's directory: task.data_root, or with task.synthetic the task's synthetic set in the
+        cache dir (generated when missing, `make_synthetic`)."""
+        c = self.cfg
+        if not c.synthetic:
+            return c.data_root
+        return self.make_synthetic(
+            self.ctx.cache_dir,
+            seed=c.synthetic_seed,
+            counts=(c.synthetic_num_train, c.synthetic_num_val, c.synthetic_num_test),
+            image_size=self.ctx.image_size,
+        )
+
+    def make_synthetic(
+        self, cache_dir: str, *, seed: int, counts: tuple[int, int, int], image_size: int
+    ) -> str:
+        """Ensure the synthetic set of (train, val, test) sizes `counts` under `cache_dir`; its root."""
+        raise NotImplementedError
 
     def prepare(self) -> None:
         """Generate what is missing (synthetic data) and read the training files."""
@@ -151,6 +178,64 @@ class EpochItems(Dataset):
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         return self.dataset[i]
+
+
+class EpochFlipDataset(Dataset):
+    """A training set whose images are flipped horizontally with probability `hflip`, never when one of
+    the item's texts (`flip_texts`) says "left" or "right" (a flip would make it false).
+
+    The flip of item i in epoch e is drawn from an RNG seeded by (seed, e, i), so an item looks the same
+    whichever worker loads it and each epoch has its own flips (`set_epoch`). Subclasses pass their items
+    (one per index) and say which texts an item has.
+    """
+
+    def __init__(self, items: list, *, train: bool, hflip: float = 0.0, seed: int = 0) -> None:
+        self.items, self.train, self.hflip, self.seed, self.epoch = items, train, hflip, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Give each epoch its own flips."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def flip_texts(self, i: int) -> Iterable[str]:
+        """The texts of item i that a flip must not contradict."""
+        raise NotImplementedError
+
+    def flips(self, i: int) -> bool:
+        if not self.train or self.hflip <= 0 or any(_LEFT_RIGHT.search(t) for t in self.flip_texts(i)):
+            return False
+        return random.Random(self.seed * 1_000_003 + self.epoch * len(self) + i).random() < self.hflip
+
+
+def read_json_file(path: str, key: str, error_cls: type[Exception]) -> list:
+    """The list under `key` of the JSON object in `path`. A missing file raises FileNotFoundError, any
+    other reason the file cannot be used `error_cls`; both messages name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error_cls(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict) or key not in obj:
+        has = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise error_cls(f'{path}: expected a JSON object with the field "{key}" (has {has})')
+    if not isinstance(obj[key], list):
+        raise error_cls(f'{path}: field "{key}" must be a list, got {obj[key]!r:.80}')
+    return obj[key]
+
+
+def load_image(path: str, image_size: int) -> np.ndarray | None:
+    """(S, S, 3) uint8: shorter side resized to S, centre square; None if the file cannot be decoded."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            side = min(w, h)
+            return np.asarray(crop_resize(img, ((w - side) // 2, (h - side) // 2, side, side), image_size))
+    except Exception:  # missing, truncated, not an image, decompression bomb: all mean "unusable"
+        return None
 
 
 TASKS: dict[str, type[Task]] = {}

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import Dataset
 
-from eve_ds.data.transforms import _LEFT_RIGHT, crop_resize
+from eve_ds.tasks.base import EpochFlipDataset, load_image
 
 TRAIN_SPLIT = "train"
 _IDENTIFIER = re.compile(r"^(.+)-(\d+)$")
@@ -128,45 +125,24 @@ def read_nlvr2(root: str, split: str, *, skip_missing: bool = False) -> tuple[li
     return examples, {"examples": len(examples), "missing_image": missing}
 
 
-def load_image(path: str, image_size: int) -> np.ndarray | None:
-    """(S, S, 3) uint8: shorter side resized to S, centre square; None if the file cannot be decoded."""
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-            side = min(w, h)
-            return np.asarray(crop_resize(img, ((w - side) // 2, (h - side) // 2, side, side), image_size))
-    except Exception:  # missing, truncated, not an image, decompression bomb: all mean "unusable"
-        return None
-
-
-class NLVR2Dataset(Dataset):
+class NLVR2Dataset(EpochFlipDataset):
     """Items {"image": (2, S, S, 3) uint8 (left, right), "text", "label", "identifier"}, or None when an
     image cannot be decoded.
 
     Training flips BOTH images horizontally with probability `hflip`, keeping their order, but never
     when the sentence says "left" or "right": those words may refer to a position inside an image (a
     flip would change the truth) or to an image (a swap would), and telling which apart is guesswork.
-    The flip is drawn from a per-item RNG of (seed, index, epoch), so it does not depend on workers.
+    The flips are `EpochFlipDataset`'s, seeded per item and epoch.
     """
 
     def __init__(
         self, examples: list[NLVR2Example], image_size: int, train: bool, hflip: float = 0.0, seed: int = 0
     ):
-        self.examples, self.image_size, self.train = examples, image_size, train
-        self.hflip, self.seed, self.epoch_offset = hflip, seed, 0
+        super().__init__(examples, train=train, hflip=hflip, seed=seed)
+        self.examples, self.image_size = examples, image_size
 
-    def set_epoch(self, epoch: int) -> None:
-        """Give each epoch its own flips."""
-        self.epoch_offset = epoch * len(self.examples)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def flips(self, i: int) -> bool:
-        ex = self.examples[i]
-        if not self.train or self.hflip <= 0 or _LEFT_RIGHT.search(ex.sentence):
-            return False
-        return random.Random(self.seed * 1_000_003 + i + self.epoch_offset).random() < self.hflip
+    def flip_texts(self, i: int) -> tuple[str, ...]:
+        return (self.examples[i].sentence,)
 
     def __getitem__(self, i: int) -> dict | None:
         ex = self.examples[i]

@@ -1,5 +1,5 @@
-"""NLVR2 as a task of the shared trainer: the official files (`nlvr2_data`), accuracy on dev / test-P
-(`test1`), and the `nlvr2` objective (two fusion passes and the bi-attention or concat head).
+"""NLVR2 as a task of the shared trainer: the official files (`data`), accuracy on dev / test-P (`test1`,
+metric in `eval`), and the `nlvr2` objective (two fusion passes and the bi-attention or concat head).
 
 Unreadable images: a training pair with a missing image is skipped at read time and one that cannot be
 decoded is skipped by the collate (both counted); in evaluation either is an error unless
@@ -11,16 +11,15 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections import defaultdict
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
 from eve_ds.tasks.base import Task, TaskContext, register_task
 from eve_ds.tasks.nlvr2.data import NLVR2Dataset, NLVR2Example, nlvr2_collate, read_nlvr2
-from eve_ds.tasks.nlvr2.synthetic import ensure_synthetic_nlvr2, read_templates
+from eve_ds.tasks.nlvr2.eval import accuracy, template_accuracy, write_predictions
+from eve_ds.tasks.nlvr2.synthetic import ensure_synthetic_nlvr2
 from eve_ds.utils.image import normalize_image
-from eve_ds.utils.io import atomic_write_text
 from eve_ds.utils.ranks import even_rank_slice, gather_objects
 
 log = logging.getLogger(__name__)
@@ -31,17 +30,17 @@ class NLVR2Task(Task):
     objectives = ("nlvr2",)
     metric = "nlvr2_acc"
 
-    def root(self) -> str:
-        c = self.cfg
-        if not c.synthetic:
-            return c.data_root
+    def make_synthetic(
+        self, cache_dir: str, *, seed: int, counts: tuple[int, int, int], image_size: int
+    ) -> str:
+        num_train, num_dev, num_test = counts
         return ensure_synthetic_nlvr2(
-            self.ctx.cache_dir,
-            seed=c.synthetic_seed,
-            num_train=c.synthetic_num_train,
-            num_dev=c.synthetic_num_val,
-            num_test=c.synthetic_num_test,
-            image_size=self.ctx.image_size,
+            cache_dir,
+            seed=seed,
+            num_train=num_train,
+            num_dev=num_dev,
+            num_test=num_test,
+            image_size=image_size,
         )
 
     def prepare(self) -> None:
@@ -96,26 +95,6 @@ class NLVR2Task(Task):
             write_predictions(predictions, scored, preds)
             metrics["predictions"] = os.path.abspath(predictions)
         return metrics
-
-
-def accuracy(examples: list[NLVR2Example], preds: dict[str, int | None]) -> float:
-    return sum(preds[e.identifier] == e.label for e in examples) / max(1, len(examples))
-
-
-def template_accuracy(root: str, split: str, examples: list[NLVR2Example], preds: dict) -> dict:
-    """{"nlvr2_acc/<template>": accuracy} on a synthetic split (its lines name their template); {} else."""
-    templates = read_templates(root, split)
-    groups: dict[str, list[NLVR2Example]] = defaultdict(list)
-    for e in examples:
-        if e.identifier in templates:
-            groups[templates[e.identifier]].append(e)
-    return {f"nlvr2_acc/{t}": accuracy(group, preds) for t, group in sorted(groups.items())}
-
-
-def write_predictions(path: str, examples: list[NLVR2Example], preds: dict) -> None:
-    """NLVR2's prediction file, as the official evaluation script reads it: `identifier,True|False`."""
-    lines = [f"{e.identifier},{bool(preds[e.identifier])}\n" for e in examples]
-    atomic_write_text(path, "".join(lines))
 
 
 @torch.no_grad()

@@ -16,10 +16,8 @@ once (`RetrievalImageDataset`) and every caption once (`texts_of`) and scores al
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +25,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from eve_ds.data.transforms import _LEFT_RIGHT, collate, crop_resize
+from eve_ds.data.transforms import collate, crop_resize
+from eve_ds.tasks.base import EpochFlipDataset, read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +55,7 @@ def _load_json(path: str) -> list:
     """The "images" list of a Karpathy JSON; errors name the file."""
     if not os.path.isfile(path):
         raise RetrievalDataError(f"{path}: annotation file not found (task.data_root must hold it)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RetrievalDataError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise RetrievalDataError(f'{path}: expected an object with an "images" list')
-    return data["images"]
+    return read_json_file(path, "images", RetrievalDataError)
 
 
 def _field(entry, key: str, kind: type | tuple[type, ...], where: str):
@@ -163,33 +155,25 @@ def load_image(path: str, image_size: int) -> np.ndarray:
         return np.array(crop_resize(img, ((w - side) // 2, (h - side) // 2, side, side), image_size))
 
 
-class RetrievalTrainDataset(Dataset):
+class RetrievalTrainDataset(EpochFlipDataset):
     """One item per (image, caption) pair: {"image": (S, S, 3) uint8, "text", "image_id"}, or None when
     the image cannot be decoded (counted by `retrieval_train_collate`).
 
     With `train`, the image is flipped horizontally with probability `hflip` -- never when the caption
-    says left or right, which a flip would make false. The flip is drawn from an RNG seeded by (seed,
-    epoch, item), so an item looks the same whichever worker loads it; `set_epoch` changes the draws.
+    says left or right, which a flip would make false; the flips are `EpochFlipDataset`'s, seeded per item
+    and epoch.
     """
 
     def __init__(
         self, images: list[RetrievalImage], image_size: int, train: bool, hflip: float = 0.0, seed: int = 0
     ) -> None:
-        self.images, self.image_size, self.train, self.hflip, self.seed = (
-            images,
-            image_size,
-            train,
-            hflip,
-            seed,
-        )
         self.pairs = [(i, j) for i, im in enumerate(images) for j in range(len(im.captions))]
-        self.epoch = 0
+        super().__init__(self.pairs, train=train, hflip=hflip, seed=seed)
+        self.images, self.image_size = images, image_size
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.pairs)
+    def flip_texts(self, index: int) -> tuple[str, ...]:
+        i, j = self.pairs[index]
+        return (self.images[i].captions[j],)
 
     def __getitem__(self, index: int) -> dict | None:
         i, j = self.pairs[index]
@@ -199,10 +183,8 @@ class RetrievalTrainDataset(Dataset):
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             log.debug("unreadable image %s: %s", example.image_path, e)
             return None
-        if self.train:
-            rng = random.Random(self.seed * 1_000_003 + self.epoch * len(self.pairs) + index)
-            if rng.random() < self.hflip and _LEFT_RIGHT.search(text) is None:
-                pixels = np.ascontiguousarray(pixels[:, ::-1])
+        if self.flips(index):
+            pixels = np.ascontiguousarray(pixels[:, ::-1])
         return {"image": pixels, "text": text, "image_id": example.image_id}
 
 

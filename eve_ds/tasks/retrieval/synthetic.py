@@ -3,7 +3,7 @@
 Each image is a scene of `eve_ds.data.synthetic` with 3 to 6 captions that paraphrase it -- different
 templates and orders of mention ("a red circle left of a blue square", "there is a small blue square; a
 red circle is to its left", "a scene with a blue square and a red circle", ...), all true of the image.
-The files are what `retrieval_data.read_karpathy` reads from the real datasets:
+The files are what `data.read_karpathy` reads from the real datasets:
 
     coco       dataset_coco.json, train2014/COCO_train2014_%012d.jpg, val2014/COCO_val2014_%012d.jpg
                (every 4th training image is a "restval" image in val2014/, as in Karpathy's split)

@@ -1,5 +1,5 @@
 """Image-text retrieval (COCO / Flickr30K, Karpathy splits) as a task of the shared trainer: the files
-(`retrieval_data`), recall@K and re-ranking (`retrieval_eval`), and the `itc` + `itm` objectives of
+(`data`), recall@K and re-ranking (`eval`), and the `itc` + `itm` objectives of
 `eve_ds/objectives/contrastive.py` (image-id aware: all captions of an image are its positives).
 
 Evaluation, as ALBEF / BEiT-3 / EVE do it:
@@ -45,7 +45,7 @@ from eve_ds.tasks.retrieval.eval import recall_at_k, rerank, row_block
 from eve_ds.tasks.retrieval.synthetic import ensure_synthetic_retrieval
 from eve_ds.utils.image import normalize_image
 from eve_ds.utils.io import atomic_write_json
-from eve_ds.utils.ranks import gather_objects, rank_slice
+from eve_ds.utils.ranks import gather_objects, rank_and_world, rank_slice
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +55,18 @@ class RetrievalTask(Task):
     objectives = ("itc", "itm")
     metric = "r_mean"
 
-    def root(self) -> str:
-        c = self.cfg
-        if not c.synthetic:
-            return c.data_root
+    def make_synthetic(
+        self, cache_dir: str, *, seed: int, counts: tuple[int, int, int], image_size: int
+    ) -> str:
+        num_train, num_val, num_test = counts
         return ensure_synthetic_retrieval(
-            self.ctx.cache_dir,
-            seed=c.synthetic_seed,
-            dataset=c.dataset,
-            num_train=c.synthetic_num_train,
-            num_val=c.synthetic_num_val,
-            num_test=c.synthetic_num_test,
-            image_size=self.ctx.image_size,
+            cache_dir,
+            seed=seed,
+            dataset=self.cfg.dataset,
+            num_train=num_train,
+            num_val=num_val,
+            num_test=num_test,
+            image_size=image_size,
         )
 
     def prepare(self) -> None:
@@ -122,7 +122,7 @@ class RetrievalTask(Task):
             skip_bad=self.cfg.skip_bad_eval_images,
         )
         metrics = scores.metrics()
-        if predictions and (not dist.is_initialized() or dist.get_rank() == 0):
+        if predictions and rank_and_world()[0] == 0:
             write_rankings(predictions, scores)
             metrics["predictions"] = os.path.abspath(predictions)
         metrics["eval_seconds"] = time.perf_counter() - start
@@ -250,9 +250,8 @@ class _Evaluator:
             batch_size,
         )
         self.itc, self.itm = model.objectives["itc"], model.objectives["itm"]
-        distributed = dist.is_initialized() and dist.get_world_size() > 1
-        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        self.collective_passes = distributed and model.model_cfg.ep_size > 1
+        self.rank, self.world = rank_and_world()
+        self.collective_passes = self.world > 1 and model.model_cfg.ep_size > 1
 
     def _loader(self, dataset: Dataset, collate: Callable) -> DataLoader:
         return DataLoader(

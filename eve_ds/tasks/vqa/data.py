@@ -22,10 +22,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from eve_ds.data.transforms import _LEFT_RIGHT
-from eve_ds.tasks.nlvr2.data import load_image
+from eve_ds.tasks.base import EpochFlipDataset, load_image, read_json_file
 from eve_ds.tasks.vqa.eval import normalize_answer, soft_score
 from eve_ds.utils.io import atomic_write_json
 
@@ -70,21 +68,6 @@ def image_path(root: str, split: str, image_id: int) -> str:
     return os.path.join(root, folder, f"COCO_{folder}_{image_id:012d}.jpg")
 
 
-def _load(path: str, key: str) -> list:
-    """The list under `key` of the JSON object in `path`."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"VQA file {path} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise VQADataError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict) or key not in obj:
-        has = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise VQADataError(f'{path}: expected a JSON object with the field "{key}" (has {has})')
-    return _field(obj, key, list, path)
-
-
 def _field(obj, name: str, kind: type, where: str):
     if not isinstance(obj, dict):
         raise VQADataError(f"{where}: expected a JSON object, got {obj!r:.80}")
@@ -99,7 +82,7 @@ def _field(obj, name: str, kind: type, where: str):
 def _read_annotations(path: str) -> dict[int, dict]:
     """question_id -> {"image_id", "answers", "answer_type", "question_type", "multiple_choice_answer"}."""
     out = {}
-    for i, ann in enumerate(_load(path, "annotations")):
+    for i, ann in enumerate(read_json_file(path, "annotations", VQADataError)):
         where = f"{path}: annotations[{i}]"
         qid = _field(ann, "question_id", int, where)
         answers = tuple(
@@ -122,7 +105,7 @@ def _parse_questions(
     """Every question of the file as an example (image existence not checked), annotated when given."""
     examples, seen = [], set()
     ann_path = annotations_path(root, split)
-    for i, q in enumerate(_load(path, "questions")):
+    for i, q in enumerate(read_json_file(path, "questions", VQADataError)):
         where = f"{path}: questions[{i}]"
         qid, image_id = _field(q, "question_id", int, where), _field(q, "image_id", int, where)
         question = " ".join(_field(q, "question", str, where).split())
@@ -202,7 +185,7 @@ def split_minival(
 
 
 class AnswerVocab:
-    """The classifier's answers: normalised (`vqa_eval.normalize_answer`) answer strings, index = class.
+    """The classifier's answers: normalised (`eval.normalize_answer`) answer strings, index = class.
 
     `build` follows the standard recipe (bottom-up-attention's compute_softscore, used by ViLT, BEiT-3 and
     EVE): count the normalised `multiple_choice_answer` of every question and keep the `size` most frequent
@@ -268,14 +251,14 @@ class AnswerVocab:
                 raise ValueError(f"{path}: {e}") from None
 
 
-class VQADataset(Dataset):
+class VQADataset(EpochFlipDataset):
     """Items {"image": (S, S, 3) uint8, "question", "question_id", "targets": (A,) float32 (zeros for test
     splits)}; {"question_id", "bad": True} when the image is missing or cannot be decoded, so that collate
     can report which questions went unanswered.
 
     Training flips the image horizontally with probability `hflip`, never when the question or any answer
-    says "left" or "right" (a flip would change the answer). The flip is drawn from a per-item RNG of
-    (seed, index, epoch), so it does not depend on workers.
+    says "left" or "right" (a flip would change the answer); the flips are `EpochFlipDataset`'s, seeded
+    per item and epoch.
     """
 
     def __init__(
@@ -287,23 +270,11 @@ class VQADataset(Dataset):
         hflip: float = 0.0,
         seed: int = 0,
     ):
-        self.examples, self.vocab, self.image_size, self.train = examples, vocab, image_size, train
-        self.hflip, self.seed, self.epoch_offset = hflip, seed, 0
+        super().__init__(examples, train=train, hflip=hflip, seed=seed)
+        self.examples, self.vocab, self.image_size = examples, vocab, image_size
 
-    def set_epoch(self, epoch: int) -> None:
-        """Give each epoch its own flips."""
-        self.epoch_offset = epoch * len(self.examples)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def flips(self, i: int) -> bool:
-        ex = self.examples[i]
-        if not self.train or self.hflip <= 0:
-            return False
-        if any(_LEFT_RIGHT.search(t) for t in (ex.question, *ex.answers)):
-            return False
-        return random.Random(self.seed * 1_000_003 + i + self.epoch_offset).random() < self.hflip
+    def flip_texts(self, i: int) -> tuple[str, ...]:
+        return (self.examples[i].question, *self.examples[i].answers)
 
     def __getitem__(self, i: int) -> dict:
         ex = self.examples[i]
@@ -324,7 +295,7 @@ def vqa_collate(items: list[dict], tokenizer, max_text_len: int) -> dict | None:
     """Batch: image (B, 3, S, S) uint8, text_ids / text_mask (B, L) int64, targets (B, A) float32,
     question_id (list), num_skipped and skipped_question_ids (the bad items, left out of the batch).
     None when every item is bad (the trainer skips such batches; an evaluation loop must then treat the
-    ids it never saw as skipped -- `vqa_eval.write_results` fills them in)."""
+    ids it never saw as skipped -- `eval.write_results` fills them in)."""
     good = [it for it in items if not it.get("bad")]
     if not good:
         return None

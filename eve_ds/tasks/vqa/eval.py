@@ -64,7 +64,6 @@ you'dve:you'd've youll:you'll youre:you're youve:you've
 """
 CONTRACTIONS = dict(pair.split(":", 1) for pair in _CONTRACTION_PAIRS.split())
 
-ANSWER_TYPES = ("yes/no", "number", "other")
 _SOFT_SCORES = (0.0, 0.3, 0.6, 0.9)  # written out: 3 * 0.3 is 0.8999999999999999 in floating point
 
 
@@ -142,7 +141,7 @@ def _check_ids(preds: Mapping[int, str], ids: list[int], allow_missing: bool) ->
 
 def score_predictions(preds: Mapping[int, str], examples: Iterable, *, allow_missing: bool = False) -> dict:
     """Official VQA score of `preds` (question_id -> answer) over `examples` (objects with question_id,
-    answers, answer_type, question_type, e.g. `vqa_data.VQAExample`; those without answers are ignored).
+    answers, answer_type, question_type, e.g. `data.VQAExample`; those without answers are ignored).
 
     -> {"vqa_score": mean accuracy (0-1), "vqa_score/<answer type>": per answer type ("vqa_score/yes/no",
     "vqa_score/number", "vqa_score/other"), "vqa_score/qtype/<question type>": per question type,

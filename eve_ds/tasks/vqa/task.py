@@ -1,5 +1,5 @@
-"""VQA v2 as a task of the shared trainer: the official files (`vqa_data`), the official accuracy
-(`vqa_eval`), the `vqa` objective, and the EvalAI submission file."""
+"""VQA v2 as a task of the shared trainer: the official files (`data`), the official accuracy (`eval`), the
+`vqa` objective, and the EvalAI submission file."""
 
 from __future__ import annotations
 
@@ -27,17 +27,17 @@ class VQATask(Task):
     objectives = ("vqa",)
     metric = "vqa_score"
 
-    def root(self) -> str:
-        c = self.cfg
-        if not c.synthetic:
-            return c.data_root
+    def make_synthetic(
+        self, cache_dir: str, *, seed: int, counts: tuple[int, int, int], image_size: int
+    ) -> str:
+        num_train, num_val, num_test = counts
         return ensure_synthetic_vqa(
-            self.ctx.cache_dir,
-            seed=c.synthetic_seed,
-            num_train_images=c.synthetic_num_train,
-            num_val_images=c.synthetic_num_val,
-            num_test_images=c.synthetic_num_test,
-            image_size=self.ctx.image_size,
+            cache_dir,
+            seed=seed,
+            num_train_images=num_train,
+            num_val_images=num_val,
+            num_test_images=num_test,
+            image_size=image_size,
         )
 
     def prepare(self) -> None:
