@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from eve_ds.data.transforms import batch_to_device
+from eve_ds.utils.ranks import rank_and_world
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, _ = rank_and_world()
     sums: dict[str, float] = defaultdict(float)
     categories = {c: torch.tensor(ids, device=device) for c, ids in (attr_token_ids or {}).items()}
     # Every rank sums the same keys, even one that gets no batch (the all-reduce below is positional).
