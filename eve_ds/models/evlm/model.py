@@ -15,10 +15,12 @@ What a trainer calls (nothing here knows about ranks beyond DeepSpeed's MoE laye
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 from timm.layers import trunc_normal_
+from tokenizers import Tokenizer
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -51,15 +53,23 @@ def load_lm(cfg: EVLMConfig) -> nn.Module:
 
 
 def media_token_id(cfg: EVLMConfig) -> int:
-    """`cfg.media_token_id`, or the id of `cfg.media_token` in the tokenizer saved with the LM."""
+    """`cfg.media_token_id`, or the id of `cfg.media_token` in the tokenizer saved with the LM. Read from
+    `tokenizer.json` itself: AutoTokenizer picks its class from the LM's model type and may not be the
+    tokenizer that was saved (a word-level vocabulary next to a qwen2 config loads as Qwen2Tokenizer)."""
     if cfg.media_token_id >= 0:
         return cfg.media_token_id
     if not cfg.lm_path:
         raise ValueError("model.media_token_id is needed when there is no model.lm_path tokenizer")
-    tok = AutoTokenizer.from_pretrained(cfg.lm_path, local_files_only=True)
-    if cfg.media_token not in tok.get_vocab():
+    path = os.path.join(cfg.lm_path, "tokenizer.json")
+    if os.path.exists(path):
+        found = Tokenizer.from_file(path).token_to_id(cfg.media_token)
+    else:
+        found = (
+            AutoTokenizer.from_pretrained(cfg.lm_path, local_files_only=True).get_vocab().get(cfg.media_token)
+        )
+    if found is None:
         raise ValueError(f"model.media_token={cfg.media_token!r} is not in the tokenizer of {cfg.lm_path}")
-    return tok.convert_tokens_to_ids(cfg.media_token)
+    return found
 
 
 class EVLMModel(nn.Module):
