@@ -113,13 +113,26 @@ def expert_slice(dense: nn.Module, g: int, slices: int) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def upcycle(dense: nn.Module, moe: WorldMoE, copies: int, slices: int, ep_rank: int = 0) -> None:
+def upcycle(
+    dense: nn.Module,
+    moe: WorldMoE,
+    copies: int,
+    slices: int,
+    ep_rank: int = 0,
+    noise: float = 0.0,
+    seed: int = 0,
+) -> None:
     """Fill `moe` from the dense FFN: world <- dense, local expert i <- slice of global expert
-    g = ep_rank * n_local + i, so global expert g is the same for every ep_size. Copies differ only
-    through training (the router sees them apart once beta moves); `copies` checks the expert count."""
+    g = ep_rank * n_local + i. The copies are identical unless `noise` > 0 adds N(0, noise^2) drawn from a
+    generator seeded by (seed, g), so global expert g is the same for every ep_size either way."""
     n_local = len(moe.local_experts)
     if copies * slices != n_local * moe.moe.ep_size:
         raise ValueError(f"{copies} copies x {slices} slices != {n_local * moe.moe.ep_size} experts")
     moe.world.load_state_dict(dense.state_dict())
     for i, expert in enumerate(moe.local_experts):
-        expert.load_state_dict(expert_slice(dense, ep_rank * n_local + i, slices))
+        g = ep_rank * n_local + i
+        expert.load_state_dict(expert_slice(dense, g, slices))
+        if noise > 0:
+            gen = torch.Generator().manual_seed(seed * 1009 + g)
+            for p in expert.parameters():
+                p.add_(torch.randn(p.shape, generator=gen).to(p) * noise)
