@@ -1,0 +1,228 @@
+"""EVLM: a frozen causal LM reading a ViT's hierarchical features through gated cross-attention.
+
+What a trainer calls (nothing here knows about ranks beyond DeepSpeed's MoE layer):
+- build: `EVLMModel(cfg)` loads the LM from `cfg.lm_path` (local files only) and the tower from
+  `cfg.vision_path`; `EVLMModel(cfg, lm=...)` takes an LM already built (tests, meta-device counts).
+- freeze policy: `trainable_parameters(stage)` (stage1 | stage2 | stage3, `STAGES`) sets `requires_grad`
+  and returns {"fusion": [...], "vision": [...]}; in stage 1 the "vision" group is the one whose LR stays
+  at 0 for the first 25 % of the steps.
+- MoE: `upcycle_from(dense_state_dict, ep_rank)` after building an `evlm_*_moe` model; then the usual
+  DeepSpeed MoE parameter groups (the experts carry `allreduce=False`).
+- checkpoints: `trainable_state_dict()` is what must be saved (the frozen LM and tower come from their
+  files); with DeepSpeed: `save_checkpoint(exclude_frozen_parameters=True)`, `load_module_strict=False`.
+- `set_grad_checkpointing()`; `forward(batch) -> EVLMOutput` (loss is the objective's, `caption_lm`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from timm.layers import trunc_normal_
+from tokenizers import Tokenizer
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from eve_ds.models.evlm.config import STAGES, VISION_TRAINABLE_FROM, EVLMConfig
+from eve_ds.models.evlm.moe_xattn import WorldMoE, upcycle
+from eve_ds.models.evlm.vision import build_vision, set_trainable_from
+from eve_ds.models.evlm.wrap import XAttnDecoderLayer, layer_levels, wrap_decoder_layers
+from eve_ds.models.evlm.xattn import GatedXAttn, Media, build_ffn
+
+
+@dataclass
+class EVLMOutput:
+    """logits: (B, S, V); aux_loss: summed MoE load-balancing losses (0 when dense);
+    expert_counts: {layer: (1, E) routes to each expert in this call}."""
+
+    logits: Tensor
+    aux_loss: Tensor
+    expert_counts: dict[int, Tensor] = field(default_factory=dict)
+
+
+def load_lm(cfg: EVLMConfig) -> nn.Module:
+    """The causal LM from `cfg.lm_path` (local files), or random from `cfg.lm_layout` when there is none."""
+    dtype = getattr(torch, cfg.lm_dtype)
+    if cfg.lm_path:
+        return AutoModelForCausalLM.from_pretrained(cfg.lm_path, local_files_only=True, dtype=dtype)
+    layout = {k: v for k, v in cfg.lm_layout.items() if k != "model_type"}
+    return AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(cfg.lm_layout["model_type"], **layout), dtype=dtype
+    )
+
+
+def media_token_id(cfg: EVLMConfig) -> int:
+    """`cfg.media_token_id`, or the id of `cfg.media_token` in the tokenizer saved with the LM. Read from
+    `tokenizer.json` itself: AutoTokenizer picks its class from the LM's model type and may not be the
+    tokenizer that was saved (a word-level vocabulary next to a qwen2 config loads as Qwen2Tokenizer)."""
+    if cfg.media_token_id >= 0:
+        return cfg.media_token_id
+    if not cfg.lm_path:
+        raise ValueError("model.media_token_id is needed when there is no model.lm_path tokenizer")
+    path = os.path.join(cfg.lm_path, "tokenizer.json")
+    if os.path.exists(path):
+        found = Tokenizer.from_file(path).token_to_id(cfg.media_token)
+    else:
+        found = (
+            AutoTokenizer.from_pretrained(cfg.lm_path, local_files_only=True).get_vocab().get(cfg.media_token)
+        )
+    if found is None:
+        raise ValueError(f"model.media_token={cfg.media_token!r} is not in the tokenizer of {cfg.lm_path}")
+    return found
+
+
+class EVLMModel(nn.Module):
+    """Vision tower + media tokens + an HF causal LM whose decoder layers are wrapped (see module doc)."""
+
+    def __init__(self, cfg: EVLMConfig, lm: nn.Module | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.lm = lm if lm is not None else load_lm(cfg)
+        lm_cfg = self.lm.config
+        for key in ("hidden_size", "num_hidden_layers"):
+            if getattr(lm_cfg, key) != cfg.lm_layout[key]:
+                raise ValueError(
+                    f"model.lm_layout.{key}={cfg.lm_layout[key]} but the LM has {getattr(lm_cfg, key)}"
+                )
+        self.lm.config.use_cache = False  # a cache would also turn off the packed-document masks
+        self.lm.requires_grad_(False)
+        self.media_token_id = media_token_id(cfg)
+        self.vision = build_vision(cfg)
+        self.media_tokens = nn.Parameter(torch.empty(cfg.num_media_tokens, cfg.lm_hidden))
+        trunc_normal_(self.media_tokens, std=cfg.init_std)
+        levels = layer_levels(lm_cfg.num_hidden_layers, len(cfg.feature_layers), cfg.level_map)
+        self.layers = wrap_decoder_layers(self.lm, self._xattn, levels)
+        self.trainable_parameters(STAGES[0])
+
+    def _xattn(self, i: int) -> GatedXAttn:
+        cfg, h = self.cfg, self.cfg.lm_hidden
+        if cfg.moe:
+            hidden = cfg.xattn_ffn_hidden
+            ffn: nn.Module = WorldMoE(
+                h, hidden, hidden // cfg.moe_slices, cfg.num_experts, cfg.top_k, cfg.xattn_ffn,
+                cfg.ep_size, cfg.drop_tokens, cfg.capacity_factor, cfg.routed_gate_init,
+            )  # fmt: skip
+        else:
+            ffn = build_ffn(h, cfg.xattn_ffn_hidden, cfg.xattn_ffn)
+        xattn = GatedXAttn(
+            h, cfg.vision_width, cfg.xattn_dim, cfg.xattn_heads, ffn, cfg.gate_init,
+            cfg.ffn_on_imageless_text, getattr(self.lm.config, "rms_norm_eps", 1e-6),
+        )  # fmt: skip
+        for m in xattn.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=cfg.init_std)
+        return xattn.to(self.lm.dtype)
+
+    # -- freezing and checkpoints ----------------------------------------------------------------------
+
+    def trainable_parameters(self, stage: str) -> dict[str, list[nn.Parameter]]:
+        """Freeze all but the stage's set -> {"fusion": xattn + media tokens, "vision": late ViT blocks}."""
+        if stage not in VISION_TRAINABLE_FROM:
+            raise ValueError(f"stage={stage!r}: expected one of {list(VISION_TRAINABLE_FROM)}")
+        self.requires_grad_(False)
+        fusion = [self.media_tokens, *(p for layer in self.layers for p in layer.xattn.parameters())]
+        for p in fusion:
+            p.requires_grad_(True)
+        return {"fusion": fusion, "vision": set_trainable_from(self.vision, VISION_TRAINABLE_FROM[stage])}
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The parameters a checkpoint must hold (the frozen ones are reloaded from their files)."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for layer in self.layers:
+            layer.grad_checkpointing = enable
+
+    @torch.no_grad()
+    def upcycle_from(self, dense: dict[str, Tensor], ep_rank: int = 0) -> None:
+        """Load a dense EVLM state dict into this MoE model: every weight as is, and each cross-attention
+        FFN `...xattn.ffn.*` upcycled into the world expert and this rank's routed experts."""
+        if not self.cfg.moe:
+            raise ValueError("upcycle_from needs a MoE config (model.moe=true)")
+        moe_keys = {n for n, _ in self.named_parameters() if ".xattn.ffn." in n}
+        missing, _ = self.load_state_dict(
+            {k: v for k, v in dense.items() if ".xattn.ffn." not in k}, strict=False
+        )
+        left = [k for k in missing if k not in moe_keys and not k.endswith("ffn.beta")]
+        if left:
+            raise ValueError(f"dense state dict lacks {left[:5]} ({len(left)} keys)")
+        for name, module in self.named_modules():
+            if isinstance(module, XAttnDecoderLayer):
+                prefix = f"{name}.xattn.ffn."
+                ffn = build_ffn(self.cfg.lm_hidden, self.cfg.xattn_ffn_hidden, self.cfg.xattn_ffn)
+                ffn.load_state_dict({k[len(prefix) :]: v for k, v in dense.items() if k.startswith(prefix)})
+                upcycle(ffn, module.xattn.ffn, self.cfg.moe_copies, self.cfg.moe_slices, ep_rank)
+
+    def active_params_per_token(self) -> int:
+        """Every parameter (experts of all ranks), less the routed experts a token skips ((E - k) per layer)."""
+        total = sum(p.numel() * (self.cfg.ep_size if getattr(p, "allreduce", True) is False else 1)
+                    for p in self.parameters())  # fmt: skip
+        if not self.cfg.moe:
+            return total
+        expert = sum(p.numel() for p in self.layers[0].xattn.ffn.local_experts[0].parameters())
+        return total - len(self.layers) * (self.cfg.num_experts - self.cfg.top_k) * expert
+
+    # -- forward -----------------------------------------------------------------------------------------
+
+    def embed(self, input_ids: Tensor, images_per_row: Tensor) -> Tensor:
+        """input_ids: (B, S) with K placeholder ids per image; images_per_row: (B,) -> (B, S, h), the
+        learned tokens 0..K-1 written over each run of K placeholders."""
+        is_media = input_ids == self.media_token_id
+        K = self.cfg.num_media_tokens
+        n = is_media.sum(1)
+        bad = (n != images_per_row * K).nonzero().flatten().tolist()
+        if bad:
+            r = bad[0]
+            raise ValueError(
+                f"row {r}: {int(images_per_row[r])} images but {int(n[r])} media positions "
+                f"({K} per image expected)"
+            )
+        x = self.lm.get_input_embeddings()(input_ids)
+        idx = (is_media.cumsum(1) - 1).clamp(min=0) % K  # (B, S) index of each placeholder in its run
+        return torch.where(is_media[..., None], self.media_tokens[idx].to(x.dtype), x)
+
+    def media(
+        self, images: Tensor | None, image_slot: Tensor, B: int, M: int, lo: Tensor, hi: Tensor
+    ) -> Media:
+        """images: (N, 3, H, W); image_slot: (N, 2) = (row, slot) -> Media with feats [(B, M, 1 + P, Dv)]
+        per level (unused slots zero: no interval covers them)."""
+        if images is None or images.shape[0] == 0:  # still runs every cross-attention: same FFN, collectives
+            z = lo.new_zeros((), dtype=self.media_tokens.dtype)
+            return Media([z.new_zeros(B, 1, 1, self.cfg.vision_width)] * len(self.cfg.feature_layers), lo, hi)
+        rows, slots = image_slot.unbind(1)
+        if int(rows.max()) >= B or int(slots.max()) >= M:
+            raise ValueError(f"image_slot {image_slot.tolist()} outside the batch's {B} rows x {M} slots")
+        feats = []
+        for level in self.vision(images):  # (N, 1 + P, Dv)
+            full = level.new_zeros(B, M, *level.shape[1:])
+            full[rows, slots] = level
+            feats.append(full)
+        return Media(feats, lo, hi)
+
+    def forward(self, batch: dict[str, Tensor]) -> EVLMOutput:
+        """batch: input_ids, position_ids (restarting per document), lo, hi, valid: (B, S); images
+        (N, 3, H, W) with image_slot (N, 2) and num_slots M (optional: a text-only batch)."""
+        ids = batch["input_ids"]
+        B = ids.shape[0]
+        images, slot = batch.get("images"), batch.get("image_slot")
+        if slot is None:
+            slot = ids.new_zeros(0, 2)
+        per_row = torch.bincount(slot[:, 0], minlength=B) if slot.numel() else ids.new_zeros(B)
+        M = int(batch.get("num_slots", int(slot[:, 1].max()) + 1 if slot.numel() else 1))
+        media = self.media(images, slot, B, M, batch["lo"], batch["hi"])
+        media.valid = batch.get("valid")
+        out = self.lm(
+            inputs_embeds=self.embed(ids, per_row),
+            position_ids=batch.get("position_ids"),
+            media=media,
+            use_cache=False,
+        )
+        aux = out.logits.new_zeros((), dtype=torch.float32)
+        counts = {}
+        for i, layer in enumerate(self.layers):
+            if layer.xattn.last_aux is not None:
+                aux = aux + layer.xattn.last_aux.float()
+                counts[i] = layer.xattn.last_routes.reshape(1, -1)  # (1, E): one row, all tokens
+                layer.xattn.last_aux = layer.xattn.last_routes = None
+        return EVLMOutput(out.logits, aux, counts)
