@@ -221,6 +221,45 @@ def test_forward_backward_every_flavor(name):
     assert gate.wg.weight.grad.abs().sum() > 0 and gate.modality_bias.grad.abs().sum() > 0
 
 
+def test_head_options_come_from_objective_heads_and_old_saved_keys_still_load():
+    """The task's head options reach the heads' constructors through `objective.heads`; a checkpoint saved
+    with the former flat keys (`vqa_num_answers`, `nlvr2_head`) rebuilds the same heads."""
+    cfg = eve_tiny()
+    new = ObjectiveConfig(objectives=["vqa"], heads={"vqa": {"num_answers": 7}})
+    assert PretrainingModel(cfg, new).objectives["vqa"].head[-1].out_features == 7
+    old = {
+        **dataclasses.asdict(ObjectiveConfig(objectives=["vqa"])),
+        "vqa_num_answers": 7,
+        "nlvr2_head": "concat",
+    }
+    del old["heads"]
+    loaded = ObjectiveConfig.from_dict(old)
+    assert loaded == new  # nlvr2_head dropped: nlvr2 is not trained
+    nlvr2 = ObjectiveConfig.from_dict(
+        {"objectives": ["nlvr2"], "nlvr2_head": "concat", "vqa_num_answers": 3129}
+    )
+    assert nlvr2.heads == {"nlvr2": {"head": "concat"}}
+    assert type(PretrainingModel(cfg, nlvr2).objectives["nlvr2"].head).__name__ == "ConcatHead"
+    with pytest.raises(ConfigError, match=r"objective\.heads"):
+        ObjectiveConfig(objectives=["mlm"], heads={"vqa": {"num_answers": 7}}).validate()
+
+
+def test_every_flavor_belongs_to_one_model_family():
+    from eve_ds.models.config import FLAVORS
+    from eve_ds.train.config import load_config
+    from eve_ds.train.family import FAMILIES, EVEFamily, ModelFamily, family_of, register_family
+
+    assert family_of(load_config("eve_tiny_synthetic")).name == "eve"
+    assert {f.name for f in FAMILIES.values() for fl in FLAVORS if fl in f.flavors} == {"eve"}
+
+    class Clash(ModelFamily):
+        name, flavors = "clash", ("eve_tiny",)
+
+    with pytest.raises(ValueError, match="already belong to 'eve'"):
+        register_family(Clash())
+    assert set(FAMILIES) == {"eve"} and isinstance(FAMILIES["eve"], EVEFamily)
+
+
 def test_pixel_decoder_output_and_mask():
     cfg = eve_tiny()
     model = build(cfg)

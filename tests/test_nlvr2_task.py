@@ -75,7 +75,9 @@ def pairs_batch(lengths: list[int], L: int = 12) -> dict:
 
 def nlvr2_model(head: str) -> PretrainingModel:
     torch.manual_seed(0)
-    return PretrainingModel(eve_tiny(), ObjectiveConfig(objectives=["nlvr2"], heads={"nlvr2": {"head": head}}))
+    return PretrainingModel(
+        eve_tiny(), ObjectiveConfig(objectives=["nlvr2"], heads={"nlvr2": {"head": head}})
+    )
 
 
 @torch.no_grad()
