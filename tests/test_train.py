@@ -198,8 +198,8 @@ def test_ds_config_merge_derives_accumulation_and_keeps_ds_files_to_zero_and_pre
     assert (odd["train_micro_batch_size_per_gpu"], odd["gradient_accumulation_steps"]) == (64, 2)
     with pytest.raises(ConfigError, match="does not split over 3 ranks"):
         merged(load_config("eve_base_4m", _data_env()), 3)
-    with pytest.raises(ValueError, match="not resolved"):  # the merge derives nothing itself
-        build_ds_config(cfg, world_size=16)
+    with pytest.raises(ConfigError, match="resolve the config"):  # the merge derives nothing itself
+        build_ds_config(load_config("eve_base_4m", ["train.micro_batch_size=100"]), world_size=16)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 8}))
     with pytest.raises(ConfigError, match="belong in the run config"):
@@ -303,9 +303,9 @@ def test_default_run_trains_validates_and_checkpoints(tmp_path, cache_dir):
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     for r in train:
-        for k in ("loss", "mlm_loss", "mim_loss", "aux_loss", "lr", "grad_norm", "samples_per_s"):
+        for k in ("loss", "mlm_loss", "mim_pixel_loss", "aux_loss", "lr", "grad_norm", "samples_per_s"):
             assert math.isfinite(r[k]), k
-        assert r["loss"] == pytest.approx(r["mlm_loss"] + r["mim_loss"] + r["aux_loss"], rel=1e-5)
+        assert r["loss"] == pytest.approx(r["mlm_loss"] + r["mim_pixel_loss"] + r["aux_loss"], rel=1e-5)
         assert sum(r["expert_load/block3/image"]) == pytest.approx(1.0)
     assert any("val/mlm_loss" in r for r in records)
     final = json.loads((run / "final_metrics.json").read_text())
@@ -472,7 +472,7 @@ def test_two_ranks_zero2_expert_parallel_train_checkpoint_and_resume(tmp_path, c
     assert len(set(losses.values())) == 4  # the losses move: equal lists are not equal by accident
     final, ref_final = (json.loads((r / "final_metrics.json").read_text()) for r in (run, ref))
     assert final["step"] == 4 and math.isfinite(final["mlm_loss"])
-    for key in ("mlm_loss", "mim_loss", "attr_word_acc", "train_loss"):
+    for key in ("mlm_loss", "mim_pixel_loss", "attr_word_acc", "train_loss"):
         assert final[key] == ref_final[key], key
 
 

@@ -52,21 +52,23 @@ def load_ds_file(name_or_path: str) -> dict:
 
 
 def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
-    """ds_configs/<name>.json (ZeRO / precision / communication) + batch, accumulation and clipping, from
-    a config that `train.config.resolve` derived for `world_size`."""
+    """ds_configs/<name>.json (ZeRO / precision / communication) + batch, accumulation and clipping, as the
+    run config states them (`train.config.resolve` fits the micro-batch to the world size; nothing here
+    changes the config). Without `train.grad_accum_steps`, the accumulation is global / (micro x world)."""
     t = cfg.train
-    if (
-        t.grad_accum_steps is None
-        or t.micro_batch_size * t.grad_accum_steps * world_size != t.global_batch_size
-    ):
-        raise ValueError(f"the run config is not resolved for {world_size} ranks: call train.config.resolve")
+    accum = t.grad_accum_steps or t.global_batch_size // (t.micro_batch_size * world_size)
+    if t.micro_batch_size * accum * world_size != t.global_batch_size:
+        raise ConfigError(
+            f"train.micro_batch_size={t.micro_batch_size} x {world_size} ranks x accumulation {accum} != "
+            f"train.global_batch_size={t.global_batch_size}: resolve the config (train.config.resolve) first"
+        )
     ds = load_ds_file(cfg.train.ds_config)
     if cfg.train.device == "cpu" and ds.get("bf16", {}).get("enabled"):
         logger.warning("bf16 on CPU is slow and not what the CPU tests use; use train.ds_config=zero2_cpu")
     ds.update(
         train_batch_size=cfg.train.global_batch_size,
         train_micro_batch_size_per_gpu=cfg.train.micro_batch_size,
-        gradient_accumulation_steps=t.grad_accum_steps,
+        gradient_accumulation_steps=accum,
         gradient_clipping=cfg.optim.grad_clip,
         steps_per_print=10**9,
         zero_allow_untested_optimizer=True,  # the client optimizer below is torch's AdamW
