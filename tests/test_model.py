@@ -205,9 +205,9 @@ def test_forward_backward_every_flavor(name):
         assert mim.hidden.shape[1] == 1 + 49 + L
     assert sorted(mlm.expert_counts) == cfg.soft_blocks
     # Losses: finite, the total is their sum, the initial MLM loss is about log(V).
-    for k in ("loss", "mlm_loss", "mim_loss", "aux_loss"):
+    for k in ("loss", "mlm_loss", "mim_pixel_loss", "aux_loss"):
         assert out[k].shape == () and torch.isfinite(out[k])
-    torch.testing.assert_close(out["loss"], out["mlm_loss"] + out["mim_loss"] + out["aux_loss"])
+    torch.testing.assert_close(out["loss"], out["mlm_loss"] + out["mim_pixel_loss"] + out["aux_loss"])
     assert abs(out["mlm_loss"].item() - math.log(cfg.vocab_size)) < 1.0
     n_masked = sum(round((n - 2) * 0.5) for n in batch["text_mask"].sum(1).tolist())
     assert out["mlm_pred"].shape == out["mlm_target"].shape == (n_masked,)
@@ -325,7 +325,7 @@ def patch_pixels(cfg, patches: list[tuple[int, int]]) -> torch.Tensor:
     return m
 
 
-def test_mim_loss_ignores_visible_patch_targets():
+def test_mim_pixel_loss_ignores_visible_patch_targets():
     cfg = eve_tiny()
     model = build(cfg).eval()
     mim = model.objectives["mim_pixel"]
@@ -334,12 +334,12 @@ def test_mim_loss_ignores_visible_patch_targets():
     visible = patch_pixels(cfg, [(b, int(j)) for b in range(2) for j in keep[b]])
     encoder = FrozenInputs(model.encoder, image=batch["image"])
     with torch.no_grad():
-        ref = mim(encoder, batch, gen(3))["mim_loss"]
+        ref = mim(encoder, batch, gen(3))["mim_pixel_loss"]
         other = {**batch, "image": batch["image"] + 5.0 * visible}  # only visible patches' targets
-        torch.testing.assert_close(mim(encoder, other, gen(3))["mim_loss"], ref, rtol=0, atol=0)
+        torch.testing.assert_close(mim(encoder, other, gen(3))["mim_pixel_loss"], ref, rtol=0, atol=0)
         masked_j = int(mask[0].nonzero()[0])
         other = {**batch, "image": batch["image"] + 5.0 * patch_pixels(cfg, [(0, masked_j)])}
-        assert mim(encoder, other, gen(3))["mim_loss"] > ref + 1e-3
+        assert mim(encoder, other, gen(3))["mim_pixel_loss"] > ref + 1e-3
     # The loss is the mean squared error over masked patches only, computed by hand.
     with torch.no_grad():
         enc = model.encoder(batch["image"], batch["text_ids"], batch["text_mask"], keep_ids=keep)
@@ -361,7 +361,7 @@ def test_mim_encoder_never_sees_masked_patches():
         a = mim(model.encoder, batch, gen(3))
         b = mim(model.encoder, {**batch, "image": batch["image"] + 3.0 * masked}, gen(3))
     torch.testing.assert_close(calls[0].hidden, calls[1].hidden, rtol=0, atol=0)
-    assert b["mim_loss"] > a["mim_loss"]
+    assert b["mim_pixel_loss"] > a["mim_pixel_loss"]
 
 
 # -- soft router -------------------------------------------------------------------------------------
