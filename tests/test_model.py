@@ -240,6 +240,11 @@ def test_head_options_come_from_objective_heads_and_old_saved_keys_still_load():
     )
     assert nlvr2.heads == {"nlvr2": {"head": "concat"}}
     assert type(PretrainingModel(cfg, nlvr2).objectives["nlvr2"].head).__name__ == "ConcatHead"
+    from eve_ds.train.config import from_dict
+
+    # A run directory's config.yaml of that time loads too (e.g. to find a fine-tuning run's data).
+    run = from_dict({"objective": old, "task": {"name": "vqa", "synthetic": True}, "train": {"max_steps": 1}})
+    assert run.objective.heads == {"vqa": {"num_answers": 7}}
     with pytest.raises(ConfigError, match=r"objective\.heads"):
         ObjectiveConfig(objectives=["mlm"], heads={"vqa": {"num_answers": 7}}).validate()
 

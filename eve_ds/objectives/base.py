@@ -41,6 +41,19 @@ def register_objective(name: str):
 LEGACY_HEAD_KEYS = {"vqa_num_answers": ("vqa", "num_answers"), "nlvr2_head": ("nlvr2", "head")}
 
 
+def upgrade_saved_objective(d: dict) -> dict:
+    """A saved `objective` section with the former flat head keys moved into `heads` (for the objectives
+    it trains; the others' values were unused defaults)."""
+    d = dict(d)
+    heads = {k: dict(v) for k, v in (d.pop("heads", None) or {}).items()}
+    for key, (objective, option) in LEGACY_HEAD_KEYS.items():
+        if key in d:
+            value = d.pop(key)
+            if objective in d.get("objectives", ()):  # the default set trains neither
+                heads.setdefault(objective, {}).setdefault(option, value)
+    return {**d, "heads": heads}
+
+
 @dataclass
 class ObjectiveConfig:
     """Pre-training task set and its hyper-parameters ([paper]: EVE Sec. 3-4; [ours]: this project's)."""
@@ -72,14 +85,7 @@ class ObjectiveConfig:
     def from_dict(cls, d: dict) -> ObjectiveConfig:
         """From a saved config's `objective` section, also one written before the head options moved
         into `heads` (flat `vqa_num_answers` / `nlvr2_head` keys)."""
-        d = dict(d)
-        heads = {k: dict(v) for k, v in (d.pop("heads", None) or {}).items()}
-        for key, (objective, option) in LEGACY_HEAD_KEYS.items():
-            if key in d:
-                value = d.pop(key)
-                if objective in d.get("objectives", ()):
-                    heads.setdefault(objective, {}).setdefault(option, value)
-        return cls(**d, heads=heads)
+        return cls(**upgrade_saved_objective(d))
 
     def validate(self) -> None:
         unknown = [o for o in self.objectives if o not in OBJECTIVES]

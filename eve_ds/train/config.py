@@ -30,6 +30,7 @@ import yaml
 from eve_ds.data.config import DataConfig
 from eve_ds.models.config import FLAVORS, EVEConfig, get_config
 from eve_ds.objectives import ObjectiveConfig
+from eve_ds.objectives.base import upgrade_saved_objective
 from eve_ds.tasks.config import TaskConfig
 from eve_ds.tasks.task import Task, TaskContext
 from eve_ds.utils.config import ConfigError, apply_override, check
@@ -220,6 +221,8 @@ def from_dict(raw: dict) -> RunConfig:
         "task": TaskConfig,
     }
     _reject_unknown(raw, RunConfig, "", extra=())
+    if isinstance(raw.get("objective"), dict):  # a config.yaml written before objective.heads existed
+        raw["objective"] = upgrade_saved_objective(raw["objective"])
     kwargs: dict[str, Any] = {"model": model_cfg, "model_flavor": flavor, "name": raw.get("name", "eve")}
     for key, cls in sections.items():
         kwargs[key] = _build(cls, raw.get(key) or {}, key)
