@@ -40,11 +40,21 @@ def run(config: str, run_dir: Path, cache_dir: Path, steps: int) -> list[dict]:
     return [{k: v for k, v in r.items() if k == "step" or k.endswith(keep)} for r in records if "loss" in r]
 
 
+# Logged keys renamed since a result may have been recorded: old name -> new name. Losses are named after
+# their objective (`mim_pixel` logs `mim_pixel_loss`, formerly `mim_loss`); the values are the same.
+RENAMED = {"mim_loss": "mim_pixel_loss"}
+
+
+def renamed(records: list[dict]) -> list[dict]:
+    return [{RENAMED.get(k, k): v for k, v in r.items()} for r in records]
+
+
 def compare(a: dict, b: dict) -> list[str]:
-    """Every (config, step, key) whose value differs between two results."""
+    """Every (config, step, key) whose value differs between two results (keys in `RENAMED` are compared
+    under their new names)."""
     diffs = []
     for config in sorted(set(a) | set(b)):
-        ra, rb = a.get(config, []), b.get(config, [])
+        ra, rb = renamed(a.get(config, [])), renamed(b.get(config, []))
         if len(ra) != len(rb):
             diffs.append(f"{config}: {len(ra)} vs {len(rb)} records")
         for x, y in zip(ra, rb):

@@ -24,7 +24,7 @@ ROW_FIELDS = {
 }
 LOSS_KEY = {
     "mlm": "mlm_loss",
-    "mim_pixel": "mim_loss",
+    "mim_pixel": "mim_pixel_loss",
     "mim_token": "mim_token_loss",
     "itc": "itc_loss",
     "itm": "itm_loss",

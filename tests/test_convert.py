@@ -70,7 +70,7 @@ def fixed_batch() -> dict:
 def msm_metrics(model) -> dict[str, float]:
     with torch.no_grad():
         out = model(fixed_batch(), generator=torch.Generator().manual_seed(1))
-    return {k: float(out[k]) for k in ("loss", "mlm_loss", "mim_loss", "aux_loss", "mlm_acc")}
+    return {k: float(out[k]) for k in ("loss", "mlm_loss", "mim_pixel_loss", "aux_loss", "mlm_acc")}
 
 
 def load_dump(prefix: Path) -> dict:
@@ -198,7 +198,7 @@ def test_eve_evaluate_accepts_export(ds_run, tmp_path, capsys):
         )
         results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     assert results[0]["num_samples"] == 16
-    for k in ("loss", "mlm_loss", "mim_loss"):
+    for k in ("loss", "mlm_loss", "mim_pixel_loss"):
         assert results[0][k] == pytest.approx(results[1][k], abs=1e-5)
 
 

@@ -77,7 +77,9 @@ def test_epoch_batch_sampler_is_resumable_and_covers_each_epoch():
 
 
 def test_heads_get_their_own_learning_rate():
-    model = PretrainingModel(get_config("eve_tiny"), ObjectiveConfig(objectives=["vqa"], vqa_num_answers=10))
+    model = PretrainingModel(
+        get_config("eve_tiny"), ObjectiveConfig(objectives=["vqa"], heads={"vqa": {"num_answers": 10}})
+    )
     groups = {g["name"]: g for g in param_groups(model, 0.01, lr=1e-4, head_lr_mult=10.0)}
     assert groups["decay"]["lr"] == 1e-4 and groups["decay_head"]["lr"] == pytest.approx(1e-3)
     head = {id(p) for p in model.objectives.parameters()}

@@ -60,12 +60,12 @@ def test_one_pass_masks_both_modalities_with_the_given_ratios(text_ratio, image_
     assert kwargs.get("patch_mask") is None and image.shape == (3, 3, 64, 64)
 
 
-def test_mlm_and_mim_losses_exist_and_backprop_to_their_heads_and_the_encoder():
+def test_mlm_and_mim_pixel_losses_exist_and_backprop_to_their_heads_and_the_encoder():
     m = model(0.5, 0.5)
     out = m(batch([12, 7, 16]), generator=torch.Generator().manual_seed(1))
-    assert {"mlm_loss", "mim_loss", "aux_loss", "loss"} <= out.keys()
-    assert out["mlm_loss"].detach() > 0 and out["mim_loss"].detach() > 0
-    assert torch.isclose(out["loss"], out["mlm_loss"] + out["mim_loss"] + out["aux_loss"])
+    assert {"mlm_loss", "mim_pixel_loss", "aux_loss", "loss"} <= out.keys()
+    assert out["mlm_loss"].detach() > 0 and out["mim_pixel_loss"].detach() > 0
+    assert torch.isclose(out["loss"], out["mlm_loss"] + out["mim_pixel_loss"] + out["aux_loss"])
     out["loss"].backward()
     params = dict(m.named_parameters())
     for name in (
@@ -78,14 +78,14 @@ def test_mlm_and_mim_losses_exist_and_backprop_to_their_heads_and_the_encoder():
 
 
 @torch.no_grad()
-def test_mim_loss_is_over_the_dropped_patches_only():
+def test_mim_pixel_loss_is_over_the_dropped_patches_only():
     """The pixel target (`pixels`) is changed, the encoder's input (`image`) is not: inverting the target on
     the patches that entered the encoder leaves the loss as it was; on the dropped ones it changes it."""
     m = model(0.5, 0.5).eval()
     b = batch([12, 7, 16])
     kept = []
     m.encoder.register_forward_pre_hook(lambda mod, args, kw: kept.append(kw["keep_ids"]), with_kwargs=True)
-    ref = m(b, generator=torch.Generator().manual_seed(1))["mim_loss"]
+    ref = m(b, generator=torch.Generator().manual_seed(1))["mim_pixel_loss"]
 
     def target_inverted(patches: list[int]) -> dict:
         px = b["pixels"].clone()  # image 0, 4 x 4 grid of 16 px patches
@@ -96,8 +96,8 @@ def test_mim_loss_is_over_the_dropped_patches_only():
 
     visible = kept[0][0].tolist()
     dropped = [p for p in range(16) if p not in visible]
-    same = m(target_inverted(visible), generator=torch.Generator().manual_seed(1))["mim_loss"]
-    other = m(target_inverted(dropped), generator=torch.Generator().manual_seed(1))["mim_loss"]
+    same = m(target_inverted(visible), generator=torch.Generator().manual_seed(1))["mim_pixel_loss"]
+    other = m(target_inverted(dropped), generator=torch.Generator().manual_seed(1))["mim_pixel_loss"]
     assert float(same) == float(ref)
     assert abs(float(other) - float(ref)) > 1e-3
 

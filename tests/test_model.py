@@ -205,9 +205,9 @@ def test_forward_backward_every_flavor(name):
         assert mim.hidden.shape[1] == 1 + 49 + L
     assert sorted(mlm.expert_counts) == cfg.soft_blocks
     # Losses: finite, the total is their sum, the initial MLM loss is about log(V).
-    for k in ("loss", "mlm_loss", "mim_loss", "aux_loss"):
+    for k in ("loss", "mlm_loss", "mim_pixel_loss", "aux_loss"):
         assert out[k].shape == () and torch.isfinite(out[k])
-    torch.testing.assert_close(out["loss"], out["mlm_loss"] + out["mim_loss"] + out["aux_loss"])
+    torch.testing.assert_close(out["loss"], out["mlm_loss"] + out["mim_pixel_loss"] + out["aux_loss"])
     assert abs(out["mlm_loss"].item() - math.log(cfg.vocab_size)) < 1.0
     n_masked = sum(round((n - 2) * 0.5) for n in batch["text_mask"].sum(1).tolist())
     assert out["mlm_pred"].shape == out["mlm_target"].shape == (n_masked,)
@@ -219,6 +219,50 @@ def test_forward_backward_every_flavor(name):
         assert p.grad is not None and torch.isfinite(p.grad).all(), n
     gate = model.encoder.blocks[cfg.soft_blocks[0]].ffn.moe.gate
     assert gate.wg.weight.grad.abs().sum() > 0 and gate.modality_bias.grad.abs().sum() > 0
+
+
+def test_head_options_come_from_objective_heads_and_old_saved_keys_still_load():
+    """The task's head options reach the heads' constructors through `objective.heads`; a checkpoint saved
+    with the former flat keys (`vqa_num_answers`, `nlvr2_head`) rebuilds the same heads."""
+    cfg = eve_tiny()
+    new = ObjectiveConfig(objectives=["vqa"], heads={"vqa": {"num_answers": 7}})
+    assert PretrainingModel(cfg, new).objectives["vqa"].head[-1].out_features == 7
+    old = {
+        **dataclasses.asdict(ObjectiveConfig(objectives=["vqa"])),
+        "vqa_num_answers": 7,
+        "nlvr2_head": "concat",
+    }
+    del old["heads"]
+    loaded = ObjectiveConfig.from_dict(old)
+    assert loaded == new  # nlvr2_head dropped: nlvr2 is not trained
+    nlvr2 = ObjectiveConfig.from_dict(
+        {"objectives": ["nlvr2"], "nlvr2_head": "concat", "vqa_num_answers": 3129}
+    )
+    assert nlvr2.heads == {"nlvr2": {"head": "concat"}}
+    assert type(PretrainingModel(cfg, nlvr2).objectives["nlvr2"].head).__name__ == "ConcatHead"
+    from eve_ds.train.config import from_dict
+
+    # A run directory's config.yaml of that time loads too (e.g. to find a fine-tuning run's data).
+    run = from_dict({"objective": old, "task": {"name": "vqa", "synthetic": True}, "train": {"max_steps": 1}})
+    assert run.objective.heads == {"vqa": {"num_answers": 7}}
+    with pytest.raises(ConfigError, match=r"objective\.heads"):
+        ObjectiveConfig(objectives=["mlm"], heads={"vqa": {"num_answers": 7}}).validate()
+
+
+def test_every_flavor_belongs_to_one_model_family():
+    from eve_ds.models.config import FLAVORS
+    from eve_ds.train.config import load_config
+    from eve_ds.train.family import FAMILIES, EVEFamily, ModelFamily, family_of, register_family
+
+    assert family_of(load_config("eve_tiny_synthetic")).name == "eve"
+    assert {f.name for f in FAMILIES.values() for fl in FLAVORS if fl in f.flavors} == {"eve"}
+
+    class Clash(ModelFamily):
+        name, flavors = "clash", ("eve_tiny",)
+
+    with pytest.raises(ValueError, match="already belong to 'eve'"):
+        register_family(Clash())
+    assert set(FAMILIES) == {"eve"} and isinstance(FAMILIES["eve"], EVEFamily)
 
 
 def test_pixel_decoder_output_and_mask():
@@ -286,7 +330,7 @@ def patch_pixels(cfg, patches: list[tuple[int, int]]) -> torch.Tensor:
     return m
 
 
-def test_mim_loss_ignores_visible_patch_targets():
+def test_mim_pixel_loss_ignores_visible_patch_targets():
     cfg = eve_tiny()
     model = build(cfg).eval()
     mim = model.objectives["mim_pixel"]
@@ -295,12 +339,12 @@ def test_mim_loss_ignores_visible_patch_targets():
     visible = patch_pixels(cfg, [(b, int(j)) for b in range(2) for j in keep[b]])
     encoder = FrozenInputs(model.encoder, image=batch["image"])
     with torch.no_grad():
-        ref = mim(encoder, batch, gen(3))["mim_loss"]
+        ref = mim(encoder, batch, gen(3))["mim_pixel_loss"]
         other = {**batch, "image": batch["image"] + 5.0 * visible}  # only visible patches' targets
-        torch.testing.assert_close(mim(encoder, other, gen(3))["mim_loss"], ref, rtol=0, atol=0)
+        torch.testing.assert_close(mim(encoder, other, gen(3))["mim_pixel_loss"], ref, rtol=0, atol=0)
         masked_j = int(mask[0].nonzero()[0])
         other = {**batch, "image": batch["image"] + 5.0 * patch_pixels(cfg, [(0, masked_j)])}
-        assert mim(encoder, other, gen(3))["mim_loss"] > ref + 1e-3
+        assert mim(encoder, other, gen(3))["mim_pixel_loss"] > ref + 1e-3
     # The loss is the mean squared error over masked patches only, computed by hand.
     with torch.no_grad():
         enc = model.encoder(batch["image"], batch["text_ids"], batch["text_mask"], keep_ids=keep)
@@ -322,7 +366,7 @@ def test_mim_encoder_never_sees_masked_patches():
         a = mim(model.encoder, batch, gen(3))
         b = mim(model.encoder, {**batch, "image": batch["image"] + 3.0 * masked}, gen(3))
     torch.testing.assert_close(calls[0].hidden, calls[1].hidden, rtol=0, atol=0)
-    assert b["mim_loss"] > a["mim_loss"]
+    assert b["mim_pixel_loss"] > a["mim_pixel_loss"]
 
 
 # -- soft router -------------------------------------------------------------------------------------

@@ -75,7 +75,9 @@ def pairs_batch(lengths: list[int], L: int = 12) -> dict:
 
 def nlvr2_model(head: str) -> PretrainingModel:
     torch.manual_seed(0)
-    return PretrainingModel(eve_tiny(), ObjectiveConfig(objectives=["nlvr2"], nlvr2_head=head))
+    return PretrainingModel(
+        eve_tiny(), ObjectiveConfig(objectives=["nlvr2"], heads={"nlvr2": {"head": head}})
+    )
 
 
 @torch.no_grad()
@@ -186,4 +188,4 @@ def test_training_skips_and_counts_missing_and_undecodable_images(tmp_path, root
     batch = collate([dataset[i] for i in range(4)])  # statements 2, 3 (undecodable), 4, 5
     assert batch["num_skipped"] == 2 and batch["identifier"] == [train[4].identifier, train[5].identifier]
     assert batch["image"].shape == (2, 2, 3, 64, 64) and batch["image"].dtype == torch.uint8
-    assert task.objective_options() == {"nlvr2_head": "biattn"}
+    assert task.objective_options() == {"nlvr2": {"head": "biattn"}}

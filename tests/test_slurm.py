@@ -343,9 +343,9 @@ def test_tiny_run(cluster, reference):
     recs = metrics(run)
     assert [m["step"] for m in recs] == list(range(1, MAX_STEPS + 1))
     for m in recs:
-        for key in ("loss", "mlm_loss", "mim_loss", "aux_loss", "lr"):
+        for key in ("loss", "mlm_loss", "mim_pixel_loss", "aux_loss", "lr"):
             assert math.isfinite(m[key]), (key, m)
-        assert m["loss"] == pytest.approx(m["mlm_loss"] + m["mim_loss"] + m["aux_loss"], rel=1e-5)
+        assert m["loss"] == pytest.approx(m["mlm_loss"] + m["mim_pixel_loss"] + m["aux_loss"], rel=1e-5)
     tag = run / "checkpoints" / f"step_{MAX_STEPS:08d}"
     assert (run / "checkpoints" / "latest").read_text().strip() == tag.name
     assert json.loads((tag / "eve_complete.json").read_text())["step"] == MAX_STEPS
@@ -401,7 +401,7 @@ def test_preemption_requeues_and_resumes_exactly(cluster, corpus, reference, tmp
     ref, got = metrics(ref_run), metrics(run)
     assert [m["step"] for m in got] == list(range(1, MAX_STEPS + 1))
     for a, b in zip(ref, got):
-        for key in ("loss", "mlm_loss", "mim_loss", "aux_loss", "lr"):
+        for key in ("loss", "mlm_loss", "mim_pixel_loss", "aux_loss", "lr"):
             assert b[key] == pytest.approx(a[key], abs=1e-6), (a["step"], key)
     ref_final = json.loads((ref_run / "final_metrics.json").read_text())
     final = json.loads((run / "final_metrics.json").read_text())

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import free_port
 
 from eve_ds.train.config import ConfigError, load_config
@@ -164,26 +165,66 @@ def test_schedule_warmup_then_cosine_to_min_lr():
     assert all(f(s) >= f(s + 1) for s in range(10, 110))
 
 
+class FixedTask:
+    """What `resolve` reads of a prepared task."""
+
+    def __init__(self, objectives=(), n: int | None = None, options: dict | None = None) -> None:
+        self.objectives, self.n, self.options = objectives, n, options or {}
+
+    def objective_options(self) -> dict:
+        return self.options
+
+    def num_examples(self) -> int | None:
+        return self.n
+
+
 def test_ds_config_merge_derives_accumulation_and_keeps_ds_files_to_zero_and_precision(tmp_path):
+    from eve_ds.train.config import resolve
     from eve_ds.train.engine import build_ds_config, load_ds_file
 
+    def merged(cfg, world: int) -> dict:
+        return build_ds_config(resolve(cfg, world, FixedTask()), world_size=world)
+
     cfg = load_config("eve_base_4m", _data_env())
-    ds = build_ds_config(cfg, world_size=16)
+    ds = merged(cfg, 16)
     assert ds["gradient_accumulation_steps"] == 2048 // (128 * 16)
     assert ds["train_batch_size"] == 2048 and ds["zero_optimization"]["stage"] == 2
     assert ds["bf16"]["enabled"] and ds["zero_optimization"]["reduce_scatter"]
     # More GPUs than the micro-batch allows (8 nodes x 8 for EVE-Large): the micro-batch shrinks, the
     # global batch stays 2048.
-    wide = build_ds_config(load_config("eve_large_4m", _data_env()), world_size=64)
+    wide = merged(load_config("eve_large_4m", _data_env()), 64)
     assert (wide["train_micro_batch_size_per_gpu"], wide["gradient_accumulation_steps"]) == (32, 1)
-    odd = build_ds_config(load_config("eve_base_4m", ["train.micro_batch_size=100"]), world_size=16)
+    odd = merged(load_config("eve_base_4m", ["train.micro_batch_size=100"]), 16)
     assert (odd["train_micro_batch_size_per_gpu"], odd["gradient_accumulation_steps"]) == (64, 2)
     with pytest.raises(ConfigError, match="does not split over 3 ranks"):
-        build_ds_config(load_config("eve_base_4m", _data_env()), world_size=3)
+        merged(load_config("eve_base_4m", _data_env()), 3)
+    with pytest.raises(ConfigError, match="resolve the config"):  # the merge derives nothing itself
+        build_ds_config(load_config("eve_base_4m", ["train.micro_batch_size=100"]), world_size=16)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 8}))
     with pytest.raises(ConfigError, match="belong in the run config"):
         load_ds_file(str(bad))
+
+
+def test_resolve_derives_every_value_into_a_new_config_and_leaves_the_loaded_one_alone():
+    from eve_ds.train.config import resolve
+
+    cfg = load_config(
+        "vqa_tiny_synthetic",
+        ["train.max_steps=null", "train.micro_batch_size=5", "optim.warmup_ratio=0.1", "task.epochs=2"],
+    )
+    before = cfg.to_dict()
+    task = FixedTask(("vqa",), n=1000, options={"vqa": {"num_answers": 17}})
+    run = resolve(cfg, 2, task)
+    assert cfg.to_dict() == before
+    gb = cfg.train.global_batch_size
+    micro = max(d for d in range(1, 6) if (gb // 2) % d == 0)
+    assert (run.train.micro_batch_size, run.train.grad_accum_steps) == (micro, gb // (2 * micro))
+    assert run.train.max_steps == math.ceil(2 * 1000 / gb)
+    assert run.optim.warmup_steps == round(0.1 * run.train.max_steps)
+    assert run.objective.heads == {"vqa": {"num_answers": 17}}
+    with pytest.raises(ConfigError, match=r"set objective.objectives=\[nlvr2\]"):
+        resolve(cfg, 2, FixedTask(("nlvr2",), n=1000))
 
 
 class ReadsTheImage(torch.nn.Module):
@@ -216,7 +257,8 @@ def test_evaluate_counts_attribute_words_right():
     """Known answers: attribute accuracy 1/2 (colour 1, size 0) with the right images, 0 with images
     shuffled across the batch; 2 attribute words per sample; sample-weighted means over unequal batches."""
     from eve_ds.data import load_tokenizer
-    from eve_ds.train.validation import evaluate
+    from eve_ds.data.synthetic_probe import AttributeProbe
+    from eve_ds.tasks.pretraining import evaluate
 
     tok = load_tokenizer()
     red, blue, small = tok.convert_tokens_to_ids(["red", "blue", "small"])
@@ -228,7 +270,7 @@ def test_evaluate_counts_attribute_words_right():
 
     loader = [batch([0, 1, 2]), batch([3, 4])]
     attr = {"colour": [red, blue], "size": [small]}
-    m = evaluate(ReadsTheImage(small), loader, device="cpu", attr_token_ids=attr)
+    m = evaluate(ReadsTheImage(small), loader, device="cpu", probe=AttributeProbe(attr, "cpu"))
     assert m["num_samples"] == 5
     assert m["loss"] == pytest.approx(2.0)  # (0 + 1 + 2 + 3 + 4) / 5, not the mean of the batch means
     assert m["mlm_acc"] == pytest.approx(2 / 3)
@@ -242,15 +284,28 @@ def test_default_run_trains_validates_and_checkpoints(tmp_path, cache_dir):
     from eve_ds.cli.pretrain import main
 
     run = tmp_path / "run"
-    overrides = small(cache_dir, **{"train.max_steps": 4, "train.checkpoint_every": 2, "train.eval_every": 2})
+    overrides = small(
+        cache_dir,
+        **{
+            "train.max_steps": 4,
+            "train.checkpoint_every": 2,
+            "train.eval_every": 2,
+            "train.micro_batch_size": 6,  # fitted to 4: the largest divisor of 8 per rank up to 6
+            "optim.warmup_ratio": 0.5,
+        },
+    )
     assert main(["--run-dir", str(run), *overrides]) == 0
+    # config.yaml is what ran: the derived values, not the ones asked for.
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["train"]["micro_batch_size"], saved["train"]["grad_accum_steps"]) == (4, 2)
+    assert (saved["train"]["max_steps"], saved["optim"]["warmup_steps"]) == (4, 2)
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     for r in train:
-        for k in ("loss", "mlm_loss", "mim_loss", "aux_loss", "lr", "grad_norm", "samples_per_s"):
+        for k in ("loss", "mlm_loss", "mim_pixel_loss", "aux_loss", "lr", "grad_norm", "samples_per_s"):
             assert math.isfinite(r[k]), k
-        assert r["loss"] == pytest.approx(r["mlm_loss"] + r["mim_loss"] + r["aux_loss"], rel=1e-5)
+        assert r["loss"] == pytest.approx(r["mlm_loss"] + r["mim_pixel_loss"] + r["aux_loss"], rel=1e-5)
         assert sum(r["expert_load/block3/image"]) == pytest.approx(1.0)
     assert any("val/mlm_loss" in r for r in records)
     final = json.loads((run / "final_metrics.json").read_text())
@@ -417,7 +472,7 @@ def test_two_ranks_zero2_expert_parallel_train_checkpoint_and_resume(tmp_path, c
     assert len(set(losses.values())) == 4  # the losses move: equal lists are not equal by accident
     final, ref_final = (json.loads((r / "final_metrics.json").read_text()) for r in (run, ref))
     assert final["step"] == 4 and math.isfinite(final["mlm_loss"])
-    for key in ("mlm_loss", "mim_loss", "attr_word_acc", "train_loss"):
+    for key in ("mlm_loss", "mim_pixel_loss", "attr_word_acc", "train_loss"):
         assert final[key] == ref_final[key], key
 
 

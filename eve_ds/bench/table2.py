@@ -419,7 +419,7 @@ def preflight_problems(stages: list[Stage], run_root: Path, to_run: set[str]) ->
 def task_data_root(run_dir: Path) -> str:
     """The dataset directory a fine-tuning run read (its saved config): task.data_root, or for a synthetic
     set the directory it was generated into (found again, not regenerated, by the task's own code)."""
-    from eve_ds.tasks.task import TaskContext, build_task
+    from eve_ds.tasks.base import TaskContext, build_task
     from eve_ds.train.config import load_config
 
     cfg = load_config(str(run_dir / "config.yaml"))

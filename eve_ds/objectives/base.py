@@ -25,7 +25,8 @@ from eve_ds.models.eve import EncoderOutput, EVEModel
 from eve_ds.models.weights import load_state_dict_strict, read_native_export
 from eve_ds.utils.config import check
 
-OBJECTIVES: dict[str, Callable[[EVEConfig, ObjectiveConfig], nn.Module]] = {}
+# name -> class; called as cls(model_cfg, obj_cfg, **obj_cfg.heads.get(name, {})).
+OBJECTIVES: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_objective(name: str):
@@ -34,6 +35,23 @@ def register_objective(name: str):
         return cls
 
     return wrap
+
+
+# Saved `objective` keys of older checkpoints -> (objective, its head's constructor option).
+LEGACY_HEAD_KEYS = {"vqa_num_answers": ("vqa", "num_answers"), "nlvr2_head": ("nlvr2", "head")}
+
+
+def upgrade_saved_objective(d: dict) -> dict:
+    """A saved `objective` section with the former flat head keys moved into `heads` (for the objectives
+    it trains; the others' values were unused defaults)."""
+    d = dict(d)
+    heads = {k: dict(v) for k, v in (d.pop("heads", None) or {}).items()}
+    for key, (objective, option) in LEGACY_HEAD_KEYS.items():
+        if key in d:
+            value = d.pop(key)
+            if objective in d.get("objectives", ()):  # the default set trains neither
+                heads.setdefault(objective, {}).setdefault(option, value)
+    return {**d, "heads": heads}
 
 
 @dataclass
@@ -59,9 +77,15 @@ class ObjectiveConfig:
     # Table 5 †: MLM and MIM from ONE pass (`msm_joint`), text_mask_ratio of the text and this fraction of
     # the patches masked (dropped) together.
     joint_image_mask_ratio: float = 0.5  # [paper]
-    # Downstream heads (set by the task from its data; see eve_ds/tasks/).
-    vqa_num_answers: int = 3129  # VQA answer vocabulary
-    nlvr2_head: str = "biattn"  # NLVR2 head: biattn (official) | concat
+    # Constructor options of the objectives' heads, by objective name, that a task's data decides (e.g.
+    # {"vqa": {"num_answers": 3129}}): derived by `train.config.resolve` from `Task.objective_options`.
+    heads: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ObjectiveConfig:
+        """From a saved config's `objective` section, also one written before the head options moved
+        into `heads` (flat `vqa_num_answers` / `nlvr2_head` keys)."""
+        return cls(**upgrade_saved_objective(d))
 
     def validate(self) -> None:
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
@@ -94,6 +118,8 @@ class ObjectiveConfig:
             self.aux_loss_reduction,
             "mean or sum",
         )
+        extra = sorted(set(self.heads) - set(self.objectives))
+        check(not extra, "objective.heads", self.heads, f"options of listed objectives only (not {extra})")
 
 
 class PretrainingModel(nn.Module):
@@ -109,7 +135,9 @@ class PretrainingModel(nn.Module):
         self.model_cfg, self.obj_cfg = model_cfg, obj_cfg
         mask_token = any(getattr(OBJECTIVES[n], "uses_image_mask_token", False) for n in obj_cfg.objectives)
         self.encoder = EVEModel(model_cfg, image_mask_token=mask_token)
-        self.objectives = nn.ModuleDict({n: OBJECTIVES[n](model_cfg, obj_cfg) for n in obj_cfg.objectives})
+        self.objectives = nn.ModuleDict(
+            {n: OBJECTIVES[n](model_cfg, obj_cfg, **obj_cfg.heads.get(n, {})) for n in obj_cfg.objectives}
+        )
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu") -> PretrainingModel:
@@ -117,7 +145,9 @@ class PretrainingModel(nn.Module):
         DeepSpeed checkpoints and run directories: `eve_ds.convert.load_pretraining_model`."""
         sd, cfg = read_native_export(path)
         model_cfg = EVEConfig.from_dict({k: v for k, v in cfg["model"].items() if k != "flavor"})
-        model = cls(dataclasses.replace(model_cfg, ep_size=1), ObjectiveConfig(**cfg.get("objective", {})))
+        model = cls(
+            dataclasses.replace(model_cfg, ep_size=1), ObjectiveConfig.from_dict(cfg.get("objective", {}))
+        )
         load_state_dict_strict(model, sd, str(path))
         return model.to(device).eval()
 

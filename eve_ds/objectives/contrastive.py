@@ -5,7 +5,7 @@ ITC runs an image-only and a text-only pass, projects the two [CLS] outputs and 
 with a learnable temperature over the features of every data-parallel rank. ITM runs fusion passes of the
 positive pairs and of hard negatives drawn from ITC's similarities, and classifies the text [CLS] output.
 
-Image-text retrieval fine-tunes the same two objectives (`eve_ds/tasks/retrieval_task.py`). Its batches carry
+Image-text retrieval fine-tunes the same two objectives (`eve_ds/tasks/retrieval/task.py`). Its batches carry
 `image_id` (B,): several captions of one image may share a batch, and, as in ALBEF, every pair with the
 same image id is then a positive -- ITC's targets spread over all of a row's positives, and ITM never draws
 a caption of the same image as a hard negative. Without `image_id` (pre-training pairs, Table 1) each pair

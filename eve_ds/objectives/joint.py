@@ -24,9 +24,10 @@ from eve_ds.objectives.msm import MaskedImageModeling, MaskedLanguageModeling
 
 @register_objective("msm_joint")
 class JointMaskedSignalModeling(nn.Module):
-    """One pass over [visible patches; masked text] -> `mlm_loss` on the masked tokens and `mim_loss` on
-    the dropped patches. The heads are MSM's: `mlm.head` (MLMHead) and `mim.decoder` (PixelDecoder), with
-    MSM's pixel target (`mim.target`, norm_pix_loss included)."""
+    """One pass over [visible patches; masked text] -> `mlm_loss` on the masked tokens and `mim_pixel_loss`
+    on the dropped patches (named as the two objectives it joins). The heads are MSM's: `mlm.head`
+    (MLMHead) and `mim.decoder` (PixelDecoder), with MSM's pixel target (`mim.target`, norm_pix_loss
+    included)."""
 
     def __init__(self, model_cfg: EVEConfig, obj_cfg: ObjectiveConfig) -> None:
         super().__init__()
@@ -55,6 +56,6 @@ class JointMaskedSignalModeling(nn.Module):
             "mlm_acc": (pred_tokens == target).float().mean().detach(),
             "mlm_pred": pred_tokens.detach(),
             "mlm_target": target,
-            "mim_loss": (per_patch * patch_mask).sum() / patch_mask.sum(),
+            "mim_pixel_loss": (per_patch * patch_mask).sum() / patch_mask.sum(),
             "encoder_outputs": [enc],
         }

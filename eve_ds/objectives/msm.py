@@ -71,6 +71,6 @@ class MaskedImageModeling(nn.Module):
         pred = self.decoder(enc.image, ids_restore).float()  # (B, P, p*p*C)
         per_patch = (pred - self.target(batch)).pow(2).mean(-1)  # (B, P), float32
         return {
-            "mim_loss": (per_patch * mask).sum() / mask.sum(),
+            "mim_pixel_loss": (per_patch * mask).sum() / mask.sum(),
             "encoder_outputs": [enc],
         }

@@ -1,7 +1,7 @@
 """NLVR2 as the official EVE release fine-tunes it: the sentence is fused with each image of the pair
 (two encoder passes, run here as one call over 2B rows), and a head decides True / False from both outputs.
 
-Heads (`objective.nlvr2_head`, set from `task.nlvr2_head`):
+Heads (`task.nlvr2_head`, passed to the objective as `head`):
 
 - ``biattn`` [official]: each pass's whole output sequence attends to the other's (two cross-attentions),
   is fused with its own tokens, pooled by a learned attention pooling, and the two pooled vectors are
@@ -87,12 +87,12 @@ class NLVR2Classification(nn.Module):
     Outputs: nlvr2_logits (B, 2); with labels also nlvr2_loss (cross-entropy) and nlvr2_acc.
     """
 
-    def __init__(self, model_cfg: EVEConfig, obj_cfg: ObjectiveConfig) -> None:
+    def __init__(self, model_cfg: EVEConfig, obj_cfg: ObjectiveConfig, head: str = "biattn") -> None:
         super().__init__()
-        if obj_cfg.nlvr2_head not in HEADS:
-            raise ValueError(f"objective.nlvr2_head={obj_cfg.nlvr2_head!r}: expected one of {list(HEADS)}")
+        if head not in HEADS:
+            raise ValueError(f"nlvr2 head {head!r}: expected one of {list(HEADS)}")
         d = model_cfg.hidden_size
-        if obj_cfg.nlvr2_head == "biattn":
+        if head == "biattn":
             self.head = BiAttentionHead(d, model_cfg.num_heads)
         else:
             self.head = ConcatHead(d, model_cfg.norm_eps, model_cfg.init_std)

@@ -21,14 +21,15 @@ class VQAClassification(nn.Module):
     (mean x A, as in the official code); `vqa_train_score` = the soft score of the top answer.
     """
 
-    def __init__(self, model_cfg: EVEConfig, obj_cfg: ObjectiveConfig) -> None:
+    def __init__(self, model_cfg: EVEConfig, obj_cfg: ObjectiveConfig, num_answers: int = 3129) -> None:
+        """num_answers: the answer vocabulary's size (the task's, from its training data)."""
         super().__init__()
         d = model_cfg.hidden_size
         self.head = nn.Sequential(
             nn.Linear(d, 2 * d),
             nn.LayerNorm(2 * d, eps=model_cfg.norm_eps),
             nn.GELU(),
-            nn.Linear(2 * d, obj_cfg.vqa_num_answers),
+            nn.Linear(2 * d, num_answers),
         )
         self.head.apply(lambda m: init_weights(m, model_cfg.init_std))
 

@@ -3,8 +3,8 @@ resumable loader of a task's examples, the epoch-seeded flips of its training im
 
 A task = a subpackage `eve_ds/tasks/<name>/` with a reader for the dataset's official files (`data`), a
 metric (`eval`), a synthetic set in the official layout (`synthetic`) and the `Task` subclass (`task`), plus
-its objectives in the registry (`eve_ds/objectives/`). The trainer, engine, checkpoints and CLI are the
-pre-training ones:
+its objectives in the registry (`eve_ds/objectives/`). Pre-training is the task `msm`
+(`tasks/pretraining.py`). The trainer, engine, checkpoints and CLI are one for all of them:
 
     task = build_task(cfg.task, ctx)    # ctx: TaskContext (tokenizer, cache dir, image size, ...)
     task.prepare()                      # rank 0 first: generate a synthetic set, read the files
@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from eve_ds.data.config import DataConfig
 from eve_ds.data.transforms import _LEFT_RIGHT, crop_resize
 from eve_ds.tasks.config import TaskConfig
 
@@ -44,6 +45,9 @@ class TaskContext:
     seed: int = 0
     num_workers: int = 1
     hflip: float = 0.5
+    data: DataConfig | None = None  # the image-text corpora (pre-training)
+    global_batch_size: int = 1  # for the corpus mixture's steps per epoch (pre-training)
+    eval_batches: int = 0  # per rank and validation; 0 = all (pre-training)
 
 
 class Task:
@@ -78,9 +82,22 @@ class Task:
         """Generate what is missing (synthetic data) and read the training files."""
         raise NotImplementedError
 
-    def objective_options(self) -> dict:
-        """ObjectiveConfig fields this task's data decides (e.g. the number of answers)."""
+    def objective_options(self) -> dict[str, dict]:
+        """Constructor options of objective heads that this task's data decides, by objective name
+        (e.g. {"vqa": {"num_answers": 3129}}); `train.config.resolve` records them as objective.heads."""
         return {}
+
+    def num_examples(self) -> int | None:
+        """Training examples per epoch (derives train.max_steps from task.epochs); None when unknown
+        before the loader exists."""
+        return len(self.train_dataset()[0])
+
+    def data_layout(self, loader) -> dict:
+        """What the checkpoint records of the data order, to tell on resume whether it can be continued."""
+        return {"task": self.cfg.name, "examples": len(loader.dataset)}
+
+    def epoch_samples(self, loader) -> int:
+        return len(loader.dataset)
 
     def train_dataset(self) -> tuple[Dataset, Callable]:
         """(dataset whose items are dicts or None, collate(items) -> batch dict or None)."""
@@ -116,7 +133,16 @@ class Task:
         with `predictions`, the task's prediction file written there."""
         raise NotImplementedError
 
-    def train_loader(self, *, batch_size: int, rank: int, world_size: int, start_batch: int) -> DataLoader:
+    def train_loader(
+        self,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        start_batch: int,
+        saved_layout: dict | None = None,
+    ) -> DataLoader:
+        """Resumable by batch count alone: the sampler is a pure function of its arguments."""
         dataset, collate = self.train_dataset()
         sampler = EpochBatchSampler(len(dataset), batch_size, rank, world_size, self.ctx.seed, start_batch)
         return DataLoader(
@@ -240,7 +266,12 @@ def load_image(path: str, image_size: int) -> np.ndarray | None:
 
 TASKS: dict[str, type[Task]] = {}
 # The module that registers each task, under eve_ds/tasks/ (a task subpackage's `task` module).
-TASK_MODULES = {"vqa": "vqa.task", "retrieval": "retrieval.task", "nlvr2": "nlvr2.task"}
+TASK_MODULES = {
+    "msm": "pretraining",
+    "vqa": "vqa.task",
+    "retrieval": "retrieval.task",
+    "nlvr2": "nlvr2.task",
+}
 
 
 def register_task(name: str):
@@ -251,10 +282,8 @@ def register_task(name: str):
     return wrap
 
 
-def build_task(cfg: TaskConfig, ctx: TaskContext) -> Task | None:
-    """The task of `cfg.name`; None for pre-training (msm)."""
-    if cfg.name == "msm":
-        return None
+def build_task(cfg: TaskConfig, ctx: TaskContext) -> Task:
+    """The task of `cfg.name` (`msm` = pre-training)."""
     importlib.import_module(f"eve_ds.tasks.{TASK_MODULES[cfg.name]}")  # registers the task
     if cfg.name not in TASKS:
         raise ValueError(f"task.name={cfg.name!r}: no such task (have {sorted(TASKS)})")

@@ -74,14 +74,17 @@ class CheckpointManager:
     def __init__(self, root: Path, rank: int, keep_last: int) -> None:
         self.root, self.rank, self.keep_last = Path(root), rank, keep_last
 
-    def save(self, engine, step: int, trainer_state: dict, eve_config: dict) -> Path:
-        """Collective: every rank calls it. Returns the tag directory."""
+    def save(
+        self, engine, step: int, trainer_state: dict, eve_config: dict, save_kwargs: dict | None = None
+    ) -> Path:
+        """Collective: every rank calls it. Returns the tag directory. `save_kwargs`: extra arguments of
+        `engine.save_checkpoint` (the model family's)."""
         tag = tag_for(step)
         tag_dir = self.root / tag
         if self.rank == 0 and tag_dir.exists():
             shutil.rmtree(tag_dir)  # an incomplete leftover of an earlier attempt at this step
         barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False, **(save_kwargs or {}))
         torch.save(rng_state(), tag_dir / f".rng_state_rank{self.rank}.pt.tmp")
         (tag_dir / f".rng_state_rank{self.rank}.pt.tmp").replace(tag_dir / f"rng_state_rank{self.rank}.pt")
         if self.rank == 0:

@@ -5,6 +5,10 @@
 Every key is checked on load: an unknown key is reported with the nearest valid ones, a bad value with
 the allowed values or range. ``model`` takes a ``flavor`` (eve_tiny / eve_base / eve_large) whose
 defaults the other model keys override.
+
+What the run derives from the loaded config (micro-batch, accumulation, warm-up steps, step count, the
+task's head options) is computed once, by `resolve`, into a new RunConfig: that is what runs and what the
+run directory's `config.yaml` records.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import logging
+import math
 import os
 import types
 import typing
@@ -24,9 +30,13 @@ import yaml
 from eve_ds.data.config import DataConfig
 from eve_ds.models.config import FLAVORS, EVEConfig, get_config
 from eve_ds.objectives import ObjectiveConfig
+from eve_ds.objectives.base import upgrade_saved_objective
+from eve_ds.tasks.base import Task, TaskContext
 from eve_ds.tasks.config import TaskConfig
 from eve_ds.utils.config import ConfigError, apply_override, check
 from eve_ds.utils.io import atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PACKAGE_DIR / "configs"  # run configs, package data
@@ -54,7 +64,9 @@ class TrainConfig:
     max_steps: int | None = 480_000  # [paper] Base, 4M corpus; defines the schedule (null: task.epochs)
     stop_after: int | None = None  # end this run after this step (with a checkpoint), schedule unchanged
     global_batch_size: int = 2048  # [paper] = micro-batch x grad accumulation x data-parallel world size
-    micro_batch_size: int = 128  # [ours] per rank; adapted down to fit the layout
+    micro_batch_size: int = 128  # [ours] per rank; adapted down to fit the layout (`resolve`)
+    # Derived by `resolve`: global batch / (micro-batch x world size); a value given is recomputed.
+    grad_accum_steps: int | None = None
     seed: int = 0
     ds_config: str = "zero2_bf16"  # a name in eve_ds/ds_configs/ or a JSON path: ZeRO, precision, comms
     checkpoint_every: int = 5000
@@ -209,6 +221,8 @@ def from_dict(raw: dict) -> RunConfig:
         "task": TaskConfig,
     }
     _reject_unknown(raw, RunConfig, "", extra=())
+    if isinstance(raw.get("objective"), dict):  # a config.yaml written before objective.heads existed
+        raw["objective"] = upgrade_saved_objective(raw["objective"])
     kwargs: dict[str, Any] = {"model": model_cfg, "model_flavor": flavor, "name": raw.get("name", "eve")}
     for key, cls in sections.items():
         kwargs[key] = _build(cls, raw.get(key) or {}, key)
@@ -326,6 +340,97 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r} is invalid: expected a string")
         return value
     return value
+
+
+# -- derived values ---------------------------------------------------------------------------------------
+
+
+def task_context(cfg: RunConfig, tokenizer) -> TaskContext:
+    """What the run's task needs besides its own section (the loaded config suffices: nothing derived)."""
+    return TaskContext(
+        tokenizer=tokenizer,
+        cache_dir=cfg.data.cache_dir,
+        image_size=cfg.model.image_size,
+        max_text_len=cfg.model.max_text_len,
+        seed=cfg.train.seed,
+        num_workers=cfg.data.num_workers,
+        hflip=cfg.data.hflip,
+        data=cfg.data,
+        global_batch_size=cfg.train.global_batch_size,
+        eval_batches=cfg.train.eval_batches,
+    )
+
+
+def resolve(cfg: RunConfig, world_size: int, task: Task) -> RunConfig:
+    """The config that runs: `cfg` with every derived value filled in (a new object; `cfg` is unchanged).
+
+    `task` must be prepared (its data read): a step count derived from task.epochs needs its size, and
+    its head options (e.g. the number of VQA answers) come from its data.
+    """
+    check_objectives(cfg, task)
+    t = cfg.train
+    micro = fit_micro_batch(cfg, world_size)
+    max_steps = t.max_steps if t.max_steps is not None else steps_from_epochs(cfg, task)
+    train = dataclasses.replace(
+        t,
+        micro_batch_size=micro,
+        grad_accum_steps=t.global_batch_size // (micro * world_size),
+        max_steps=max_steps,
+    )
+    optim = cfg.optim
+    if optim.warmup_ratio is not None:
+        optim = dataclasses.replace(optim, warmup_steps=round(optim.warmup_ratio * max_steps))
+        logger.info("warm-up: %d steps (optim.warmup_ratio=%g)", optim.warmup_steps, optim.warmup_ratio)
+    objective = dataclasses.replace(cfg.objective, heads=task.objective_options())
+    return dataclasses.replace(cfg, train=train, optim=optim, objective=objective)
+
+
+def check_objectives(cfg: RunConfig, task: Task) -> None:
+    """A downstream task trains its own objectives; pre-training (no fixed set) trains the config's."""
+    if task.objectives and cfg.objective.objectives != list(task.objectives):
+        want = "[" + ", ".join(task.objectives) + "]"
+        raise ConfigError(
+            f"objective.objectives={cfg.objective.objectives} but task.name={cfg.task.name} trains "
+            f"{want}: set objective.objectives={want}"
+        )
+
+
+def steps_from_epochs(cfg: RunConfig, task: Task) -> int:
+    """train.max_steps when it is null: task.epochs passes over the task's training examples."""
+    n, gb = task.num_examples(), cfg.train.global_batch_size
+    steps = max(1, math.ceil(cfg.task.epochs * n / gb))
+    logger.info(
+        "task %s: %d training examples, %d steps (%.2f epochs of global batch %d)",
+        cfg.task.name,
+        n,
+        steps,
+        steps * gb / n,
+        gb,
+    )
+    return steps
+
+
+def fit_micro_batch(cfg: RunConfig, world_size: int) -> int:
+    """Micro-batch that fits the layout: the largest divisor of global batch / world size that is at most
+    `train.micro_batch_size` (the global batch, which the recipe fixes, never changes)."""
+    t = cfg.train
+    if t.global_batch_size % world_size:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} does not split over {world_size} ranks"
+        )
+    per_rank = t.global_batch_size // world_size
+    micro = max(d for d in range(1, min(t.micro_batch_size, per_rank) + 1) if per_rank % d == 0)
+    if micro != t.micro_batch_size:
+        logger.warning(
+            "train.micro_batch_size %d -> %d: %d ranks x %d x %d accumulation = global batch %d",
+            t.micro_batch_size,
+            micro,
+            world_size,
+            micro,
+            per_rank // micro,
+            t.global_batch_size,
+        )
+    return micro
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

@@ -51,43 +51,24 @@ def load_ds_file(name_or_path: str) -> dict:
     return ds
 
 
-def fit_micro_batch(cfg: RunConfig, world_size: int) -> int:
-    """Micro-batch that fits the layout: the largest divisor of global batch / world size that is at most
-    `train.micro_batch_size` (the global batch, which the recipe fixes, never changes)."""
-    t = cfg.train
-    if t.global_batch_size % world_size:
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} does not split over {world_size} ranks"
-        )
-    per_rank = t.global_batch_size // world_size
-    micro = max(d for d in range(1, min(t.micro_batch_size, per_rank) + 1) if per_rank % d == 0)
-    if micro != t.micro_batch_size:
-        logger.warning(
-            "train.micro_batch_size %d -> %d: %d ranks x %d x %d accumulation = global batch %d",
-            t.micro_batch_size,
-            micro,
-            world_size,
-            micro,
-            per_rank // micro,
-            t.global_batch_size,
-        )
-    return micro
-
-
-def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
-    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * world_size)
-
-
 def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
-    """ds_configs/<name>.json (ZeRO / precision / communication) + batch, accumulation and clipping."""
+    """ds_configs/<name>.json (ZeRO / precision / communication) + batch, accumulation and clipping, as the
+    run config states them (`train.config.resolve` fits the micro-batch to the world size; nothing here
+    changes the config). Without `train.grad_accum_steps`, the accumulation is global / (micro x world)."""
+    t = cfg.train
+    accum = t.grad_accum_steps or t.global_batch_size // (t.micro_batch_size * world_size)
+    if t.micro_batch_size * accum * world_size != t.global_batch_size:
+        raise ConfigError(
+            f"train.micro_batch_size={t.micro_batch_size} x {world_size} ranks x accumulation {accum} != "
+            f"train.global_batch_size={t.global_batch_size}: resolve the config (train.config.resolve) first"
+        )
     ds = load_ds_file(cfg.train.ds_config)
-    cfg.train.micro_batch_size = fit_micro_batch(cfg, world_size)
     if cfg.train.device == "cpu" and ds.get("bf16", {}).get("enabled"):
         logger.warning("bf16 on CPU is slow and not what the CPU tests use; use train.ds_config=zero2_cpu")
     ds.update(
         train_batch_size=cfg.train.global_batch_size,
         train_micro_batch_size_per_gpu=cfg.train.micro_batch_size,
-        gradient_accumulation_steps=grad_accum_steps(cfg, world_size),
+        gradient_accumulation_steps=accum,
         gradient_clipping=cfg.optim.grad_clip,
         steps_per_print=10**9,
         zero_allow_untested_optimizer=True,  # the client optimizer below is torch's AdamW

@@ -9,12 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from eve_ds.convert import load_pretraining_model
-from eve_ds.data import build_val_loader, load_tokenizer
+from eve_ds.data import load_tokenizer
 from eve_ds.data.config import DataConfig
-from eve_ds.tasks.base import TaskContext, build_task
+from eve_ds.tasks.base import Task, TaskContext, build_task
 from eve_ds.tasks.config import TaskConfig
 from eve_ds.train.distributed import resolve_device
-from eve_ds.train.validation import attribute_ids_if_synthetic, evaluate
 
 
 @dataclass
@@ -37,42 +36,19 @@ class EvalRequest:
 
 
 def evaluate_checkpoint(checkpoint: str, request: EvalRequest, device: str = "auto") -> dict:
-    """The metrics of `request` for the model in `checkpoint`."""
+    """The metrics of `request` for the model in `checkpoint`: the task's own evaluation (pre-training's
+    is the one the trainer validates with)."""
     device = resolve_device(device)
     model, config = load_pretraining_model(checkpoint, device=device)
-    if request.task == "msm":
-        return msm_metrics(model, config, request, device)
-    return task_metrics(model, config, request, device)
-
-
-def msm_metrics(model, config: dict, request: EvalRequest, device: str) -> dict:
-    """Pre-training validation metrics on the shards `request.data`."""
-    data_cfg = (config.get("run") or {}).get("data") or {}
-    tokenizer = load_tokenizer(data_cfg.get("tokenizer", "bert-base-uncased"))
-    synthetic = request.synthetic or bool(data_cfg.get("synthetic", False))
-    attr_ids = (
-        attribute_ids_if_synthetic(DataConfig(train=[], synthetic=True), tokenizer) if synthetic else None
-    )
-    mcfg = model.model_cfg
-    loader = build_val_loader(
-        request.data,
-        image_size=mcfg.image_size,
-        max_text_len=mcfg.max_text_len,
-        batch_size=request.batch_size,
-        tokenizer=tokenizer,
-    )
-    return evaluate(
-        model,
-        loader,
-        device=device,
-        seed=request.seed,
-        max_batches=request.max_batches,
-        attr_token_ids=attr_ids,
+    task = checkpoint_task(model, config, request)
+    split = request.data if request.task == "msm" else request.split  # msm: a split is a shard spec
+    return task.evaluate_split(
+        model, split, device=device, batch_size=request.batch_size, predictions=request.predictions
     )
 
 
-def task_metrics(model, config: dict, request: EvalRequest, device: str) -> dict:
-    """A downstream task's metrics on `request.split` of the files under `request.data_root`."""
+def checkpoint_task(model, config: dict, request: EvalRequest) -> Task:
+    """The task of `request`, configured as the checkpoint's run had it, with the request's data."""
     run = config.get("run") or {}
     saved = (run.get("task") or {}) | {
         "name": request.task,
@@ -85,16 +61,21 @@ def task_metrics(model, config: dict, request: EvalRequest, device: str) -> dict
         saved["rerank_k"] = request.rerank_k
     saved["skip_bad_eval_images"] = request.skip_bad_images
     cfg = TaskConfig(**{k: v for k, v in saved.items() if k in TaskConfig.__dataclass_fields__})
+    data = run.get("data") or {}
+    tokenizer = data.get("tokenizer") or "bert-base-uncased"
+    # msm: only whether to run the synthetic corpus's probe; the shards are the request's.
+    synthetic = request.synthetic or bool(data.get("synthetic", False))
     mcfg = model.model_cfg
     ctx = TaskContext(
-        tokenizer=load_tokenizer(((run.get("data") or {}).get("tokenizer")) or "bert-base-uncased"),
+        tokenizer=load_tokenizer(tokenizer),
         cache_dir="",
         image_size=mcfg.image_size,
         max_text_len=mcfg.max_text_len,
+        seed=request.seed,
         num_workers=0,
+        data=DataConfig(train=[], synthetic=synthetic, tokenizer=tokenizer),
+        eval_batches=request.max_batches,
     )
     task = build_task(cfg, ctx)
     task.load_assets(config.get("task") or {})
-    return task.evaluate_split(
-        model, request.split, device=device, batch_size=request.batch_size, predictions=request.predictions
-    )
+    return task

@@ -1,4 +1,6 @@
-"""The pre-training loop: DeepSpeed engine, exact resume, signals, non-finite losses, validation, logging."""
+"""The training loop of every task (pre-training included): DeepSpeed engine, exact resume, signals,
+non-finite losses, validation, logging. The task (`eve_ds/tasks/`) brings the data and the validation, the
+model family (`train/family.py`) the model."""
 
 from __future__ import annotations
 
@@ -14,25 +16,17 @@ import torch
 from tqdm import tqdm
 
 from eve_ds.convert import resume_options
-from eve_ds.data import (
-    batch_to_device,
-    build_train_loader,
-    build_val_loader,
-    ensure_synthetic_corpus,
-    load_tokenizer,
-)
-from eve_ds.data.pipeline import mixture
-from eve_ds.objectives import PretrainingModel
-from eve_ds.objectives.flops import TextShape, flops_per_pair, peak_tflops
-from eve_ds.tasks.base import Task, TaskContext, build_task
+from eve_ds.data import batch_to_device, load_tokenizer
+from eve_ds.objectives.flops import peak_tflops
+from eve_ds.tasks.base import Task, build_task
 from eve_ds.train import EXIT_PREEMPTED
 from eve_ds.train.checkpoint import CheckpointManager, latest_complete
-from eve_ds.train.config import ConfigError, RunConfig, save_config
+from eve_ds.train.config import ConfigError, RunConfig, resolve, save_config, task_context
 from eve_ds.train.distributed import all_reduce_max, barrier, init_distributed, resolve_device
-from eve_ds.train.engine import build_engine, fit_micro_batch, grad_accum_steps
+from eve_ds.train.engine import build_engine
+from eve_ds.train.family import family_of
 from eve_ds.train.metrics import MetricsWriter, setup_logging
 from eve_ds.train.preflight import start_problems
-from eve_ds.train.validation import attribute_ids_if_synthetic, evaluate
 from eve_ds.utils.io import atomic_write_json
 from eve_ds.utils.ranks import expert_parallel_rank
 
@@ -47,7 +41,9 @@ class NonFiniteLossError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+        """`cfg` as loaded; `self.cfg` is it resolved for this world size and task (what runs and what
+        config.yaml records)."""
+        self.run_dir = Path(run_dir)
         problems = start_problems(cfg)  # before anything costs time: data, engine, GPUs
         if problems:
             raise ConfigError("; ".join(problems))
@@ -57,19 +53,14 @@ class Trainer:
         self.denv = init_distributed(self.device, cfg.train.dist_timeout_s)
         self.rank, self.world = self.denv.rank, self.denv.world_size
         setup_logging(self.rank, self.run_dir)
-        cfg.train.micro_batch_size = fit_micro_batch(cfg, self.world)
-        self.accum = grad_accum_steps(cfg, self.world)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.task = self._prepare_task(cfg)
+        self.cfg = cfg = resolve(cfg, self.world, self.task)
         self._check_layout()
         self.stop_signal: int | None = None
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.rank, cfg.train.keep_last)
         self.resume_from = latest_complete(self.run_dir / "checkpoints")
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        self.task = self._prepare_task()
-        if cfg.optim.warmup_ratio is not None:  # after the task derived max_steps from its epochs
-            cfg.optim.warmup_steps = round(cfg.optim.warmup_ratio * cfg.train.max_steps)
-            logger.info(
-                "warm-up: %d steps (optim.warmup_ratio=%g)", cfg.optim.warmup_steps, cfg.optim.warmup_ratio
-            )
+        self.family = family_of(cfg)
         self._build_model()
         self.engine, _, self.scheduler, ds_config = build_engine(cfg, self.model, self.world, self.device)
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
@@ -99,65 +90,27 @@ class Trainer:
             ep,
             self.world // ep,
             self.cfg.train.micro_batch_size,
-            self.accum,
+            self.cfg.train.grad_accum_steps,
             self.world,
             self.cfg.train.global_batch_size,
         )
 
-    def _prepare_task(self) -> Task | None:
-        """The downstream task (None for pre-training): its data read (rank 0 generates a synthetic set
-        first), the objective options its data decides, and the step count derived from its epochs."""
-        cfg = self.cfg
-        ctx = TaskContext(
-            tokenizer=self.tokenizer,
-            cache_dir=cfg.data.cache_dir,
-            image_size=cfg.model.image_size,
-            max_text_len=cfg.model.max_text_len,
-            seed=cfg.train.seed,
-            num_workers=cfg.data.num_workers,
-            hflip=cfg.data.hflip,
-        )
-        task = build_task(cfg.task, ctx)
-        if task is None:
-            return None
-        if cfg.objective.objectives != list(task.objectives):
-            want = "[" + ", ".join(task.objectives) + "]"
-            raise ConfigError(
-                f"objective.objectives={cfg.objective.objectives} but task.name={cfg.task.name} trains "
-                f"{want}: set objective.objectives={want}"
-            )
-        for rank_turn in (0, 1):  # rank 0 generates what is missing; then the others read it
+    def _prepare_task(self, cfg: RunConfig) -> Task:
+        """The run's task (pre-training is `msm`) with its data read: rank 0 first, which generates a
+        synthetic set when one is missing, then the others."""
+        task = build_task(cfg.task, task_context(cfg, self.tokenizer))
+        for rank_turn in (0, 1):
             if (self.rank == 0) == (rank_turn == 0):
                 task.prepare()
             barrier()
-        for key, value in task.objective_options().items():
-            setattr(cfg.objective, key, value)
-        n = len(task.train_dataset()[0])
-        if cfg.train.max_steps is None:
-            cfg.train.max_steps = max(1, math.ceil(cfg.task.epochs * n / cfg.train.global_batch_size))
-        logger.info(
-            "task %s: %d training examples, %d steps (%.2f epochs of global batch %d)",
-            cfg.task.name,
-            n,
-            cfg.train.max_steps,
-            cfg.train.max_steps * cfg.train.global_batch_size / n,
-            cfg.train.global_batch_size,
-        )
         return task
 
     def _build_model(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # identical non-expert init on every rank
-        self.model = PretrainingModel(cfg.model, cfg.objective)
-        self.model.encoder.grad_checkpointing = cfg.train.grad_checkpointing
+        self.model = self.family.build_model(cfg)
         ep_rank = expert_parallel_rank(self.rank, cfg.model.ep_size)
-        # Weights must be final before deepspeed.initialize: ZeRO copies them into its fp32 partitions.
-        self.model.init_experts(ep_rank)
-        if cfg.train.init_from and self.resume_from is None:
-            from eve_ds.convert import load_init_weights
-
-            report = load_init_weights(self.model, cfg.train.init_from, ep_rank=ep_rank)
-            logger.info("initialised from %s: %s", cfg.train.init_from, report)
+        self.family.init_weights(self.model, cfg, ep_rank, resuming=self.resume_from is not None)
         n = sum(p.numel() for p in self.model.parameters())
         logger.info(
             "model %s: %.1fM parameters on this rank (ep_size=%d)",
@@ -191,66 +144,25 @@ class Trainer:
         return True
 
     def _train_loader(self):
-        """The task's examples, or the pre-training corpora (the synthetic one generated first)."""
-        cfg, t = self.cfg, self.cfg.train
-        if self.task is not None:
-            loader = self.task.train_loader(
-                batch_size=t.micro_batch_size,
-                rank=self.rank,
-                world_size=self.world,
-                start_batch=self.state["batches_consumed"],
-            )
-            self.state["data_layout"] = {"task": cfg.task.name, "examples": len(loader.dataset)}
-            self.epoch_samples = len(loader.dataset)
-            return loader
-        if cfg.data.synthetic and self.rank == 0:  # generate once, before the other ranks look for it
-            ensure_synthetic_corpus(
-                cfg.data.cache_dir,
-                cfg.data.synthetic_num_train,
-                cfg.data.synthetic_num_val,
-                cfg.data.synthetic_seed,
-                cfg.model.image_size,
-            )
-        barrier()
-        loader = build_train_loader(
-            cfg.data,
-            image_size=cfg.model.image_size,
-            max_text_len=cfg.model.max_text_len,
-            batch_size=t.micro_batch_size,
+        """The task's training batches, continuing after the batches already consumed."""
+        loader = self.task.train_loader(
+            batch_size=self.cfg.train.micro_batch_size,
             rank=self.rank,
             world_size=self.world,
-            seed=t.seed,
             start_batch=self.state["batches_consumed"],
-            tokenizer=self.tokenizer,
             saved_layout=self.state.get("data_layout"),
         )
-        self.state["data_layout"] = loader.layout
-        self.epoch_samples = loader.num_samples
-        self._log_mixture(loader.dataset.corpora)
+        self.state["data_layout"] = self.task.data_layout(loader)
+        self.epoch_samples = self.task.epoch_samples(loader)
         return loader
 
-    def _log_mixture(self, corpora) -> None:
-        rows, steps = mixture(corpora, self.cfg.train.global_batch_size)
-        for r in rows:
-            logger.info(
-                "corpus %s: %d pairs in %d shards, weight %g -> %.1f%% of samples",
-                r["name"],
-                r["pairs"],
-                r["shards"],
-                r["weight"],
-                100 * r["fraction"],
-            )
-        logger.info("one epoch of the corpus union = %d steps", steps)
-
     def save(self) -> Path:
-        eve_config = {
-            "model": self.cfg.model.to_dict(),
-            "objective": vars(self.cfg.objective),
-            "run": self.cfg.to_dict(),
-        }
-        if self.task is not None:  # e.g. the VQA answer vocabulary: travels with checkpoints and exports
-            eve_config["task"] = {"name": self.cfg.task.name, **self.task.assets()}
-        return self.ckpt.save(self.engine, self.state["step"], dict(self.state), eve_config)
+        eve_config = self.family.checkpoint_config(self.cfg)
+        # e.g. the VQA answer vocabulary: travels with checkpoints and exports
+        eve_config["task"] = {"name": self.cfg.task.name, **self.task.assets()}
+        return self.ckpt.save(
+            self.engine, self.state["step"], dict(self.state), eve_config, self.family.save_kwargs
+        )
 
     # -- signals ------------------------------------------------------------------------------------------
 
@@ -275,9 +187,7 @@ class Trainer:
             batch = next(data_iter)
             self.state["batches_consumed"] += 1
         self.state["skipped_samples"] += int(batch.get("num_skipped", 0))
-        # For the FLOP count (MFU): real tokens per caption and the batch's padded length (its longest text).
-        self.text_tokens = float(batch["text_mask"].sum(1).float().mean())
-        self.text_len = int(batch["text_ids"].shape[1])
+        self.batch_shape = self.family.batch_shape(batch)  # for the FLOP count (MFU)
         out = self.engine(batch_to_device(batch, self.device, self.dtype))
         bad = all_reduce_max(0.0 if bool(torch.isfinite(out["loss"])) else 1.0, self.device)
         if bad:
@@ -290,7 +200,7 @@ class Trainer:
         """One optimizer step of `accum` micro-batches -> metrics averaged over them."""
         outs, consecutive = [], 0
         lr = self.scheduler.get_last_lr()[0]  # the LR this step applies
-        while len(outs) < self.accum:
+        while len(outs) < self.cfg.train.grad_accum_steps:
             out = self._micro_step(data_iter)
             if out is None:
                 self.state["skipped_nonfinite"] += 1
@@ -335,57 +245,27 @@ class Trainer:
         return record
 
     def _mfu(self, samples_per_s: float) -> float | None:
-        """Model FLOPs utilisation: pairs/s x FLOPs per pair / (peak bf16 FLOP/s x GPUs). The FLOP formula
-        (matmuls only, training = 3 x forward) is stated in eve_ds/objectives/flops.py."""
+        """Model FLOPs utilisation: samples/s x FLOPs per sample / (peak bf16 FLOP/s x GPUs). The family
+        counts the FLOPs (EVE: matmuls only, training = 3 x forward, eve_ds/objectives/flops.py)."""
         peak = peak_tflops(torch.cuda.get_device_name())
         if peak is None:
             return None
-        text = TextShape(padded=self.text_len, real=round(self.text_tokens))
-        flops = flops_per_pair(self.cfg.model, self.cfg.objective, text, self.cfg.train.micro_batch_size)
+        flops = self.family.flops_per_sample(self.cfg, self.batch_shape)
         return samples_per_s * flops / (peak * 1e12 * self.world)
 
     def validate(self) -> dict:
-        if self.task is not None:
-            m = self.task.evaluate(
-                self.engine.module,
-                self.cfg.task.eval_split,
-                device=self.device,
-                dtype=self.dtype,
-                batch_size=self.cfg.train.micro_batch_size,
-            )
-            self.metrics.log({"step": self.state["step"], **{f"val/{k}": v for k, v in m.items()}})
-            logger.info("validation at step %d: %s", self.state["step"], _fmt(m))
-            return m
-        spec = self._val_spec()
-        if spec is None:
-            return {}
-        loader = build_val_loader(
-            spec,
-            image_size=self.cfg.model.image_size,
-            max_text_len=self.cfg.model.max_text_len,
-            batch_size=self.cfg.train.micro_batch_size,
-            rank=self.rank,
-            world_size=self.world,
-            tokenizer=self.tokenizer,
-        )
-        attr = attribute_ids_if_synthetic(self.cfg.data, self.tokenizer)
-        m = evaluate(
+        """The task's validation metrics (collective: every rank takes part); logged as val/<key>."""
+        m = self.task.evaluate(
             self.engine.module,
-            loader,
+            self.cfg.task.eval_split,
             device=self.device,
             dtype=self.dtype,
-            seed=self.cfg.train.seed,
-            max_batches=self.cfg.train.eval_batches,
-            attr_token_ids=attr,
+            batch_size=self.cfg.train.micro_batch_size,
         )
-        self.metrics.log({"step": self.state["step"], **{f"val/{k}": v for k, v in m.items()}})
-        logger.info("validation at step %d: %s", self.state["step"], _fmt(m))
+        if m:  # pre-training without validation shards has none
+            self.metrics.log({"step": self.state["step"], **{f"val/{k}": v for k, v in m.items()}})
+            logger.info("validation at step %d: %s", self.state["step"], _fmt(m))
         return m
-
-    def _val_spec(self) -> str | None:
-        from eve_ds.data import resolve_val_spec
-
-        return resolve_val_spec(self.cfg.data, self.cfg.model.image_size)
 
     def train(self) -> int:
         t = self.cfg.train

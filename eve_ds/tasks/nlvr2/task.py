@@ -51,7 +51,7 @@ class NLVR2Task(Task):
         log.info("NLVR2 from %s: %s (pairs with a missing image are skipped)", root, self.counts)
 
     def objective_options(self) -> dict:
-        return {"nlvr2_head": self.cfg.nlvr2_head}
+        return {"nlvr2": {"head": self.cfg.nlvr2_head}}
 
     def train_dataset(self):
         ds = NLVR2Dataset(

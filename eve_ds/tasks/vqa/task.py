@@ -67,7 +67,7 @@ class VQATask(Task):
         )
 
     def objective_options(self) -> dict:
-        return {"vqa_num_answers": len(self.vocab)}
+        return {"vqa": {"num_answers": len(self.vocab)}}
 
     def assets(self) -> dict:
         return {"answer_vocab": self.vocab.to_json()}

@@ -1,0 +1,118 @@
+"""Model families: the one module that knows how a run's model and objectives are built, initialised and
+described in a checkpoint. The trainer holds one family object and calls only the methods below, so a
+second family (a different backbone with its own config class and flavors) plugs in by registering a
+`ModelFamily` here, without a change to the trainer (docs/extending.md, "Adding a model family").
+
+A run's family follows from its model flavor (`model.flavor`, e.g. `eve_tiny`): each family lists its
+flavors, so saved configs need no key of their own and mean what they meant.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from types import MappingProxyType
+
+from torch import nn
+
+from eve_ds.convert import load_init_weights
+from eve_ds.models.config import FLAVORS
+from eve_ds.objectives import PretrainingModel
+from eve_ds.objectives.flops import TextShape, flops_per_pair
+from eve_ds.train.config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+
+class ModelFamily:
+    """What the trainer needs from a model family. Subclasses set `name` and `flavors` and implement the
+    methods that raise."""
+
+    name: str = ""
+    flavors: tuple[str, ...] = ()
+    # Extra arguments of DeepSpeed's `engine.save_checkpoint` (e.g. leaving out frozen parameters).
+    save_kwargs: MappingProxyType = MappingProxyType({})
+
+    def build_model(self, cfg: RunConfig) -> nn.Module:
+        """The backbone with the run's objectives (forward(batch, generator) -> dict with `loss`), before
+        any weight is loaded. Called after `torch.manual_seed(train.seed)` on every rank."""
+        raise NotImplementedError
+
+    def init_weights(self, model: nn.Module, cfg: RunConfig, ep_rank: int, resuming: bool) -> None:
+        """Make the weights final before `deepspeed.initialize` (ZeRO copies them into its fp32
+        partitions): this rank's experts, and `train.init_from` unless a checkpoint is resumed."""
+        raise NotImplementedError
+
+    def checkpoint_config(self, cfg: RunConfig) -> dict:
+        """What a checkpoint's `eve_config.json` records to rebuild the model without the trainer."""
+        raise NotImplementedError
+
+    def batch_shape(self, batch: dict):
+        """What the FLOP count of a micro-batch depends on (read before the batch moves to the device)."""
+        raise NotImplementedError
+
+    def flops_per_sample(self, cfg: RunConfig, shape) -> float:
+        """Training FLOPs of one sample of a batch of `shape` (for the MFU)."""
+        raise NotImplementedError
+
+
+class EVEFamily(ModelFamily):
+    """EVE: one shared encoder with modality-aware MoE (`models/eve.py`) under `PretrainingModel`."""
+
+    name = "eve"
+    flavors = tuple(FLAVORS)
+
+    def build_model(self, cfg: RunConfig) -> PretrainingModel:
+        model = PretrainingModel(cfg.model, cfg.objective)
+        model.encoder.grad_checkpointing = cfg.train.grad_checkpointing
+        return model
+
+    def init_weights(self, model: PretrainingModel, cfg: RunConfig, ep_rank: int, resuming: bool) -> None:
+        model.init_experts(ep_rank)
+        if cfg.train.init_from and not resuming:
+            report = load_init_weights(model, cfg.train.init_from, ep_rank=ep_rank)
+            logger.info("initialised from %s: %s", cfg.train.init_from, report)
+
+    def checkpoint_config(self, cfg: RunConfig) -> dict:
+        return {
+            "family": self.name,
+            "model": cfg.model.to_dict(),
+            "objective": asdict(cfg.objective),
+            "run": cfg.to_dict(),
+        }
+
+    def batch_shape(self, batch: dict) -> TextShape:
+        # Real tokens per caption and the batch's padded length (its longest text).
+        return TextShape(
+            padded=int(batch["text_ids"].shape[1]),
+            real=round(float(batch["text_mask"].sum(1).float().mean())),
+        )
+
+    def flops_per_sample(self, cfg: RunConfig, shape: TextShape) -> float:
+        return flops_per_pair(cfg.model, cfg.objective, shape, cfg.train.micro_batch_size)
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Add a family; its flavors must not already belong to another one."""
+    taken = {f: other.name for other in FAMILIES.values() for f in other.flavors if other.name != family.name}
+    clash = sorted(set(family.flavors) & set(taken))
+    if clash:
+        raise ValueError(f"family {family.name!r}: flavors {clash} already belong to {taken[clash[0]]!r}")
+    FAMILIES[family.name] = family
+    return family
+
+
+register_family(EVEFamily())
+
+
+def family_of(cfg: RunConfig) -> ModelFamily:
+    """The family whose flavors include the run's `model.flavor`."""
+    for family in FAMILIES.values():
+        if cfg.model_flavor in family.flavors:
+            return family
+    raise ValueError(
+        f"model.flavor={cfg.model_flavor!r}: no model family has it (families: {sorted(FAMILIES)})"
+    )
