@@ -27,10 +27,11 @@ from eve_ds.objectives import ObjectiveConfig
 from eve_ds.tasks.config import TaskConfig
 from eve_ds.utils.config import ConfigError, apply_override, check
 from eve_ds.utils.io import atomic_write_text
+from eve_ds.utils.paths import ds_config_dir
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PACKAGE_DIR / "configs"  # run configs, package data
-DS_CONFIG_DIR = PACKAGE_DIR / "ds_configs"  # DeepSpeed configs, package data
+DS_CONFIG_DIR = ds_config_dir()  # DeepSpeed configs: top-level ds_configs/, package data in a wheel
 
 
 @dataclass
@@ -56,7 +57,7 @@ class TrainConfig:
     global_batch_size: int = 2048  # [paper] = micro-batch x grad accumulation x data-parallel world size
     micro_batch_size: int = 128  # [ours] per rank; adapted down to fit the layout
     seed: int = 0
-    ds_config: str = "zero2_bf16"  # a name in eve_ds/ds_configs/ or a JSON path: ZeRO, precision, comms
+    ds_config: str = "zero2_bf16"  # a name in ds_configs/ or a JSON path: ZeRO, precision, comms
     checkpoint_every: int = 5000
     keep_last: int = 3
     eval_every: int = 10_000
