@@ -54,7 +54,7 @@ setup(
             "eve-finetune=eve_ds.cli.finetune:main",
             "eve-evaluate=eve_ds.cli.evaluate:main",
             "eve-info=eve_ds.cli.info:main",
-            "eve-convert=eve_ds.cli.convert_ckpt:main",
+            "eve-convert=eve_ds.cli.convert:main",
             "eve-bench=eve_ds.cli.benchmark_pretrain:main",
             "eve-profile=eve_ds.cli.profile:main",
             "eve-ablations=eve_ds.cli.reproduce_ablations:main",

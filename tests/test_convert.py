@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import make_batch
 
-from eve_ds.cli.convert_ckpt import main as convert_main
+from eve_ds.cli.convert import main as convert_main
 from eve_ds.convert import (
     export,
     import_beitv2,
