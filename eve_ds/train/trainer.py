@@ -23,7 +23,7 @@ from eve_ds.data import (
 )
 from eve_ds.data.pipeline import mixture
 from eve_ds.objectives import PretrainingModel
-from eve_ds.objectives.flops import TextShape, flops_per_pair, peak_tflops
+from eve_ds.objectives.flops import TextShape, flops_per_pair
 from eve_ds.tasks.task import Task, TaskContext, build_task
 from eve_ds.train import EXIT_PREEMPTED
 from eve_ds.train.checkpoint import CheckpointManager, latest_complete
@@ -31,6 +31,7 @@ from eve_ds.train.config import ConfigError, RunConfig, save_config
 from eve_ds.train.distributed import all_reduce_max, barrier, init_distributed, resolve_device
 from eve_ds.train.engine import build_engine, fit_micro_batch, grad_accum_steps
 from eve_ds.train.metrics import MetricsWriter, setup_logging
+from eve_ds.train.mfu import peak_tflops
 from eve_ds.train.preflight import start_problems
 from eve_ds.train.validation import attribute_ids_if_synthetic, evaluate
 from eve_ds.utils.io import atomic_write_json
