@@ -20,7 +20,7 @@ pretrain:     ## the embedded default: tiny EVE on the synthetic corpus, CPU
 	eve-pretrain
 
 bench:        ## Table 1 on this machine's device
-	python tools/benchmark_pretrain.py --model eve_tiny --json benchmarks/results/table1-local.json
+	eve-bench --model eve_tiny --json benchmarks/results/table1-local.json
 
 cluster-start:
 	slurm/local_cluster.sh start

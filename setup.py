@@ -3,6 +3,23 @@
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithDSConfigs(build_py):
+    """Ships the top-level ds_configs/*.json as the package data eve_ds/ds_configs/ of a wheel. The tree
+    keeps them in one place, where the design card puts them; an editable install reads them there
+    (eve_ds.utils.paths.ds_config_dir), so nothing is copied into the source tree."""
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):  # setuptools >= 64 builds editable wheels through here
+            return
+        target = Path(self.build_lib, "eve_ds", "ds_configs")
+        self.mkpath(str(target))
+        for src in sorted(Path(__file__).resolve().parent.joinpath("ds_configs").glob("*.json")):
+            self.copy_file(str(src), str(target / src.name))
+
 
 setup(
     name="eve-ds",
@@ -12,7 +29,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["eve_ds", "eve_ds.*"]),
-    package_data={"eve_ds": ["configs/*.yaml", "ds_configs/*.json", "assets/bert-base-uncased/*"]},
+    package_data={"eve_ds": ["configs/*.yaml", "assets/bert-base-uncased/*"]},
+    cmdclass={"build_py": BuildPyWithDSConfigs},
     install_requires=[
         "torch>=2.3",
         "torchvision",
@@ -36,7 +54,7 @@ setup(
             "eve-finetune=eve_ds.cli.finetune:main",
             "eve-evaluate=eve_ds.cli.evaluate:main",
             "eve-info=eve_ds.cli.info:main",
-            "eve-convert=eve_ds.cli.convert_ckpt:main",
+            "eve-convert=eve_ds.cli.convert:main",
             "eve-bench=eve_ds.cli.benchmark_pretrain:main",
             "eve-profile=eve_ds.cli.profile:main",
             "eve-ablations=eve_ds.cli.reproduce_ablations:main",

@@ -38,7 +38,7 @@ if [ "$DEVICE" = cuda ]; then
 else
   tag=cpu-smoke
 fi
-bench=("$PYTHON" -m eve_ds.cli.benchmark_pretrain --model "$MODEL" --device "$DEVICE")
+bench=("$PYTHON" -m eve_ds.cli.bench --model "$MODEL" --device "$DEVICE")
 
 case "$phase" in
   measure)

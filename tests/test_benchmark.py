@@ -11,7 +11,8 @@ from eve_ds.bench.table1 import DEFAULT_TASK_SETS, search_max_batch
 from eve_ds.cli.benchmark_pretrain import main, parse_task_sets
 from eve_ds.models.config import get_config
 from eve_ds.objectives import ObjectiveConfig
-from eve_ds.objectives.flops import TextShape, flops_per_pair, peak_tflops
+from eve_ds.objectives.flops import TextShape, flops_per_pair
+from eve_ds.train.mfu import peak_tflops
 
 ROW_FIELDS = {
     "task_set",

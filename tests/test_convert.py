@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import make_batch
 
-from eve_ds.cli.convert_ckpt import main as convert_main
+from eve_ds.cli.convert import main as convert_main
 from eve_ds.convert import (
     export,
     import_beitv2,
@@ -351,13 +351,15 @@ def test_beitv2_base_keys_map_completely():
 
 
 @pytest.mark.slow
-def test_hf_export_loads_with_automodel(ds_run, tmp_path):
+def test_hf_export_loads_with_automodel(ds_run, tmp_path, monkeypatch):
     dst = tmp_path / "hf"
     assert convert_main(["export", str(ds_run), str(dst), "--format", "hf"]) == 0
     cfg = json.loads((dst / "config.json").read_text())
     assert cfg["auto_map"]["AutoModel"] == "modeling_eve.EVEHFModel"
+    assert cfg["auto_map"]["AutoConfig"] == "modeling_eve.EVEHFConfig"
+    assert (dst / "modeling_eve.py").read_bytes() == (REPO / "eve_ds" / "hf" / "modeling_eve.py").read_bytes()
     assert "deepspeed" not in (dst / "modeling_eve.py").read_text()
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel
 
     hf = AutoModel.from_pretrained(dst, trust_remote_code=True).eval()
@@ -391,6 +393,17 @@ def test_hf_export_loads_with_automodel(ds_run, tmp_path):
         cwd=tmp_path,
     )
     assert "torch.Size([1, 17, 128])" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_hf_relative_position_index_is_the_models():
+    """The HF modeling file keeps its own copy of BEiT's index (it may not import timm): the same tensor."""
+    from eve_ds.hf.modeling_eve import relative_position_index
+    from eve_ds.models.layers import RelativePositionBias
+
+    for grid in (1, 2, 4, 7, 14, 16):
+        assert torch.equal(
+            relative_position_index(grid), RelativePositionBias(grid, 1).relative_position_index
+        )
 
 
 # -- bad input ---------------------------------------------------------------------------------------------

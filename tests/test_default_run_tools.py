@@ -1,27 +1,18 @@
-"""The default run's diagnostic scripts (benchmarks/default_run_*.py): the attention they report is the
+"""The default run's diagnostic scripts (research/default_run/): the attention they report is the
 attention the model computes, the conv stem never looks across a patch border, the study collects what a
 run wrote."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import torch
 from conftest import make_batch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import default_run_attention as attention
-import default_run_conv_stem as conv_stem
-import default_run_focused as focused
-import default_run_masks as masks
-import default_run_study as study
-
 from eve_ds.models.config import eve_tiny
 from eve_ds.models.layers import Attention
 from eve_ds.objectives import ObjectiveConfig, PretrainingModel
+from research.default_run import attention, conv_stem, focused, masks, study
 
 
 def test_patches_of_a_box():
@@ -77,7 +68,10 @@ def test_study_commands_and_collection(tmp_path):
     cmd = study.command("previous", ["model.init_std=0.05"], tmp_path / "C1")
     assert cmd[1:3] == ["-m", "eve_ds.cli.pretrain"] and cmd[-1] == "model.init_std=0.05"
     assert "model.init_std=0.02" in cmd and "train.max_steps=2000" in cmd
-    assert study.command("current", [study.CONV], tmp_path / "J")[1].endswith("default_run_conv_stem.py")
+    assert study.command("current", [study.CONV], tmp_path / "J")[1:3] == [
+        "-m",
+        "research.default_run.conv_stem",
+    ]
     run = tmp_path / "run"
     run.mkdir()
     val = {"step": 500, "val/attr_word_acc": 0.6, "val/attr_word_acc_shuffled_images": 0.3}
@@ -158,6 +152,6 @@ def test_attribute_weighted_mask_keeps_the_ratio_and_prefers_attribute_words():
 
 
 def test_patch_grid_orders_every_relation():
-    """The 4 x 4 grid can express every relation: docs/default-run.md relies on it."""
+    """The 4 x 4 grid can express every relation: research/default_run/README.md relies on it."""
     total, share = focused.grid_orders_relations(num_scenes=200)
     assert total > 100 and share == 1.0

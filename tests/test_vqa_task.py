@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 
-from eve_ds.cli.convert_ckpt import main as convert
+from eve_ds.cli.convert import main as convert
 from eve_ds.cli.evaluate import main as evaluate
 from eve_ds.cli.finetune import main as finetune
 from eve_ds.tasks.vqa.data import read_vqa

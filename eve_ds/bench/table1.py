@@ -22,8 +22,9 @@ from torch import Tensor
 from eve_ds.data.transforms import batch_to_device
 from eve_ds.models.config import EVEConfig, get_config
 from eve_ds.objectives import ObjectiveConfig, PretrainingModel
-from eve_ds.objectives.flops import TextShape, flops_per_pair, peak_tflops
+from eve_ds.objectives.flops import TextShape, flops_per_pair
 from eve_ds.objectives.mim_token import token_mim_mask
+from eve_ds.train.mfu import peak_tflops
 from eve_ds.utils.config import apply_override
 
 logger = logging.getLogger(__name__)

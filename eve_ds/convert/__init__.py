@@ -1,5 +1,5 @@
 """Checkpoint conversion: DeepSpeed checkpoints -> consolidated exports (native / Hugging Face), resharding
-to another expert-parallel size, and initial weights from BEiT v2 (CLI: ``tools/convert_ckpt.py``)."""
+to another expert-parallel size, and initial weights from BEiT v2 (CLI: ``eve-convert``)."""
 
 from eve_ds.convert.beit import import_beitv2, load_init_weights
 from eve_ds.convert.ds_checkpoint import ConvertError

@@ -20,13 +20,11 @@ from eve_ds.convert.ds_checkpoint import ConvertError, localize_experts
 from eve_ds.convert.export import is_native_export, read_source
 from eve_ds.convert.resolution import adapt_resolution
 from eve_ds.models.config import EVEConfig
-from eve_ds.utils.ranks import expert_parallel_rank
+from eve_ds.utils.ranks import expert_parallel_rank, rank_and_world
 
 logger = logging.getLogger(__name__)
 
 BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
-# BEiT v2 keys that have no place in EVE's encoder (the classifier, BEiT's own pre-training heads).
-IGNORED_PREFIXES = ("head.", "lm_head.", "mask_token", "cls_pt_layers.", "norm.")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -122,13 +120,6 @@ def bert_to_eve(sd: dict[str, torch.Tensor], cfg: EVEConfig) -> dict[str, torch.
     )
 
 
-def _this_expert_parallel_rank(ep_size: int) -> int:
-    """This process's rank in its expert-parallel group (0 outside torch.distributed)."""
-    import torch.distributed as dist
-
-    return expert_parallel_rank(dist.get_rank(), ep_size) if dist.is_initialized() else 0
-
-
 def source_weights(path: str | Path, cfg: EVEConfig, bert: str | Path | None = None) -> tuple[dict, dict]:
     """Weights for `cfg` (ep_size=1 names) from a native export / DeepSpeed checkpoint or a BEiT v2 file
     -> (state dict, report skeleton)."""
@@ -185,7 +176,7 @@ def load_init_weights(
     -> report {"source", "path", "loaded": n, "fresh": [keys left as initialised], "ignored": [source keys]}.
     """
     cfg = model.model_cfg
-    ep_rank = _this_expert_parallel_rank(cfg.ep_size) if ep_rank is None else ep_rank
+    ep_rank = expert_parallel_rank(rank_and_world()[0], cfg.ep_size) if ep_rank is None else ep_rank
     sd, report = source_weights(path, cfg, bert)
     sd = localize_experts(sd, ep_rank, cfg.num_experts // cfg.ep_size)
     own = model.state_dict()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from eve_ds.convert.ds_checkpoint import (
     read_eve_config,
     resolve_tag_dir,
 )
+from eve_ds.convert.tokenizer import copy_tokenizer
 from eve_ds.models.eve import EVEModel
 from eve_ds.models.weights import (
     NATIVE_FORMAT,
@@ -34,8 +34,6 @@ from eve_ds.utils.io import atomic_write_json, staging_dir
 
 logger = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -57,25 +55,6 @@ def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         "step": json.loads(state.read_text()).get("step") if state.is_file() else None,
     }
     return sd, cfg
-
-
-def tokenizer_source(cfg: dict) -> Path:
-    """The run's tokenizer folder: a packaged name (eve_ds/assets/<name>) or a local path."""
-    name = ((cfg.get("run") or {}).get("data") or {}).get("tokenizer") or "bert-base-uncased"
-    for p in (ASSETS / name, Path(name).expanduser()):
-        if p.is_dir() and (p / "vocab.txt").is_file():
-            return p
-    raise ConvertError(f"tokenizer {name!r} of the run config: neither {ASSETS / name} nor a local folder")
-
-
-def copy_tokenizer(cfg: dict, dst: Path) -> list[str]:
-    src = tokenizer_source(cfg)
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
-    return copied
 
 
 def objective_config(cfg: dict) -> ObjectiveConfig:
@@ -147,6 +126,7 @@ def export(
         if fmt == "native":
             write_native(tmp, model.state_dict(), cfg, dtype)
         else:
+            # transformers' modelling stack (seconds to import) only for an HF export
             from eve_ds.convert.hf_export import write_hf
 
             write_hf(tmp, model.encoder, cfg, dtype)

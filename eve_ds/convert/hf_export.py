@@ -1,26 +1,24 @@
 """Hugging Face export: config.json (with auto_map), model.safetensors, modeling_eve.py, tokenizer files.
 
 AutoModel.from_pretrained(dir, trust_remote_code=True)  # torch + transformers only
+
+The classes of `eve_ds.hf.modeling_eve` are registered for the auto classes, so that `save_pretrained`
+writes the `auto_map` and copies the modeling file itself.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import shutil
-import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from eve_ds.convert.ds_checkpoint import ConvertError
-from eve_ds.convert.export import copy_tokenizer
+from eve_ds.convert.tokenizer import copy_tokenizer
+from eve_ds.hf.modeling_eve import EVEHFConfig, EVEHFModel
 from eve_ds.models.eve import EVEModel
 from eve_ds.models.weights import mismatch_report
 
-MODELING = Path(__file__).resolve().parent.parent / "hf" / "modeling_eve.py"
-AUTO_MAP = {"AutoConfig": "modeling_eve.EVEHFConfig", "AutoModel": "modeling_eve.EVEHFModel"}
 RENAMES = [  # EVEModel key -> HF key
     (re.compile(r"^patch_embed\.proj\."), "patch_embed."),
     (re.compile(r"\.attn\.rel_pos\.relative_position_bias_table$"), ".attn.relative_position_bias_table"),
@@ -28,6 +26,9 @@ RENAMES = [  # EVEModel key -> HF key
     (re.compile(r"\.ffn\.moe\.deepspeed_moe\.gate\.modality_bias$"), ".ffn.modality_bias"),
     (re.compile(r"\.ffn\.moe\.deepspeed_moe\.experts\.deepspeed_experts\."), ".ffn.experts."),
 ]
+
+EVEHFConfig.register_for_auto_class()
+EVEHFModel.register_for_auto_class("AutoModel")
 
 
 def hf_state_dict(encoder: EVEModel) -> dict[str, torch.Tensor]:
@@ -70,31 +71,17 @@ def hf_config_kwargs(encoder: EVEModel) -> dict:
     )
 
 
-def load_modeling_module():
-    spec = importlib.util.spec_from_file_location("eve_hf_modeling", MODELING)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def write_hf(dst: Path, encoder: EVEModel, cfg: dict, dtype: str) -> None:
     """Write the HF folder into the (staging) directory `dst`."""
-    mod = load_modeling_module()
-    config = mod.EVEHFConfig(**hf_config_kwargs(encoder))
-    config.auto_map = dict(AUTO_MAP)
-    config.architectures = ["EVEHFModel"]
+    config = EVEHFConfig(**hf_config_kwargs(encoder))
     config.eve = {k: cfg[k] for k in ("model", "objective") if k in cfg}
-    hf = mod.EVEHFModel(config)
+    hf = EVEHFModel(config)
     sd = hf_state_dict(encoder)
     sd["relative_position_index"] = hf.relative_position_index
     report = mismatch_report(hf.state_dict(), sd, "the EVE encoder")
     if report:
         raise ConvertError(f"HF key mapping incomplete: {report}")
-    to = torch.bfloat16 if dtype == "bf16" else torch.float32
-    sd = {k: (v.to(to) if v.is_floating_point() else v).detach().contiguous() for k, v in sd.items()}
-    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
-    config.dtype = "bfloat16" if dtype == "bf16" else "float32"
-    config.save_pretrained(dst)
-    shutil.copy2(MODELING, dst / "modeling_eve.py")
+    hf.load_state_dict(sd, strict=True)
+    hf.to(torch.bfloat16 if dtype == "bf16" else torch.float32)  # floating-point tensors only
+    hf.save_pretrained(dst)
     copy_tokenizer(cfg, dst)

@@ -394,7 +394,7 @@ def resume_options(tag_dir: str | Path, world_size: int | None = None, ep_size: 
         if now is not None and saved is not None and int(saved) != int(now):
             logger.warning(
                 "%s was saved with %s %s, this run has %s: optimizer state not loaded (model weights "
-                "only); `tools/convert_ckpt.py reshard` carries it over",
+                "only); `eve-convert reshard` carries it over",
                 tag_dir,
                 what,
                 saved,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, gen_relative_position_index, trunc_normal_
 from torch import Tensor, nn
 
 from eve_ds.models.config import EVEConfig
@@ -57,14 +57,8 @@ class RelativePositionBias(nn.Module):
         super().__init__()
         self.num_relative_distance = (2 * grid - 1) ** 2 + 3
         self.relative_position_bias_table = nn.Parameter(torch.zeros(self.num_relative_distance, num_heads))
-        coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")).flatten(1)
-        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (grid - 1)  # (P, P, 2)
-        n = grid * grid + 1
-        index = torch.zeros(n, n, dtype=torch.long)
-        index[1:, 1:] = rel[..., 0] * (2 * grid - 1) + rel[..., 1]
-        index[0, 1:] = self.num_relative_distance - 3
-        index[1:, 0] = self.num_relative_distance - 2
-        index[0, 0] = self.num_relative_distance - 1
+        # (1 + P, 1 + P) into the table, the cls rows and column on the 3 extra entries: BEiT's layout
+        index = gen_relative_position_index((grid, grid), class_token=True)
         self.register_buffer("relative_position_index", index, persistent=False)
 
     def forward(self, patch_ids: Tensor | None) -> Tensor:

@@ -26,24 +26,6 @@ FORMULA = (
     "tokens) + heads; MFU = pairs/s x FLOPs/pair / peak dense bf16 FLOP/s of one GPU"
 )
 
-# Peak dense bf16 tensor-core FLOP/s (no sparsity) by GPU name fragment; checked in order.
-PEAK_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),
-    ("H200", 989.0),
-    ("GH200", 989.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("A10", 125.0),
-)
-
-
-def peak_tflops(device_name: str) -> float | None:
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key.lower() in device_name.lower():
-            return tflops
-    return None
-
 
 @dataclass
 class TextShape:

@@ -35,12 +35,13 @@ from eve_ds.tasks.base import Task, TaskContext
 from eve_ds.tasks.config import TaskConfig
 from eve_ds.utils.config import ConfigError, apply_override, check
 from eve_ds.utils.io import atomic_write_text
+from eve_ds.utils.paths import ds_config_dir
 
 logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PACKAGE_DIR / "configs"  # run configs, package data
-DS_CONFIG_DIR = PACKAGE_DIR / "ds_configs"  # DeepSpeed configs, package data
+DS_CONFIG_DIR = ds_config_dir()  # DeepSpeed configs: top-level ds_configs/, package data in a wheel
 
 
 @dataclass
@@ -68,7 +69,7 @@ class TrainConfig:
     # Derived by `resolve`: global batch / (micro-batch x world size); a value given is recomputed.
     grad_accum_steps: int | None = None
     seed: int = 0
-    ds_config: str = "zero2_bf16"  # a name in eve_ds/ds_configs/ or a JSON path: ZeRO, precision, comms
+    ds_config: str = "zero2_bf16"  # a name in ds_configs/ or a JSON path: ZeRO, precision, comms
     checkpoint_every: int = 5000
     keep_last: int = 3
     eval_every: int = 10_000

@@ -17,7 +17,7 @@ from eve_ds.train.config import DS_CONFIG_DIR, ConfigError, RunConfig
 
 logger = logging.getLogger(__name__)
 
-# eve_ds/ds_configs/*.json may hold only these: batch sizes, optimizer and schedule come from the run config.
+# ds_configs/*.json may hold only these: batch sizes, optimizer and schedule come from the run config.
 DS_ALLOWED_KEYS = {
     "bf16",
     "fp16",

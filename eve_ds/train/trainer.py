@@ -17,7 +17,6 @@ from tqdm import tqdm
 
 from eve_ds.convert import resume_options
 from eve_ds.data import batch_to_device, load_tokenizer
-from eve_ds.objectives.flops import peak_tflops
 from eve_ds.tasks.base import Task, build_task
 from eve_ds.train import EXIT_PREEMPTED
 from eve_ds.train.checkpoint import CheckpointManager, latest_complete
@@ -26,6 +25,7 @@ from eve_ds.train.distributed import all_reduce_max, barrier, init_distributed, 
 from eve_ds.train.engine import build_engine
 from eve_ds.train.family import family_of
 from eve_ds.train.metrics import MetricsWriter, setup_logging
+from eve_ds.train.mfu import peak_tflops
 from eve_ds.train.preflight import start_problems
 from eve_ds.utils.io import atomic_write_json
 from eve_ds.utils.ranks import expert_parallel_rank

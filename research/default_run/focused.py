@@ -1,8 +1,8 @@
 """Learnability of each skill the default run needs: the default's encoder and MLM head trained on one
 masked word at a time, in a plain PyTorch loop (MLM only, no MIM, one process).
 
-    python benchmarks/default_run_focused.py --json focused.json                # every task
-    python benchmarks/default_run_focused.py --tasks relation_two --steps 6000  # one task, longer
+    python -m research.default_run.focused --json focused.json                # every task
+    python -m research.default_run.focused --tasks relation_two --steps 6000  # one task, longer
 
 Every task draws its scenes with the corpus generator (`eve_ds.data.synthetic`), trains `eve_tiny` as the
 default configures it (std 0.05, fixed sin-cos positions; AdamW at 1e-3, 100 warm-up steps, cosine to 0,
@@ -36,8 +36,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from default_run_attention import patches_of
-from default_run_masks import masked_batch, score
 
 from eve_ds.data.pipeline import load_tokenizer
 from eve_ds.data.synthetic import attribute_token_ids, caption, make_scene, render
@@ -46,6 +44,9 @@ from eve_ds.models.eve import EVEModel
 from eve_ds.models.heads import MLMHead
 from eve_ds.objectives.masking import maskable_text_positions
 from eve_ds.utils.image import normalize_image
+
+from .attention import patches_of
+from .masks import masked_batch, score
 
 IMAGE_SIZE = 64
 # task: (number of shapes per scene, 0 = the corpus's mix; caption style; masked word category, or None for

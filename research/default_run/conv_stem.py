@@ -1,7 +1,7 @@
 """`eve-pretrain` with a per-patch convolutional stem in place of the linear patch embedding (an experiment of
-docs/default-run.md, not part of the package).
+research/default_run/README.md, not part of the package).
 
-    python benchmarks/default_run_conv_stem.py [eve-pretrain arguments ...]
+    python -m research.default_run.conv_stem [eve-pretrain arguments ...]
 
 Each p x p patch goes through its own small CNN (weights shared across patches): 3x3 stride-2 convolutions
 with GELU halve it to 4 x 4 (hidden_size / 4, then / 2 channels), then a 4 x 4 convolution gives the

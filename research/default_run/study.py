@@ -1,14 +1,14 @@
-"""The default run's study (docs/default-run.md, "Experiments"): every configuration tried, as
+"""The default run's study (research/default_run/README.md, "Experiments"): every configuration tried, as
 `eve-pretrain` runs, collected into one table and JSON.
 
-    python benchmarks/default_run_study.py --out-dir study --json study.json --md study.md   # all rows
-    python benchmarks/default_run_study.py --out-dir study --only C1 I                       # some rows
-    python benchmarks/default_run_study.py --out-dir study --collect-only --json study.json   # just collect
+    python -m research.default_run.study --out-dir study --json study.json --md study.md   # all rows
+    python -m research.default_run.study --out-dir study --only C1 I                       # some rows
+    python -m research.default_run.study --out-dir study --collect-only --json study.json   # just collect
 
 Each row runs `eve-pretrain --run-dir OUT_DIR/ROW` with its overrides, `OMP_NUM_THREADS=--threads` (1: the
 study ran two rows side by side on 2 cores); a row whose run directory already holds `final_metrics.json`
 is only collected. Rows A-I start from the previous default (std 0.02, learned positions, 2,000 steps);
-J-M from the current one. The conv-stem rows run `benchmarks/default_run_conv_stem.py`.
+J-M from the current one. The conv-stem rows run `research/default_run/conv_stem.py`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from eve_ds.train.run_dir import RunDir
+
 PREVIOUS = [
     "model.init_std=0.02",
     "model.pos_embed=learned",
@@ -56,18 +57,17 @@ CATEGORIES = ["colour", "size", "shape", "relation"]
 def command(base: str, overrides: list[str], run_dir: Path) -> list[str]:
     conv = CONV in overrides
     args = (PREVIOUS if base == "previous" else []) + [o for o in overrides if o != CONV]
-    script = [str(HERE / "default_run_conv_stem.py")] if conv else ["-m", "eve_ds.cli.pretrain"]
+    script = ["-m", "research.default_run.conv_stem" if conv else "eve_ds.cli.pretrain"]
     return [sys.executable, *script, "--run-dir", str(run_dir), *args]
 
 
 def collect(run_dir: Path) -> dict | None:
     """Validation rows of a run's metrics.jsonl (per category, with the control) and its median pairs/s."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
+    run = RunDir(run_dir)
+    if not run.metrics_path.exists():
         return None
     evals, rates = [], []
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
+    for r in run.records():
         if "val/attr_word_acc" in r:
             e = {
                 "step": r["step"],
@@ -119,7 +119,7 @@ def main() -> None:
             continue
         run_dir = out / name.replace(" ", "_")
         cmd = command(base, overrides, run_dir)
-        if not args.collect_only and not (run_dir / "final_metrics.json").exists():
+        if not args.collect_only and not RunDir(run_dir).is_finished():
             print("+", " ".join(cmd), flush=True)
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)

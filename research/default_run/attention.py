@@ -1,7 +1,7 @@
 """Where the text tokens of an eve_tiny run look in the image: attention from caption words to the patches
 of the shapes they are about.
 
-    python benchmarks/default_run_attention.py runs/eve_tiny_synthetic --json attention.json
+    python -m research.default_run.attention runs/eve_tiny_synthetic --json attention.json
 
 1,024 fresh synthetic scenes with two or three shapes. Two probes, each per block and head:
 
@@ -31,6 +31,7 @@ from eve_ds.data.synthetic import ATTRIBUTE_WORDS, caption, make_scene, render
 from eve_ds.models.layers import Attention
 from eve_ds.objectives import ObjectiveConfig, PretrainingModel
 from eve_ds.train.config import load_config
+from eve_ds.train.run_dir import RunDir
 from eve_ds.utils.image import normalize_image
 
 
@@ -72,7 +73,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config(f"{args.run_dir}/config.yaml").model
+    cfg = load_config(str(RunDir(args.run_dir).config_path)).model
     tokenizer = load_tokenizer("bert-base-uncased")
     scenes = []
     i = 0

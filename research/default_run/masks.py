@@ -1,6 +1,6 @@
 """Which attribute words a pre-training run reads from the image, under different text masks.
 
-    python benchmarks/default_run_masks.py runs/eve_tiny_synthetic --json masks.json
+    python -m research.default_run.masks runs/eve_tiny_synthetic --json masks.json
 
 Fresh synthetic scenes (seeds disjoint from the corpus's), captioned as in training. Masks: `random50` (the
 validation's masking: 50% of each caption's tokens) and `only_<category>` (only that category's words
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +25,7 @@ from eve_ds.models.heads import MLMHead
 from eve_ds.objectives import ObjectiveConfig, PretrainingModel
 from eve_ds.objectives.masking import mask_text
 from eve_ds.train.config import load_config
+from eve_ds.train.run_dir import RunDir
 from eve_ds.utils.image import normalize_image
 
 
@@ -86,8 +86,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     cfg = (
-        load_config(f"{args.run_dir}/config.yaml").model
-        if Path(args.run_dir, "config.yaml").exists()
+        load_config(str(RunDir(args.run_dir).config_path)).model
+        if RunDir(args.run_dir).is_run()
         else eve_tiny()
     )
     tokenizer = load_tokenizer("bert-base-uncased")

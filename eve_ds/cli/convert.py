@@ -1,8 +1,8 @@
-"""`tools/convert_ckpt.py`: export, reshard and import EVE checkpoints.
+"""`eve-convert`: export, reshard and import EVE checkpoints.
 
-    convert_ckpt.py export SRC DST [--dtype fp32|bf16] [--format native|hf]
-    convert_ckpt.py reshard SRC DST --ep-size B [--world-size W] [--strict-optimizer]
-    convert_ckpt.py import-beitv2 SRC DST --model eve_base|eve_large [--bert BERT_STATE_DICT]
+    eve-convert export SRC DST [--dtype fp32|bf16] [--format native|hf]
+    eve-convert reshard SRC DST --ep-size B [--world-size W] [--strict-optimizer]
+    eve-convert import-beitv2 SRC DST --model eve_base|eve_large [--bert BERT_STATE_DICT]
 
 SRC of export/reshard: a run dir (its checkpoints/latest), a checkpoints dir or a DeepSpeed tag dir
 (export also takes a native export). DST is written next to itself first and renamed when complete.

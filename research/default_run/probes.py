@@ -1,7 +1,7 @@
 """Linear probes on the image-patch outputs of an eve_tiny run: is a shape's kind, colour and grid position
 readable from the patch that holds its centre?
 
-    python benchmarks/default_run_probes.py runs/eve_tiny_synthetic --json probes.json
+    python -m research.default_run.probes runs/eve_tiny_synthetic --json probes.json
 
 2,048 fresh synthetic scenes with their captions (no masking). For every shape, the feature is the output of
 the patch containing its centre, taken (a) after the encoder's last block and (b) at its input (patch
