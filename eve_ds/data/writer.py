@@ -145,9 +145,12 @@ def build_shards(
     `extra_skipped` counts samples dropped before sharding (e.g. excluded images), `skipped_inputs`
     names them.
     """
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise DataError(f"the output is a file, not a directory ({output}); give a directory as --output")
-    os.makedirs(os.path.join(output, STATS_DIR), exist_ok=True)
+    try:
+        os.makedirs(os.path.join(output, STATS_DIR), exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise DataError(
+            f"a file is in the way of the output directory ({output}); give a directory as --output"
+        ) from None
     _check_arguments(output, fingerprint)
     _remove_leftovers(output)
     done = {i: s for i in range(len(jobs)) if (s := _done_stats(output, i)) is not None}
