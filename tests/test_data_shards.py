@@ -12,8 +12,9 @@ import pytest
 from conftest import read_tars
 from PIL import Image
 
+from eve_ds.data.manifest import DataError
 from eve_ds.data.sources import make_shards
-from eve_ds.data.writer import ShardStats, build_shards, shard_name, write_tar
+from eve_ds.data.writer import ShardStats, build_shards, shard_name, summary, write_tar
 
 
 def load_tool(name: str):
@@ -111,6 +112,25 @@ def test_albef_json_with_every_bad_kind(tmp_path, images):
     # An RGB JPEG needing no resize is stored byte for byte.
     by_caption = {s["txt"].decode(): s for s in samples.values()}
     assert by_caption["photo number 3"]["jpg"] == (images / "good3.jpg").read_bytes()
+    # Every skipped input is named next to the manifest, in annotation order, with its reason.
+    skipped = read_skipped(out)
+    assert len(skipped) == sum(manifest["skipped"].values())
+    assert [(s["index"], s["image"], s["reason"]) for s in skipped] == [
+        (11, "missing.jpg", "missing_file"),
+        (12, "truncated.jpg", "unreadable_image"),
+        (13, "garbage.jpg", "unreadable_image"),
+        (14, "bomb_warn.jpg", "decompression_bomb"),
+        (15, "bomb_error.jpg", "decompression_bomb"),
+        (16, "good0.jpg", "empty_caption"),
+        (17, "good1.jpg", "empty_caption"),
+    ]
+    assert {s["input"] for s in skipped} == {str(ann)} and skipped[0]["id"] == "10"
+    assert f"(each named in {out}/skipped.jsonl)" in summary(manifest, out)
+
+
+def read_skipped(out: str) -> list[dict]:
+    with open(os.path.join(out, "skipped.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
 
 
 def test_coco_with_exclude_and_resize(tmp_path, images):
@@ -138,6 +158,9 @@ def test_coco_with_exclude_and_resize(tmp_path, images):
     assert ids == {str(10 + i) for i in range(9) if i % 3 != 1}
     sizes = {Image.open(io.BytesIO(s["jpg"])).size for s in samples.values()}
     assert sizes == {(16, 12), (40, 20)}  # the big one resized to a short side of 20, the small one kept
+    assert [(s["index"], s["image"], s["reason"]) for s in read_skipped(out)] == [
+        (i, "good2.jpg", "excluded") for i in (1, 4, 7)
+    ]
 
 
 def test_csv_tsv_columns_and_undecodable_text(tmp_path, images):
@@ -209,7 +232,7 @@ def test_interrupted_run_resumes(tmp_path, images):
         with open(os.path.join(out, name), "rb") as a, open(os.path.join(ref, name), "rb") as b:
             assert a.read() == b.read()
     assert manifest["num_samples"] == 24 and manifest["converted"] == {"L": 1}
-    with pytest.raises(SystemExit, match="other arguments"):
+    with pytest.raises(DataError, match="other arguments"):
         make_shards("albef-json", str(ann), str(images), out, samples_per_shard=6)
 
 
@@ -242,3 +265,22 @@ def test_shard_workers_do_not_inherit_held_locks(tmp_path):
             str(tmp_path / "out"), [0, 1, 2], _lock_probing_job, workers=2, fingerprint={"test": 1}
         )
     assert [s["name"] for s in manifest["shards"]] == [shard_name(i) for i in range(3)]
+
+
+def test_cli_empty_corpus_is_an_error_naming_the_skipped_list(tmp_path, images, capsys):
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps([{"image": f"gone{i}.jpg", "caption": "a photo"} for i in range(4)]))
+    out = tmp_path / "out"
+    argv = ["--format", "albef-json", "--input", str(ann), "--image-root", str(images), "--output", str(out)]
+    assert make_shards_tool.main(argv) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # after the progress bar
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert line.startswith("eve-make-shards: error: the corpus is empty: all 4 inputs were skipped")
+    assert f"{out}/skipped.jsonl" in line and "missing_file=4" in line and "--image-root" in line
+    # The outputs are written all the same: the list says why each input is missing.
+    assert json.loads((out / "manifest.json").read_text())["num_samples"] == 0
+    assert [s["reason"] for s in read_skipped(str(out))] == ["missing_file"] * 4
+    ann.write_text("[]")
+    assert make_shards_tool.main([*argv[:-1], str(tmp_path / "none")]) == 2
+    assert "holds no image-caption records" in capsys.readouterr().err

@@ -13,13 +13,33 @@ import os
 import sys
 
 from eve_ds.bench.data_pipeline import markdown, run
+from eve_ds.data.pipeline import load_corpus
+from eve_ds.utils.errors import UserError, cli_main
+from eve_ds.utils.io import atomic_write_json
 
 log = logging.getLogger("bench_data")
 
 
+def earlier_results(path: str) -> list:
+    """The results already in the --json file (none when it does not exist yet)."""
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+    except ValueError as e:
+        raise UserError(f"the --json file is not JSON ({path}: {e}); give a new file or fix it") from None
+    if not isinstance(results, list):
+        raise UserError(f"the --json file does not hold a list of results ({path}); give a new file")
+    return results
+
+
+@cli_main("eve-bench-data")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="eve-bench-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shards", required=True, help="brace spec of the shards to read")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="the N of the N-worker run")
     p.add_argument("--image-size", type=int, default=224)
@@ -27,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-batches", type=int, default=20)
     p.add_argument("--json", help="write the results here (a list; appended to if the file exists)")
     args = p.parse_args(argv)
+    if args.workers < 0 or min(args.batch_size, args.num_batches) < 1:
+        p.error("--workers must be >= 0, --batch-size and --num-batches >= 1")
+    load_corpus("bench", args.shards, subset=True)  # a missing or empty spec: one line, before any timing
+    results = earlier_results(args.json) if args.json else []
     result = run(
         args.shards,
         args.workers,
@@ -36,12 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sys.stdout.write(markdown(result) + "\n")
     if args.json:
-        results = []
-        if os.path.exists(args.json):
-            with open(args.json, encoding="utf-8") as f:
-                results = json.load(f)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump([*results, result], f, indent=1)
+        atomic_write_json(args.json, [*results, result])
     return 0
 
 

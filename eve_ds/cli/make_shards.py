@@ -2,6 +2,9 @@
 
     python tools/make_shards.py --format coco --input annotations/captions_train2014.json \
         --image-root coco/ --output shards/coco --exclude test_images.txt --workers 8
+
+Every input that gave no sample is named, with its reason, in OUTPUT/skipped.jsonl. Exit 2 with one line
+on stderr for unusable input (--debug: with its traceback) and when the corpus comes out empty.
 """
 
 from __future__ import annotations
@@ -11,13 +14,16 @@ import logging
 import sys
 
 from eve_ds.data.sources import FORMATS, make_shards
-from eve_ds.data.writer import summary
+from eve_ds.data.writer import check_not_empty, summary
+from eve_ds.utils.errors import cli_main
 
 log = logging.getLogger("make_shards")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="eve-make-shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--input", required=True, help="annotation file (JSON list, COCO JSON, CSV/TSV)")
     p.add_argument("--image-root", default=".", help="directory the image paths are relative to")
@@ -37,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+@cli_main("eve-make-shards")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
@@ -49,24 +56,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.format == "csv"
         else None
     )
-    try:
-        manifest = make_shards(
-            args.format,
-            args.input,
-            args.image_root,
-            args.output,
-            samples_per_shard=args.samples_per_shard,
-            exclude=args.exclude,
-            source=args.source,
-            workers=args.workers,
-            resize_short_side=args.resize_short_side,
-            seed=args.seed,
-            csv_options=csv_options,
-        )
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        log.error("cannot convert %s: %s", args.input, e)
-        return 2
-    log.info("%s: %s", args.output, summary(manifest))
+    manifest = make_shards(
+        args.format,
+        args.input,
+        args.image_root,
+        args.output,
+        samples_per_shard=args.samples_per_shard,
+        exclude=args.exclude,
+        source=args.source,
+        workers=args.workers,
+        resize_short_side=args.resize_short_side,
+        seed=args.seed,
+        csv_options=csv_options,
+    )
+    log.info("%s: %s", args.output, summary(manifest, args.output))
+    check_not_empty(manifest, args.output)  # written, so it can be read, but not usable for training
     return 0
 
 

@@ -11,13 +11,17 @@ import sys
 
 from eve_ds.data.synthetic import make_synthetic_corpus
 from eve_ds.data.writer import summary
+from eve_ds.utils.errors import cli_main
 
 log = logging.getLogger("make_synthetic")
 
 
+@cli_main("eve-make-synthetic")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="eve-make-synthetic", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--output", required=True)
     p.add_argument("--num-train", type=int, required=True)
     p.add_argument("--num-val", type=int, required=True)

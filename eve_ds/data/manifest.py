@@ -17,9 +17,17 @@ import tarfile
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
+from eve_ds.utils.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+
+
+class DataError(UserError, ValueError):
+    """A corpus, shard or annotation file that cannot be used; the message names it and says what to do.
+
+    A ValueError too, so callers that caught the ValueError this used to be still catch it."""
 
 
 def expand_spec(spec: str) -> list[str]:
@@ -28,8 +36,18 @@ def expand_spec(spec: str) -> list[str]:
 
 
 def read_manifest(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"shard manifest is not JSON ({path}: {e}); make the shards again with eve-make-shards"
+        ) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise DataError(
+            f"shard manifest has no list of shards ({path}); it is not an eve-make-shards manifest"
+        )
+    return manifest
 
 
 def _is_local(url: str) -> bool:
@@ -74,7 +92,7 @@ def shard_counts(urls: list[str], manifest: str | None = None) -> list[int]:
 
 def _count_one(url: str) -> int:
     if not _is_local(url):
-        raise ValueError(f"no manifest for remote shard {url}; set the corpus' manifest: path")
+        raise DataError(f"no manifest for a remote shard ({url}); set the corpus' manifest: path")
     n = _img2dataset_count(url)
     return n if n is not None else _count_tar_samples(url)
 

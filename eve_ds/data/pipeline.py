@@ -26,7 +26,15 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from eve_ds.data.config import DataConfig
-from eve_ds.data.manifest import MANIFEST, existing_shards, expand_spec, read_manifest, shard_counts
+from eve_ds.data.manifest import (
+    MANIFEST,
+    DataError,
+    existing_shards,
+    expand_spec,
+    read_manifest,
+    shard_counts,
+)
+from eve_ds.data.skipped import SkipLog, skipped_of
 from eve_ds.data.stream import Corpus, raw_stream
 from eve_ds.data.synthetic import ensure_synthetic_corpus
 from eve_ds.data.transforms import BadSample, collate, eval_transform, train_transform
@@ -61,8 +69,9 @@ def corpus_shards(
     if _is_local_dir(spec):
         path = manifest or os.path.join(spec, MANIFEST)
         if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"{spec} is a directory without {MANIFEST}; give a brace spec of its shards"
+            raise DataError(
+                f"shard directory without {MANIFEST} ({spec}); give a brace spec of its shards or make "
+                "them with eve-make-shards"
             )
         names = [s["name"] for s in read_manifest(path)["shards"]]
         return [os.path.join(spec, n) for n in names], path
@@ -73,7 +82,7 @@ def corpus_shards(
     listed = [s["name"] for s in read_manifest(path)["shards"]]
     left_out = [n for n in listed if n not in {os.path.basename(u) for u in urls}]
     if left_out and not subset:
-        raise ValueError(
+        raise DataError(
             f"{spec} leaves out {len(left_out)} of the {len(listed)} shards listed in {path}, e.g. "
             f"{left_out[:3]}; give the directory {os.path.dirname(path)} to read all of them, or set "
             f"subset: true on the corpus to read only these"
@@ -88,14 +97,22 @@ def _is_local_dir(spec: str) -> bool:
 def load_corpus(
     name: str, spec: str, weight: float = 1.0, manifest: str | None = None, subset: bool = False
 ) -> Corpus:
-    """A corpus with its existing shards and their sample counts; missing shards are warned about."""
+    """A corpus with its existing shards and their sample counts; missing shards are warned about.
+
+    Raises DataError naming the corpus and `spec` when no shard exists or the shards hold no sample."""
     urls, manifest = corpus_shards(spec, manifest, subset)
     urls = existing_shards(urls, name)
     if not urls:
-        raise FileNotFoundError(f"corpus {name}: no shard of {spec} exists")
+        raise DataError(
+            f"corpus {name}: no shard exists ({spec}); check the corpus' shards: path, or make the shards "
+            "with eve-make-shards"
+        )
     counts = shard_counts(urls, manifest)
     if sum(counts) == 0:
-        raise ValueError(f"corpus {name}: the shards of {spec} hold no samples")
+        raise DataError(
+            f"corpus {name} is empty: its {len(urls)} shard(s) hold no samples ({manifest or spec}); "
+            "see skipped.jsonl next to the manifest for why every input was skipped"
+        )
     return Corpus(name, urls, counts, weight)
 
 
@@ -139,49 +156,51 @@ def resolve_val_spec(cfg: DataConfig, image_size: int) -> str | None:
 
 
 def augment(sample: dict, *, seed: int, stream: int, **transform) -> dict:
-    """Decoded sample {"image", "text", "key"} or a bad marker {"__bad__": reason}."""
+    """Decoded sample {"image", "text", "key"} or a bad marker {"__bad__": reason, "__corpus__", ...}."""
     if "__bad__" in sample:
         return sample
     rng = random.Random(f"{seed}/{stream}/{sample['__slot__']}")
     try:
         image, text = train_transform(sample, rng, **transform)
     except BadSample as e:
-        log.debug("bad sample %s: %s", sample.get("__key__"), e.args[0])
-        return {"__bad__": e.args[0]}
+        keep = ("__corpus__", "__url__", "__key__")  # what the skip warning names
+        return {"__bad__": e.args[0], **{k: sample.get(k) for k in keep}}
     return {"image": image, "text": text, "key": f"{sample['__corpus__']}/{sample['__key__']}"}
 
 
-def fill_batches(samples: Iterator[dict], batch_size: int) -> Iterator[tuple[list[dict], int]]:
-    """(batch_size samples, number of bad slots) from consecutive blocks of batch_size slots.
+def fill_batches(samples: Iterator[dict], batch_size: int) -> Iterator[tuple[list[dict], list[tuple]]]:
+    """(batch_size samples, the bad slots' (shard, key, reason)) from consecutive blocks of batch_size slots.
 
     A bad slot is refilled with a good sample of the same block (so the block, and the stream
     position, stay batch_size slots regardless of which samples turn out bad); a block with no good
     sample at all is dropped with a warning -- the one case in which resume is no longer exact.
     """
-    num_bad = 0
+    bad = []  # the skipped samples travel with the batch: a worker process's own log may go nowhere
     while True:
         block = list(itertools.islice(samples, batch_size))
         good = [s for s in block if "__bad__" not in s]
-        num_bad += len(block) - len(good)
+        bad += skipped_of(block)
         if not good:
             log.warning("a whole block of %d samples was bad; taking the next one", batch_size)
             continue
-        yield [good[i % len(good)] for i in range(batch_size)], num_bad
-        num_bad = 0
+        yield [good[i % len(good)] for i in range(batch_size)], bad
+        bad = []
 
 
 def collate_stage(
-    batches: Iterator[tuple[list[dict], int]], *, tokenizer, max_text_len: int
+    batches: Iterator[tuple[list[dict], list[tuple]]], *, tokenizer, max_text_len: int
 ) -> Iterator[dict]:
-    for samples, num_bad in batches:
-        yield collate(
+    """Batch dicts (see `collate`) plus "skipped": [(shard, key, reason)] of the num_skipped bad slots."""
+    for samples, bad in batches:
+        batch = collate(
             [s["image"] for s in samples],
             [s["text"] for s in samples],
             [s["key"] for s in samples],
             tokenizer,
             max_text_len,
-            num_bad,
+            len(bad),
         )
+        yield dict(batch, skipped=bad)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,10 +263,14 @@ class TrainStream(IterableDataset):
 
 
 class TrainLoader:
-    """Iterable of training batches, with the stream's layout (to save in checkpoints) and epoch size."""
+    """Iterable of training batches, with the stream's layout (to save in checkpoints) and epoch size.
+
+    The skipped samples each batch carries are logged here, in the consuming process (`skips`: SkipLog).
+    """
 
     def __init__(self, dataset: TrainStream, num_workers: int, layout: dict):
         self.dataset, self.layout = dataset, layout
+        self.skips = SkipLog()
         self.num_samples = sum(sum(c.counts) for c in dataset.corpora)
         self.batches_per_epoch = max(1, self.num_samples // (dataset.batch_size * dataset.world_size))
         self.loader = DataLoader(
@@ -259,7 +282,14 @@ class TrainLoader:
         )
 
     def __iter__(self) -> Iterator[dict]:
-        return iter(self.loader)
+        # The DataLoader's iterator is made here, not on the first next(): making it draws from torch's
+        # RNG, and a resumed run restores that RNG right after iter() (the exact-resume contract).
+        return self._logged(iter(self.loader))
+
+    def _logged(self, batches: Iterator[dict]) -> Iterator[dict]:
+        for batch in batches:
+            self.skips.report(batch.get("skipped", ()))
+            yield batch
 
 
 def stream_layout(

@@ -1,7 +1,9 @@
 """Convert image-caption annotations (ALBEF/VLMo JSON, COCO captions, CSV/TSV) into webdataset shards.
 
 Each output sample holds `jpg` (image bytes), `txt` (the caption) and `json` (source, id, original path).
-Bad input never aborts a run: each bad sample is skipped and counted by reason in the manifest.
+Bad input never aborts a run: each bad sample is skipped, counted by reason in the manifest and named
+in skipped.jsonl. Input that cannot be read at all (no annotation file, not JSON, no image root) raises
+DataError before anything is written.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from eve_ds.data.manifest import DataError
 from eve_ds.data.writer import ShardStats, build_shards, shard_name, write_tar
 
 FORMATS = ("albef-json", "coco", "csv")
@@ -51,12 +54,31 @@ class SkipSample(Exception):
 # Annotation readers -> list[Record]
 
 
+def _load_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise DataError(
+            f"the annotation file is not JSON ({path}: {e}); give --format csv for a CSV/TSV file, or fix it"
+        ) from None
+
+
 def read_albef_json(path: str) -> list[Record]:
     """ALBEF/VLMo list `[{"image": "rel/path.jpg", "caption": str | list[str]}, ...]`."""
-    with open(path, encoding="utf-8") as f:
-        items = json.load(f)
+    items = _load_json(path)
+    if not isinstance(items, list):
+        raise DataError(
+            f"the annotation file is not a JSON list ({path}); --format albef-json expects "
+            '[{"image": ..., "caption": ...}, ...], --format coco a COCO captions file'
+        )
     records = []
     for i, item in enumerate(items):
+        if not isinstance(item, dict) or "image" not in item or "caption" not in item:
+            raise DataError(
+                f"annotation item {i} has no image and caption ({path}: {str(item)[:80]}); --format "
+                'albef-json expects [{"image": ..., "caption": ...}, ...]'
+            )
         captions = item["caption"] if isinstance(item["caption"], list) else [item["caption"]]
         for c in captions:
             records.append(Record(len(records), item["image"], c, str(item.get("image_id", i))))
@@ -65,13 +87,18 @@ def read_albef_json(path: str) -> list[Record]:
 
 def read_coco(path: str) -> list[Record]:
     """COCO captions annotation JSON (`images` with id/file_name, `annotations` with image_id/caption)."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    files = {im["id"]: im["file_name"] for im in data["images"]}
-    return [
-        Record(i, files[a["image_id"]], a["caption"], str(a.get("id", i)))
-        for i, a in enumerate(data["annotations"])
-    ]
+    data = _load_json(path)
+    try:
+        files = {im["id"]: im["file_name"] for im in data["images"]}
+        return [
+            Record(i, files[a["image_id"]], a["caption"], str(a.get("id", i)))
+            for i, a in enumerate(data["annotations"])
+        ]
+    except (KeyError, TypeError) as e:
+        raise DataError(
+            f"not a COCO captions file ({path}: {type(e).__name__} {e}); --format coco expects "
+            '{"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}'
+        ) from None
 
 
 def read_csv(
@@ -86,7 +113,10 @@ def read_csv(
         reader = csv.DictReader(f, delimiter=delimiter)
         missing = [c for c in (image_column, caption_column) if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: no column(s) {missing}; columns are {reader.fieldnames}")
+            raise DataError(
+                f"the CSV file has no column(s) {missing} ({path}: columns {reader.fieldnames}); pass "
+                "--image-column and --caption-column"
+            )
         return [
             Record(i, row[image_column], row[caption_column] or "", str(i)) for i, row in enumerate(reader)
         ]
@@ -94,9 +124,9 @@ def read_csv(
 
 def read_records(fmt: str, path: str, **csv_options) -> list[Record]:
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {list(FORMATS)}")
+        raise DataError(f"unknown annotation format ({fmt!r}); choose one of {list(FORMATS)}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"input file {path} does not exist")
+        raise DataError(f"annotation file not found ({path}); check --input")
     if fmt == "csv":
         return read_csv(path, **csv_options)
     return read_albef_json(path) if fmt == "albef-json" else read_coco(path)
@@ -201,8 +231,15 @@ def encode_record(rec: Record, opts: ImageOptions) -> tuple[dict, str | None]:
     return sample, converted
 
 
-def convert_shard(index: int, records: list[Record], path: str, opts: ImageOptions) -> ShardStats:
-    """Shard job: write the good samples of `records` to `path`, counting the bad ones."""
+def skipped_input(input_path: str, rec: Record, reason: str) -> dict:
+    """The skipped.jsonl line of a record that gave no sample."""
+    return {"input": input_path, "index": rec.index, "id": rec.id, "image": rec.image, "reason": reason}
+
+
+def convert_shard(
+    index: int, records: list[Record], path: str, opts: ImageOptions, input_path: str = ""
+) -> ShardStats:
+    """Shard job: write the good samples of `records` to `path`, counting and naming the bad ones."""
     stats = ShardStats(shard_name(index))
 
     def samples():
@@ -211,6 +248,7 @@ def convert_shard(index: int, records: list[Record], path: str, opts: ImageOptio
                 sample, converted = encode_record(rec, opts)
             except SkipSample as e:
                 stats.skipped[e.args[0]] += 1
+                stats.skipped_inputs.append(skipped_input(input_path, rec, e.args[0]))
                 continue
             if converted:
                 stats.converted[converted] += 1
@@ -246,12 +284,14 @@ def make_shards(
     sit side by side in a shard); the assignment is deterministic, which lets a restarted run continue.
     """
     records = read_records(fmt, input_path, **(csv_options or {}))
+    if not os.path.isdir(image_root):
+        raise DataError(
+            f"image root not found ({image_root}); pass --image-root DIR, the directory the annotation's "
+            "image paths are relative to"
+        )
     source = source or os.path.splitext(os.path.basename(input_path))[0]
-    excluded = 0
-    if exclude:
-        names = ExcludeList(exclude)
-        kept = [r for r in records if r.image not in names]
-        excluded, records = len(records) - len(kept), kept
+    records, left_out = _exclude(records, exclude, os.path.abspath(input_path))
+    excluded = len(left_out)
     random.Random(seed).shuffle(records)
     jobs = [records[i : i + samples_per_shard] for i in range(0, len(records), samples_per_shard)] or [[]]
     opts = ImageOptions(image_root, source, resize_short_side, max_image_pixels=max_image_pixels)
@@ -268,9 +308,26 @@ def make_shards(
     return build_shards(
         output,
         jobs,
-        functools.partial(convert_shard, opts=opts),
+        functools.partial(convert_shard, opts=opts, input_path=fingerprint["input"]),
         workers=workers,
         fingerprint=fingerprint,
         extra_skipped={"excluded": excluded} if excluded else {},
+        skipped_inputs=left_out,
         desc=f"{source} shards",
     )
+
+
+def _exclude(records: list[Record], exclude: str | None, input_path: str) -> tuple[list[Record], list[dict]]:
+    """(records kept, skipped.jsonl lines of those the exclude list leaves out)."""
+    if not exclude:
+        return records, []
+    if not os.path.isfile(exclude):
+        raise DataError(f"exclude list not found ({exclude}); check --exclude")
+    names = ExcludeList(exclude)
+    kept, left_out = [], []
+    for r in records:
+        if r.image in names:
+            left_out.append(skipped_input(input_path, r, "excluded"))
+        else:
+            kept.append(r)
+    return kept, left_out

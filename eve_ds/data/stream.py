@@ -64,7 +64,8 @@ def read_shard(url: str) -> Iterator[dict]:
 def shard_visit(url: str, count: int, rng: random.Random, buffer: int) -> Iterator[dict]:
     """Exactly `count` samples of a shard in a seeded shuffled order, padded with bad markers if short."""
     samples = itertools.islice(read_shard(url), count)
-    padded = itertools.chain(samples, itertools.repeat({"__bad__": "short_shard", "__key__": url}))
+    short = {"__bad__": "short_shard", "__key__": None, "__url__": url}
+    padded = itertools.chain(samples, itertools.repeat(short))
     return shuffle(bufsize=buffer, initial=buffer, rng=rng)(itertools.islice(padded, count))
 
 

@@ -4,6 +4,10 @@ Work is split into numbered shard jobs fixed before any is run (deterministic as
 shards), so a restarted run only redoes the jobs whose shard is not complete. A job writes its tar under
 a temporary name, then its statistics to `_stats/<shard>.json`, then renames the tar: a shard is complete
 exactly when `<shard>.tar` exists, and a reader never sees a half-written one.
+
+Next to the manifest, `skipped.jsonl` names every input that gave no sample: one JSON object a line,
+{"input": annotation file, "index": record index, "id", "image": path as annotated, "reason"}, sorted by
+input and index (empty when nothing was skipped).
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 from webdataset import TarWriter
 
-from eve_ds.data.manifest import MANIFEST
-from eve_ds.utils.io import atomic_write_json
+from eve_ds.data.manifest import MANIFEST, DataError
+from eve_ds.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 STATS_DIR = "_stats"
+SKIPPED = "skipped.jsonl"
 
 
 @dataclass
@@ -37,6 +42,7 @@ class ShardStats:
     sources: collections.Counter = field(default_factory=collections.Counter)
     skipped: collections.Counter = field(default_factory=collections.Counter)
     converted: collections.Counter = field(default_factory=collections.Counter)
+    skipped_inputs: list[dict] = field(default_factory=list)  # the lines of skipped.jsonl
 
     def to_dict(self) -> dict:
         return {
@@ -45,6 +51,7 @@ class ShardStats:
             "sources": dict(self.sources),
             "skipped": dict(self.skipped),
             "converted": dict(self.converted),
+            "skipped_inputs": self.skipped_inputs,
         }
 
     @classmethod
@@ -53,6 +60,7 @@ class ShardStats:
             d["name"],
             d["num_samples"],
             *(collections.Counter(d[k]) for k in ("sources", "skipped", "converted")),
+            d.get("skipped_inputs", []),  # statistics written before the inputs were named
         )
 
 
@@ -96,9 +104,9 @@ def _check_arguments(output: str, fingerprint: dict) -> None:
             before = json.load(f)
         if before != fingerprint:
             changed = sorted(k for k in set(before) | set(fingerprint) if before.get(k) != fingerprint.get(k))
-            raise SystemExit(
-                f"{output} holds shards made with other arguments ({', '.join(changed)} differ); "
-                "use an empty --output directory"
+            raise DataError(
+                f"the output directory holds shards made with other arguments ({output}: "
+                f"{', '.join(changed)} differ); use an empty --output directory"
             )
     else:
         atomic_write_json(path, fingerprint)
@@ -127,15 +135,22 @@ def build_shards(
     workers: int = 1,
     fingerprint: dict,
     extra_skipped: dict | None = None,
+    skipped_inputs: list[dict] | None = None,
     desc: str = "shards",
 ) -> dict:
-    """Run `job_fn(i, jobs[i], path)` for every shard not yet complete and write the manifest.
+    """Run `job_fn(i, jobs[i], path)` for every shard not yet complete; write the manifest and skipped.jsonl.
 
     `job_fn` must write the shard's tar to `path` and return its ShardStats; it must be
     picklable (a module-level function or a functools.partial of one) when workers > 1.
-    `extra_skipped` counts samples dropped before sharding (e.g. excluded images).
+    `extra_skipped` counts samples dropped before sharding (e.g. excluded images), `skipped_inputs`
+    names them.
     """
-    os.makedirs(os.path.join(output, STATS_DIR), exist_ok=True)
+    try:
+        os.makedirs(os.path.join(output, STATS_DIR), exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise DataError(
+            f"a file is in the way of the output directory ({output}); give a directory as --output"
+        ) from None
     _check_arguments(output, fingerprint)
     _remove_leftovers(output)
     done = {i: s for i in range(len(jobs)) if (s := _done_stats(output, i)) is not None}
@@ -157,9 +172,21 @@ def build_shards(
             for item in todo:
                 done[item[0]] = run(item)
                 bar.update()
-    manifest = make_manifest([done[i] for i in range(len(jobs))], extra_skipped or {}, fingerprint)
+    shards = [done[i] for i in range(len(jobs))]
+    write_skipped(os.path.join(output, SKIPPED), [*(skipped_inputs or []), *_inputs_of(shards)])
+    manifest = make_manifest(shards, extra_skipped or {}, fingerprint)
     atomic_write_json(os.path.join(output, MANIFEST), manifest)
     return manifest
+
+
+def _inputs_of(shards: list[ShardStats]) -> list[dict]:
+    return [item for s in shards for item in s.skipped_inputs]
+
+
+def write_skipped(path: str, items: list[dict]) -> None:
+    """skipped.jsonl: one object a line, sorted by (input, index) -- the annotation file's order."""
+    items = sorted(items, key=lambda d: (str(d.get("input")), d.get("index", -1)))
+    atomic_write_text(path, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in items))
 
 
 def _index(name: str) -> int:
@@ -186,11 +213,32 @@ def make_manifest(shards: list[ShardStats], extra_skipped: dict, arguments: dict
     }
 
 
-def summary(manifest: dict) -> str:
-    """One paragraph for the log at the end of a run."""
+def summary(manifest: dict, output: str | None = None) -> str:
+    """One paragraph for the log at the end of a run; with `output`, where the skipped inputs are named."""
     skipped = ", ".join(f"{k}={v}" for k, v in manifest["skipped"].items()) or "none"
+    if manifest["skipped"] and output is not None:
+        skipped += f" (each named in {os.path.join(output, SKIPPED)})"
     converted = ", ".join(f"{k}={v}" for k, v in manifest["converted"].items()) or "none"
     return (
         f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards; "
         f"sources: {manifest['sources']}; skipped: {skipped}; converted to RGB: {converted}"
+    )
+
+
+def check_not_empty(manifest: dict, output: str) -> None:
+    """Raise DataError when the shards in `output` hold no sample: a training run could not use them."""
+    if manifest["num_samples"]:
+        return
+    where = os.path.join(output, MANIFEST)
+    skipped = manifest["skipped"]
+    if not skipped:
+        raise DataError(
+            f"the corpus is empty: the input holds no image-caption records ({where}); check --input and "
+            "--format"
+        )
+    reasons = ", ".join(f"{k}={v}" for k, v in skipped.items())
+    hint = "check --image-root" if "missing_file" in skipped else "fix the inputs it lists"
+    raise DataError(
+        f"the corpus is empty: all {sum(skipped.values())} inputs were skipped ({reasons}; "
+        f"{where}); each is named in {os.path.join(output, SKIPPED)}: {hint}"
     )

@@ -101,7 +101,8 @@ def layout_problems(cfg: RunConfig, world: int) -> list[str]:
 
 def check_corpora(cfg: RunConfig) -> tuple[list[Corpus], list[str]]:
     """The training corpora as the stream will see them (counts from manifests, no image read) and every
-    problem: unreadable manifests, shards left out of a brace range, local shard files that do not exist."""
+    problem: unreadable manifests, shards left out of a brace range, local shard files that do not exist,
+    a corpus whose shards hold no sample (the loader would refuse it at start-up)."""
     d = cfg.data
     if d.synthetic:  # generated at start-up: its size is known from the config
         counts = [d.synthetic_num_train]
@@ -132,6 +133,11 @@ def check_corpora(cfg: RunConfig) -> tuple[list[Corpus], list[str]]:
             except (OSError, ValueError) as e:
                 problems.append(f"data.train[{c.name}]: cannot size the corpus without {MANIFEST}: {e}")
                 continue
+        if sum(counts) == 0:
+            problems.append(
+                f"data.train[{c.name}]: the corpus is empty: its {len(present)} shard(s) hold 0 samples "
+                f"({manifest or c.shards}); see skipped.jsonl next to the manifest for why, then remake them"
+            )
         corpora.append(Corpus(c.name, present, counts, c.weight))
     if d.val and "$" not in d.val and "{" not in d.val and not os.path.exists(d.val):
         problems.append(f"data.val={d.val!r}: no such file")
