@@ -1,16 +1,18 @@
 """`eve-evaluate`: validation metrics of a checkpoint (run dir, DeepSpeed tag dir or native export).
 
-eve-evaluate --checkpoint RUN_DIR|TAG_DIR|EXPORT_DIR --data SHARDS [--json]
+eve-evaluate --checkpoint RUN_DIR [--json]      # what the run validated on, as its validation did
+eve-evaluate --checkpoint RUN_DIR|TAG_DIR|EXPORT_DIR --data SHARDS        # pre-training: other shards
+eve-evaluate --checkpoint RUN_DIR --task vqa --data-root DIR --split test-dev --predictions FILE
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from eve_ds.train.evaluation import EvalRequest, evaluate_checkpoint
 from eve_ds.train.metrics import setup_logging
+from eve_ds.utils.errors import cli_main
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -21,17 +23,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1],
     )
     p.add_argument("--checkpoint", required=True, help="run dir, DeepSpeed tag dir or native export dir")
-    p.add_argument("--task", choices=["msm", "vqa", "retrieval", "nlvr2"], default="msm")
+    p.add_argument(
+        "--task", choices=["msm", "vqa", "retrieval", "nlvr2"], default=None, help="default: the run's task"
+    )
     p.add_argument("--data", help="msm: validation shards (a shard directory or brace spec)")
     p.add_argument("--data-root", help="downstream task: the dataset's files as distributed")
-    p.add_argument("--split", help="vqa: val | test-dev | test; retrieval: val | test; nlvr2: dev | test1")
+    p.add_argument(
+        "--split",
+        help="vqa: minival | val | test-dev | test; retrieval: val | test; nlvr2: dev | test1 "
+        "(default: the run's task.eval_split)",
+    )
     p.add_argument("--dataset", default=None, choices=["coco", "flickr30k"], help="retrieval")
     p.add_argument("--rerank-k", type=int, default=None, help="retrieval: ITC top-k re-scored by ITM")
     p.add_argument("--predictions", help="vqa: write the EvalAI file [{question_id, answer}] here")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable evaluation images")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-batches", type=int, default=0, help="msm: 0 = the whole set")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the run's micro-batch")
+    p.add_argument(
+        "--max-batches", type=int, default=None, help="msm: 0 = the whole set (default: train.eval_batches)"
+    )
+    p.add_argument("--seed", type=int, default=None, help="msm: the masks' seed (default: train.seed)")
     p.add_argument(
         "--synthetic",
         action="store_true",
@@ -39,14 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    args = p.parse_args(argv)
-    if args.task == "msm" and not args.data:
-        p.error("--data is required for pre-training validation (--task msm)")
-    if args.task != "msm" and not (args.data_root and args.split):
-        p.error(f"--task {args.task} needs --data-root and --split")
-    return args
+    return p.parse_args(argv)
 
 
+@cli_main("eve-evaluate", user_errors=(FileNotFoundError,))
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(0)
@@ -64,13 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         synthetic=args.synthetic,
     )
-    try:
-        metrics = evaluate_checkpoint(args.checkpoint, request, device=args.device)
-    except (ValueError, FileNotFoundError) as e:
-        if args.task == "msm":
-            raise
-        print(f"eve-evaluate: error: {e}", file=sys.stderr)
-        return 2
+    metrics = evaluate_checkpoint(args.checkpoint, request, device=args.device)
     if args.json:
         print(json.dumps(metrics, sort_keys=True))
     else:

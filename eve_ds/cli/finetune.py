@@ -8,8 +8,10 @@ eve-finetune --config vqa_eve_base --run-dir runs/vqa train.init_from=runs/eve_b
 from __future__ import annotations
 
 from eve_ds.cli.pretrain import parse_args, run
+from eve_ds.utils.errors import cli_main
 
 
+@cli_main("eve-finetune")
 def main(argv: list[str] | None = None) -> int:
     return run(parse_args(argv, prog="eve-finetune", default_config="vqa_tiny_synthetic"))
 

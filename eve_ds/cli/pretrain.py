@@ -14,7 +14,9 @@ import logging
 import sys
 from pathlib import Path
 
-from eve_ds.train.config import ConfigError, load_config, packaged_configs
+from eve_ds.train import EXIT_INTERRUPTED
+from eve_ds.train.config import load_config, packaged_configs
+from eve_ds.utils.errors import cli_main
 
 logger = logging.getLogger("eve_ds.train")
 
@@ -52,6 +54,12 @@ def parse_args(
         default=None,
         help="with --dry-run: the world size to check (default: WORLD_SIZE, SLURM_NTASKS or 1)",
     )
+    p.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="resuming: apply changed learning-rate schedule, step count and cadence keys from the "
+        "checkpoint's step on (recorded in RUN_DIR/config_changes.json); other changed keys are refused",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     args = p.parse_args(argv)
     args.prog = prog
@@ -66,31 +74,28 @@ def dry_run(cfg, args: argparse.Namespace) -> int:
     return 2 if report["problems"] else 0
 
 
+@cli_main("eve-pretrain")
 def main(argv: list[str] | None = None) -> int:
     return run(parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train (pre-training or a downstream task: the `task:` section decides) or --dry-run."""
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"{args.prog}: config error: {e}", file=sys.stderr)
-        return 2
+    """Train (pre-training or a downstream task: the `task:` section decides) or --dry-run. User errors
+    (config, data, checkpoints) propagate as UserError: the command's wrapper prints them in one line."""
+    cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         return dry_run(cfg, args)
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
-    from eve_ds.convert import ConvertError
     from eve_ds.train.trainer import NonFiniteLossError, Trainer
 
     try:
-        return Trainer(cfg, run_dir).train()
-    except (ConfigError, ConvertError) as e:
-        print(f"{args.prog}: config error: {e}", file=sys.stderr)
-        return 2
+        return Trainer(cfg, run_dir, allow_changes=args.allow_changes).train()
     except NonFiniteLossError as e:
         logger.error("%s", e)
         return 3
+    except KeyboardInterrupt:  # before the loop (set-up) or a second Ctrl-C: nothing saved
+        print(f"{args.prog}: interrupted; nothing saved since the last checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

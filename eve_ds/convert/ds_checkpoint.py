@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from eve_ds.models.config import EVEConfig
+from eve_ds.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ EXPERT_INFIX = ".deepspeed_moe.experts.deepspeed_experts."
 EXPERT_KEY_RE = re.compile(r"^(.*\.deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)(\..*)$")
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError, ValueError):
     """Input that cannot be converted; the message names the file or key that is wrong."""
 
 

@@ -191,7 +191,12 @@ def resolve_config_path(name_or_path: str) -> Path:
 def load_config(name_or_path: str = "eve_tiny_synthetic", overrides: list[str] | None = None) -> RunConfig:
     """Packaged config name or YAML path, then `key=value` dotted overrides -> validated RunConfig."""
     path = resolve_config_path(name_or_path)
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     raw.setdefault("name", path.stem)

@@ -1,27 +1,33 @@
 """Evaluate a checkpoint (run dir, DeepSpeed tag dir or native export) without a trainer: the library
 behind `eve-evaluate` and the reproduction chain's evaluation stages.
 
-    metrics = evaluate_checkpoint("runs/vqa", task="vqa", data_root="data/vqa", split="test-dev")
+    metrics = evaluate_checkpoint("runs/vqa", EvalRequest(data_root="data/vqa", split="test-dev"))
+    metrics = evaluate_checkpoint("runs/eve_tiny_synthetic", EvalRequest())  # = the run's own validation
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import torch
 
 from eve_ds.convert import load_pretraining_model
 from eve_ds.data import load_tokenizer
 from eve_ds.data.config import DataConfig
 from eve_ds.tasks.base import Task, TaskContext, build_task
 from eve_ds.tasks.config import TaskConfig
+from eve_ds.train.config import ConfigError, RunConfig, from_dict, task_context
 from eve_ds.train.distributed import resolve_device
 
 
 @dataclass
 class EvalRequest:
-    """What to evaluate. `task="msm"` reads validation shards (`data`); a downstream task reads `split` of
-    the files under `data_root`."""
+    """What to evaluate. Every field left None follows the checkpoint's run: its task, its validation data
+    (msm: the run's validation shards; a downstream task: its data root or synthetic set and its
+    `task.eval_split`), its micro-batch, `train.eval_batches` and `train.seed` — so a run's checkpoint
+    scores exactly what the run's own validation scored."""
 
-    task: str = "msm"
+    task: str | None = None  # msm | vqa | retrieval | nlvr2
     data: str | None = None  # msm: validation shards (a shard directory or brace spec)
     data_root: str | None = None  # downstream task: the dataset's files as distributed
     split: str | None = None
@@ -29,10 +35,14 @@ class EvalRequest:
     rerank_k: int | None = None  # retrieval: ITC top-k re-scored by ITM
     predictions: str | None = None  # write the task's prediction file here
     skip_bad_images: bool = False
-    batch_size: int = 32
-    max_batches: int = 0  # msm: 0 = the whole set
-    seed: int = 1234
+    batch_size: int | None = None
+    max_batches: int | None = None  # msm: batches per rank, 0 = the whole set
+    seed: int | None = None  # msm: the validation masks' seed
     synthetic: bool = False  # msm: also the attribute-word probe (default: from the checkpoint's config)
+
+
+# What a request falls back to without a run config (a native export of another origin).
+DEFAULTS = {"task": "msm", "batch_size": 32, "max_batches": 0, "seed": 0}
 
 
 def evaluate_checkpoint(checkpoint: str, request: EvalRequest, device: str = "auto") -> dict:
@@ -40,42 +50,83 @@ def evaluate_checkpoint(checkpoint: str, request: EvalRequest, device: str = "au
     is the one the trainer validates with)."""
     device = resolve_device(device)
     model, config = load_pretraining_model(checkpoint, device=device)
-    task = checkpoint_task(model, config, request)
+    run = run_config(config)
+    request = follow_run(request, run)
+    task = checkpoint_task(model, config, request, run)
+    if run is not None and _is_run_validation(request, run):
+        task.prepare()  # e.g. VQA's minival is held out of the run's own files
+        return task.evaluate(
+            model, request.split, device=device, dtype=torch.float32, batch_size=request.batch_size
+        )
     split = request.data if request.task == "msm" else request.split  # msm: a split is a shard spec
+    if request.task == "msm" and split is None:
+        raise ConfigError(f"{checkpoint}: no validation shards in its config: pass --data SHARDS")
     return task.evaluate_split(
         model, split, device=device, batch_size=request.batch_size, predictions=request.predictions
     )
 
 
-def checkpoint_task(model, config: dict, request: EvalRequest) -> Task:
+def run_config(config: dict) -> RunConfig | None:
+    """The checkpoint's run config (resolved, as it ran), or None for an export that has none."""
+    run = config.get("run")
+    return from_dict(run) if run else None
+
+
+def follow_run(request: EvalRequest, run: RunConfig | None) -> EvalRequest:
+    """`request` with its unset fields taken from the run (or DEFAULTS without one)."""
+    if run is None:
+        fallback = dict(DEFAULTS)
+    else:
+        fallback = {
+            "task": run.task.name,
+            "split": run.task.eval_split,
+            "batch_size": run.train.micro_batch_size,
+            "max_batches": run.train.eval_batches,
+            "seed": run.train.seed,
+        }
+    return replace(request, **{k: v for k, v in fallback.items() if getattr(request, k) is None})
+
+
+def _is_run_validation(request: EvalRequest, run: RunConfig) -> bool:
+    """True when the request asks for what the run validated on: same task, no other data."""
+    if request.task != run.task.name or request.predictions:
+        return False
+    if request.task == "msm":
+        return request.data is None
+    return request.data_root is None and request.split == run.task.eval_split and not request.dataset
+
+
+def checkpoint_task(model, config: dict, request: EvalRequest, run: RunConfig | None = None) -> Task:
     """The task of `request`, configured as the checkpoint's run had it, with the request's data."""
-    run = config.get("run") or {}
-    saved = (run.get("task") or {}) | {
-        "name": request.task,
-        "data_root": request.data_root,
-        "synthetic": False,
-    }
+    saved = ((config.get("run") or {}).get("task") or {}) | {"name": request.task}
+    if request.data_root or run is None or run.task.name != request.task:
+        saved |= {"data_root": request.data_root, "synthetic": False}
     if request.dataset:
         saved["dataset"] = request.dataset
     if request.rerank_k:
         saved["rerank_k"] = request.rerank_k
     saved["skip_bad_eval_images"] = request.skip_bad_images
     cfg = TaskConfig(**{k: v for k, v in saved.items() if k in TaskConfig.__dataclass_fields__})
-    data = run.get("data") or {}
-    tokenizer = data.get("tokenizer") or "bert-base-uncased"
-    # msm: only whether to run the synthetic corpus's probe; the shards are the request's.
-    synthetic = request.synthetic or bool(data.get("synthetic", False))
-    mcfg = model.model_cfg
-    ctx = TaskContext(
-        tokenizer=load_tokenizer(tokenizer),
-        cache_dir="",
-        image_size=mcfg.image_size,
-        max_text_len=mcfg.max_text_len,
-        seed=request.seed,
-        num_workers=0,
-        data=DataConfig(train=[], synthetic=synthetic, tokenizer=tokenizer),
-        eval_batches=request.max_batches,
-    )
+    data = (config.get("run") or {}).get("data") or {}
+    tokenizer = load_tokenizer(data.get("tokenizer") or "bert-base-uncased")
+    if run is not None:
+        ctx = replace(task_context(run, tokenizer), seed=request.seed, eval_batches=request.max_batches)
+        if request.synthetic:
+            ctx = replace(ctx, data=replace(run.data, synthetic=True))
+    else:
+        mcfg = model.model_cfg
+        ctx = TaskContext(
+            tokenizer=tokenizer,
+            cache_dir="",
+            image_size=mcfg.image_size,
+            max_text_len=mcfg.max_text_len,
+            seed=request.seed,
+            num_workers=0,
+            data=DataConfig(
+                train=[], synthetic=request.synthetic, tokenizer=data.get("tokenizer") or "bert-base-uncased"
+            ),
+            eval_batches=request.max_batches,
+        )
     task = build_task(cfg, ctx)
     task.load_assets(config.get("task") or {})
     return task

@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm import tqdm
 
 from eve_ds.convert import resume_options
 from eve_ds.data import batch_to_device, load_tokenizer
 from eve_ds.tasks.base import Task, build_task
-from eve_ds.train import EXIT_PREEMPTED
+from eve_ds.train import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from eve_ds.train.checkpoint import CheckpointManager, latest_complete
 from eve_ds.train.config import ConfigError, RunConfig, resolve, save_config, task_context
 from eve_ds.train.distributed import all_reduce_max, barrier, init_distributed, resolve_device
@@ -27,6 +28,7 @@ from eve_ds.train.family import family_of
 from eve_ds.train.metrics import MetricsWriter, setup_logging
 from eve_ds.train.mfu import peak_tflops
 from eve_ds.train.preflight import start_problems
+from eve_ds.train.run_guard import CHANGES_FILE, check_resume, check_run_dir, is_changeable, record_changes
 from eve_ds.utils.io import atomic_write_json
 from eve_ds.utils.ranks import expert_parallel_rank
 
@@ -40,10 +42,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path, allow_changes: bool = False) -> None:
         """`cfg` as loaded; `self.cfg` is it resolved for this world size and task (what runs and what
-        config.yaml records)."""
+        config.yaml records). `allow_changes`: a resumed run may take new values of the keys in
+        `run_guard.CHANGEABLE` (else they are refused, as every other changed key always is)."""
         self.run_dir = Path(run_dir)
+        check_run_dir(self.run_dir, cfg.task.name, cfg.model_flavor)  # before anything is written there
         problems = start_problems(cfg)  # before anything costs time: data, engine, GPUs
         if problems:
             raise ConfigError("; ".join(problems))
@@ -60,6 +64,7 @@ class Trainer:
         self.stop_signal: int | None = None
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.rank, cfg.train.keep_last)
         self.resume_from = latest_complete(self.run_dir / "checkpoints")
+        self.changes = self._check_resume(allow_changes)
         self.family = family_of(cfg)
         self._build_model()
         self.engine, _, self.scheduler, ds_config = build_engine(cfg, self.model, self.world, self.device)
@@ -121,6 +126,34 @@ class Trainer:
 
     # -- resume -------------------------------------------------------------------------------------------
 
+    def _check_resume(self, allow_changes: bool) -> dict:
+        """The config keys a resumed run changes (refused unless allowed; see `run_guard`)."""
+        path = self.run_dir / "config.yaml"
+        if self.resume_from is None or not path.is_file():
+            return {}
+        requested = yaml.safe_load(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        changes = check_resume(yaml.safe_load(path.read_text()) or {}, requested, allow_changes)
+        for key, (old, new) in changes.items():
+            logger.warning("resumed run: %s changes from %r to %r", key, old, new)
+        return {k: v for k, v in changes.items() if is_changeable(k)}
+
+    def _apply_changes(self, base_lrs: list[float]) -> None:
+        """After a checkpoint restored the scheduler: the requested learning rates, from this step on,
+        and the change recorded in the run directory."""
+        self.scheduler.base_lrs = base_lrs  # the lambda already is the requested schedule's
+        lrs = [b * f(self.scheduler.last_epoch) for b, f in zip(base_lrs, self.scheduler.lr_lambdas)]
+        for group, lr in zip(self.scheduler.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
+        if self.rank == 0:
+            record_changes(self.run_dir, self.state["step"], self.changes)
+        logger.warning(
+            "applied %s from step %d (recorded in %s)",
+            ", ".join(f"{k}={new!r}" for k, (_, new) in self.changes.items()),
+            self.state["step"],
+            self.run_dir / CHANGES_FILE,
+        )
+
     def _resume(self) -> bool:
         """Load the newest complete checkpoint, if any. RNG streams are restored later (see train)."""
         if self.resume_from is None:
@@ -128,6 +161,7 @@ class Trainer:
         tag = self.resume_from
         # Optimizer state is not loaded when a reshard dropped it or the layout (world, ep_size) changed.
         opts = resume_options(tag, world_size=self.world, ep_size=self.cfg.model.ep_size)
+        base_lrs = list(self.scheduler.base_lrs)  # this run's; loading the checkpoint restores the saved
         self.engine.load_checkpoint(str(tag.parent), tag=tag.name, **opts)
         saved = json.loads((tag / "trainer_state.json").read_text())
         if saved["world_size"] != self.world:
@@ -141,6 +175,8 @@ class Trainer:
         self.state.update(saved, world_size=self.world, num_workers=self.cfg.data.num_workers)
         self.metrics.truncate_after(self.state["step"])
         logger.info("resumed from %s (step %d)", tag, self.state["step"])
+        if self.changes:
+            self._apply_changes(base_lrs)
         return True
 
     def _train_loader(self):
@@ -167,11 +203,19 @@ class Trainer:
     # -- signals ------------------------------------------------------------------------------------------
 
     def _on_signal(self, signum, frame) -> None:
-        logger.warning("received %s: finishing the current step, then saving", signal.Signals(signum).name)
+        if signum == signal.SIGINT and self.stop_signal == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+        logger.warning(
+            "received %s: finishing the current step, then saving%s",
+            signal.Signals(signum).name,
+            " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else "",
+        )
         self.stop_signal = signum
 
     def _install_signal_handlers(self) -> None:
-        for s in (signal.SIGTERM, signal.SIGUSR1):
+        """Before the data loader forks its workers: they inherit the handler, so a Ctrl-C sent to the
+        whole process group does not kill them mid-batch (in a worker it only sets that copy's flag)."""
+        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(s, self._on_signal)
 
     # -- loop ---------------------------------------------------------------------------------------------
@@ -276,10 +320,10 @@ class Trainer:
             logger.info("run in %s is already complete (step %d of %d)", self.run_dir, start, t.max_steps)
             return self._finish(final=not (self.run_dir / "final_metrics.json").exists(), saved=True)
         loader = self._train_loader()
+        self._install_signal_handlers()
         data_iter = iter(loader)
         if resumed:  # after iter(): creating the loader iterator draws from the torch RNG
             self.ckpt.load_rng(self.resume_from)
-        self._install_signal_handlers()
         self.engine.train()
         bar = tqdm(total=t.max_steps, initial=start, disable=self.rank != 0, dynamic_ncols=True, desc="train")
         window_t, window_n = time.perf_counter(), 0
@@ -293,15 +337,17 @@ class Trainer:
             bar.update(1)
             if step % t.log_every == 0 or step == end:
                 rec = self._log(step, m, window_n, time.perf_counter() - window_t)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", sps=f"{rec['samples_per_s']:.0f}")
+                bar.set_postfix(
+                    loss=f"{rec['loss']:.3f}",
+                    sps=f"{rec['samples_per_s']:.0f}",
+                    skipped=self.state["skipped_samples"],
+                )
                 window_t, window_n = time.perf_counter(), 0
             if step % t.eval_every == 0 and step < t.max_steps:
                 self.validate()
             if all_reduce_max(1.0 if self.stop_signal else 0.0, self.device):
                 bar.close()
-                self.save()
-                logger.warning("stopped by a signal after step %d; exit code %d", step, EXIT_PREEMPTED)
-                return EXIT_PREEMPTED
+                return self._stop(step)
             if step % t.checkpoint_every == 0 or step == end:
                 if step == t.max_steps:
                     self.final_val = self.validate()
@@ -309,6 +355,19 @@ class Trainer:
                 saved = True
         bar.close()
         return self._finish(final=step >= t.max_steps, saved=saved)
+
+    def _stop(self, step: int) -> int:
+        """A signal asked to stop: checkpoint, say how to go on, exit non-zero (SIGTERM/SIGUSR1: the code
+        a Slurm launcher requeues on; Ctrl-C: 130, as a shell reports an interrupted command)."""
+        path = self.save()
+        code = EXIT_INTERRUPTED if self.stop_signal == signal.SIGINT else EXIT_PREEMPTED
+        logger.warning(
+            "stopped at step %d (checkpoint %s); run the same command to resume (exit code %d)",
+            step,
+            path,
+            code,
+        )
+        return code
 
     def _finish(self, final: bool, saved: bool) -> int:
         if final:  # validation is collective: every rank takes part

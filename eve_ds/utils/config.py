@@ -6,8 +6,10 @@ from typing import Any
 
 import yaml
 
+from eve_ds.utils.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration key or value that cannot be used; the message names it."""
 
 

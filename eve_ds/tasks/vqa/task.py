@@ -92,6 +92,11 @@ class VQATask(Task):
             )
         self.vocab = AnswerVocab.from_json(assets["answer_vocab"])
 
+    def read_minival(self):
+        """The val questions held out of training (`task.minival_images`), as `prepare` holds them out."""
+        val, _ = read_vqa(self.root(), "val", skip_missing=True)
+        return split_minival(val, self.cfg.minival_images, seed=0)[1]
+
     def read(self, split: str):
         """Every question of a split; for test splits also those whose image is missing (they still need an
         answer in the submission file)."""
@@ -106,7 +111,7 @@ class VQATask(Task):
     def evaluate_split(
         self, model, split: str, *, device: str, batch_size: int, predictions: str | None = None
     ) -> dict:
-        examples = self.read(split)
+        examples = self.read_minival() if split == "minival" else self.read(split)
         return self.score(
             model, examples, split, device=device, batch_size=batch_size, predictions=predictions
         )
