@@ -9,6 +9,9 @@ Prints (and writes with --json):
   * the DeepSpeed engine's step (ZeRO stage of the benchmark's DeepSpeed config) split into forward,
     backward and optimizer step, and the host-to-device copy of one batch;
   * with --ops, torch.profiler's operator table of one forward + backward (self device time on CUDA).
+
+With --count it instead counts what one DeepSpeed training step dispatches (`eve_ds.bench.count`): ATen
+ops and would-be host syncs (file:line) per phase, and the graph breaks of one block's forward.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from eve_ds.bench.count import count_train_step, format_counts
 from eve_ds.bench.regions import h2d_time, region_times, step_split
 from eve_ds.bench.report import device_info, git_revision, versions
 from eve_ds.bench.table1 import BenchConfig, build_bench_engine, build_model, memory_batches
@@ -45,6 +50,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument(
+        "--count",
+        action="store_true",
+        help="instead: count ATen ops and would-be host syncs of one training step (eve_ds.bench.count)",
+    )
+    p.add_argument("--ds-config", default="zero2_bf16", help="DeepSpeed config for --count")
     return p.parse_args(argv)
 
 
@@ -93,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = bc.model_config()
     obj = ObjectiveConfig(objectives=args.task_set.split(","))
     init_distributed(args.device, timeout_s=600)
+    if args.count:
+        return count_main(args, argv)
     result = profile_model(args, cfg, obj, bc, dtype)
     if not args.no_engine:
         if args.device == "cuda":
@@ -110,14 +123,39 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in split.items():
             print(f"  {k:28s} {v:9.2f} ms")
         print(f"  {'total':28s} {result['engine_step_total_ms']:9.2f} ms")
+    result["meta"] = meta(args, argv)
+    if args.json:
+        atomic_write_json(args.json, result)
+    return 0
+
+
+def meta(args: argparse.Namespace, argv: list[str] | None) -> dict:
     commit, dirty = git_revision()
-    result["meta"] = {
+    return {
         "device": device_info(args.device),
         "versions": versions(),
         "git_revision": commit,
         "git_dirty": dirty,
         "command": "eve-profile " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
+
+
+def count_main(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """--count: ops and syncs per phase of one DeepSpeed training step, printed and (--json) written."""
+    bc = BenchConfig(model=args.model, device=args.device, ds_config=args.ds_config, model_overrides=args.set)
+    t0 = time.perf_counter()
+    result = {
+        "model": args.model,
+        "task_set": args.task_set.split(","),
+        "batch_size": args.batch_size,
+        "ds_config": args.ds_config,
+        "overrides": args.set,
+        **count_train_step(bc, args.task_set.split(","), args.batch_size),
+    }
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    result["meta"] = meta(args, argv)
+    print(f"{args.model} {args.task_set} batch {args.batch_size} {args.ds_config} {args.set or ''}")
+    print(format_counts(result))
     if args.json:
         atomic_write_json(args.json, result)
     return 0

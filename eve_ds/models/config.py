@@ -51,6 +51,10 @@ class EVEConfig:
     # [ours] how the local experts run: "stacked" = two batched matmuls over all experts (one launch each),
     # "loop" = DeepSpeed's Experts, one FFN call per expert. Same parameters and checkpoint names.
     expert_impl: str = "stacked"
+    # [ours] how tokens reach the experts: "deepspeed" = DeepSpeed's MoE layer (gather the real tokens, pad
+    # every expert to the largest load); "grouped" = sort the routes by expert and run one grouped GEMM
+    # (eve_ds.models.moe_dispatch: no host syncs, no padding; no-drop, plain top-k, ep_size=1 only).
+    moe_dispatch: str = "deepspeed"
 
     # Pre-training heads.
     mlm_head_hidden: int | None = None  # two-layer MLP text decoder; None -> hidden_size
@@ -112,6 +116,22 @@ class EVEConfig:
         check(
             self.expert_impl in ("stacked", "loop"), "model.expert_impl", self.expert_impl, "stacked | loop"
         )
+        check(
+            self.moe_dispatch in ("deepspeed", "grouped"),
+            "model.moe_dispatch",
+            self.moe_dispatch,
+            "deepspeed | grouped",
+        )
+        if self.moe_dispatch == "grouped":
+            grouped = "model.moe_dispatch=grouped"
+            check(not self.drop_tokens, "model.drop_tokens", self.drop_tokens, f"false with {grouped}")
+            check(self.ep_size == 1, "model.ep_size", self.ep_size, f"1 with {grouped}")
+            check(
+                not self.top2_second_expert_sampling,
+                "model.top2_second_expert_sampling",
+                self.top2_second_expert_sampling,
+                f"false with {grouped}",
+            )
         check(self.pos_embed in ("learned", "sincos"), "model.pos_embed", self.pos_embed, "learned | sincos")
         check(self.max_text_len >= 3, "model.max_text_len", self.max_text_len, ">= 3 ([CLS] x [SEP])")
         check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", self.drop_path_rate, "in [0, 1)")

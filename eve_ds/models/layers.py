@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from eve_ds.models.config import EVEConfig
 from eve_ds.models.moe import IMAGE, TEXT, ModalityMoE
+from eve_ds.models.moe_dispatch import grouped_moe
 
 
 def init_weights(m: nn.Module, std: float) -> None:
@@ -162,9 +163,12 @@ class SoftRouterFFN(nn.Module):
             cfg.top2_second_expert_sampling,
             cfg.expert_impl,
         )
+        self.dispatch = cfg.moe_dispatch
 
     def forward(self, x: Tensor, tokens: Tokens) -> tuple[Tensor, Tensor, Tensor]:
         """-> (out (B, N, D), l_aux, expert counts (2, E): routes per expert of image / text tokens)."""
+        if self.dispatch == "grouped":
+            return grouped_moe(self.moe, self.norm(x), tokens.valid, tokens.n_image)
         B, N, D = x.shape
         h = self.norm(x).reshape(B * N, D)
         index = tokens.real_index()  # (T,)
