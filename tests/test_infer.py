@@ -126,3 +126,39 @@ def test_nlvr2_judgements_equal_eve_evaluate(runs, tmp_path, capsys):
     assert {x["identifier"]: str(j.value) for x, j in zip(lines, got)} == expected
     one = judge.judge(f"{stems[0]}-img0.png", f"{stems[0]}-img1.png", lines[0]["sentence"])
     assert one.value == got[0].value and one.score == pytest.approx(got[0].score, abs=1e-5)
+
+
+def test_eve_predict_contracts_and_list_mode(runs, tmp_path, capsys):
+    from eve_ds.cli.predict import main as predict
+
+    run, data = runs["vqa"]
+    (_, p0, q0), (_, p1, q1) = vqa_questions(data)[:2]
+    assert (
+        predict(["--checkpoint", str(run), "--task", "vqa", "--image", p0, "--question", q0, "--json"]) == 0
+    )
+    answers = json.loads(capsys.readouterr().out)["answers"]
+    assert [a["answer"] for a in answers] == [
+        a.answer for a in VQAPredictor.from_pretrained(run).answer(p0, q0)
+    ]
+    assert all(isinstance(a["score"], float) for a in answers)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    listing = tmp_path / "list.tsv"
+    listing.write_text(f"{p0}\t{q0}\n{bad.name}\t{q0}\n{p1}\t{q1}\n")  # relative to the list file
+    assert predict(["--checkpoint", str(run), "--task", "vqa", "--inputs", str(listing), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert "answers" in results[0] and "answers" in results[2] and "bad.jpg" in results[1]["error"]
+    assert predict(["--checkpoint", str(run), "--task", "vqa", "--image", str(bad), "--question", q0]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.jpg" in err[0]
+
+    rrun, rdata = runs["retrieval"]
+    paths = coco_test(rdata)[:3]
+    texts = ["a red circle", "a small blue square"]
+    argv = ["--checkpoint", str(rrun), "--task", "retrieval", "--images", *paths, "--texts", *texts, "--json"]
+    assert predict(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    ranking = Retriever.from_pretrained(rrun).rank(paths, texts)
+    assert out["image_to_text"] == ranking.image_to_text and out["text_to_image"] == ranking.text_to_image
+    assert predict(["--checkpoint", str(rrun), "--task", "vqa", "--image", p0, "--question", q0]) == 2
+    assert "its heads: itc, itm" in capsys.readouterr().err
