@@ -54,3 +54,26 @@ def tiny_run(task: str, root: Path) -> tuple[Path, str]:
     prefix = {"vqa": "synthetic-vqa", "retrieval": "retrieval-coco", "nlvr2": "synthetic-nlvr2"}[task]
     (data,) = glob.glob(os.path.join(cache, f"{prefix}-*"))
     return run, data
+
+
+def tiny_pretraining_run(root: Path) -> Path:
+    """A 2-step `eve-pretrain` (MLM + pixel MIM) run on a small synthetic corpus under `root`."""
+    from eve_ds.cli.pretrain import main as pretrain
+
+    run = root / "msm"
+    base = {
+        "data.cache_dir": root / "cache",
+        "data.synthetic_num_train": 64,
+        "data.synthetic_num_val": 16,
+        "data.num_workers": 0,
+        "train.micro_batch_size": 8,
+        "train.global_batch_size": 8,
+        "train.max_steps": 2,
+        "train.checkpoint_every": 2,
+        "train.eval_every": 2,
+        "train.eval_batches": 1,
+        "train.log_every": 1,
+        "optim.warmup_steps": 1,
+    }
+    assert pretrain(["--run-dir", str(run), *[f"{k}={v}" for k, v in base.items()]]) == 0
+    return run

@@ -34,6 +34,7 @@ __all__ = [
     "context",
     "load_pixels",
     "nlvr2_batch",
+    "pair_batch",
     "retrieval_scores_of",
     "task_config",
     "vqa_batch",
@@ -136,3 +137,25 @@ def retrieval_scores_of(
     return retrieval_scores(
         model, images, ctx, k=k, device=device, dtype=dtype, batch_size=batch_size, skip_bad=False
     )
+
+
+def pair_batch(path: str, text: str, ctx: TaskContext) -> dict:
+    """One (image, text) pair for pre-training heads (MLM, MIM, routing): image (1, 3, S, S) uint8 decoded
+    as evaluation does, text_ids / text_mask (1, L) tokenised as the collates do."""
+    import torch
+
+    pixels = load_pixels(path, ctx.image_size)
+    if pixels is None:
+        raise UnreadableImageError([path])
+    tok = ctx.tokenizer(
+        [" ".join(text.split())],
+        max_length=ctx.max_text_len,
+        truncation=True,
+        padding="max_length",
+        return_tensors="pt",
+    )
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None],
+        "text_ids": tok["input_ids"].long(),
+        "text_mask": tok["attention_mask"].long(),
+    }
