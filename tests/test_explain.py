@@ -15,7 +15,7 @@ from PIL import Image
 
 from eve_ds.cli.explain import main as explain
 from eve_ds.infer import Predictor, VQAPredictor
-from eve_ds.infer import explain as ex
+from eve_ds.infer import attribution as ex
 from eve_ds.infer import preprocess as pre
 
 

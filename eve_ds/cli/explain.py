@@ -24,7 +24,7 @@ from PIL import Image
 from eve_ds.cli.predict import UserError as ListError
 from eve_ds.cli.predict import read_lines
 from eve_ds.infer import MissingHeadError, Predictor, UnreadableImageError, VQAPredictor, figures
-from eve_ds.infer import explain as ex
+from eve_ds.infer import attribution as ex
 from eve_ds.infer import preprocess as pre
 from eve_ds.train.distributed import resolve_device
 

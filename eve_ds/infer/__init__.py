@@ -1,5 +1,5 @@
 """Inference on one's own inputs: predictors over a trained checkpoint (`api`), Grad-CAM and routing
-pictures (`explain`), with the evaluation's own preprocessing (`preprocess`)."""
+pictures (`attribution`), with the evaluation's own preprocessing (`preprocess`)."""
 
 from eve_ds.infer.api import (
     Answer,

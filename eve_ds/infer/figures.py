@@ -1,4 +1,4 @@
-"""PNG figures of `eve_ds.infer.explain` results (matplotlib, Agg backend: no display needed)."""
+"""PNG figures of `eve_ds.infer.attribution` results (matplotlib, Agg backend: no display needed)."""
 
 from __future__ import annotations
 
