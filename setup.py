@@ -46,6 +46,7 @@ setup(
         "pillow>=10",
         "numpy",
         "tqdm",
+        "matplotlib>=3.7",  # eve-explain figures
     ],
     extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
     entry_points={
@@ -64,6 +65,8 @@ setup(
             "eve-bench-finetune=eve_ds.cli.bench_finetune:main",
             "eve-report=eve_ds.cli.table2_report:main",
             "eve-reproduce=eve_ds.cli.table2_report:reproduce_main",
+            "eve-predict=eve_ds.cli.predict:main",
+            "eve-explain=eve_ds.cli.explain:main",
         ]
     },
 )

@@ -17,15 +17,16 @@ PACKAGE = Path(eve_ds.__file__).resolve().parent
 REPO = PACKAGE.parent
 MAX_FUNCTION_LINES = 60
 MAX_README_LINES = 200
-LAYERS = ("utils", "models", "objectives", "data", "tasks", "convert", "train", "bench", "cli")
+LAYERS = ("utils", "models", "objectives", "data", "tasks", "convert", "infer", "train", "bench", "cli")
 # What each layer may not import (from eve_ds); `cli` sits on top and may import everything.
 FORBIDDEN = {
     "utils": set(LAYERS),
-    "models": {"objectives", "data", "tasks", "convert", "train", "bench", "cli"},
-    "objectives": {"data", "tasks", "convert", "train", "bench", "cli"},
-    "data": {"objectives", "tasks", "convert", "train", "bench", "cli"},
-    "tasks": {"convert", "train", "bench", "cli"},
-    "convert": {"data", "tasks", "train", "bench", "cli"},
+    "models": {"objectives", "data", "tasks", "convert", "infer", "train", "bench", "cli"},
+    "objectives": {"data", "tasks", "convert", "infer", "train", "bench", "cli"},
+    "data": {"objectives", "tasks", "convert", "infer", "train", "bench", "cli"},
+    "tasks": {"convert", "infer", "train", "bench", "cli"},
+    "convert": {"data", "tasks", "infer", "train", "bench", "cli"},
+    "infer": {"train", "bench", "cli"},
     "train": {"bench", "cli"},
     "bench": {"cli"},
     "hf": set(LAYERS),  # the Hugging Face modeling file is copied into exports: standalone
