@@ -18,6 +18,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from eve_ds.data import build_train_loader, build_val_loader, ensure_synthetic_corpus, resolve_val_spec
 from eve_ds.data.pipeline import mixture
@@ -167,9 +168,11 @@ def _sum_batches(model, loader, *, device, dtype, seed, max_batches, probe) -> d
     sums: dict[str, float] = defaultdict(float, {"n": 0.0, **(probe.zero() if probe else {})})
     # fork_rng: evaluation must not move the training RNG streams (exact resume).
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
+        bar = tqdm(total=max_batches or None, desc="validate", leave=False, disable=rank != 0)
         for i, batch in enumerate(loader):
             if max_batches and i >= max_batches:
                 break
+            bar.update(1)
             batch = batch_to_device(batch, device, dtype)
             b = batch["image"].shape[0]
 
@@ -185,6 +188,7 @@ def _sum_batches(model, loader, *, device, dtype, seed, max_batches, probe) -> d
                     sums[k] += float(v) * b
             if probe is not None:
                 probe.update(sums, batch, out, run)
+        bar.close()
     return sums
 
 

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -77,6 +78,10 @@ def init_distributed(device: str, timeout_s: int) -> DistEnv:
     if device == "cuda":
         torch.cuda.set_device(denv.local_rank)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    if device == "cpu" and denv.local_rank == 0 and not _cpu_comm_op_built():
+        logger.warning(
+            "building DeepSpeed's CPU communication op (%s): 1-3 minutes, once per machine", CPU_COMM_OP
+        )
     if not dist.is_initialized():
         deepspeed.init_distributed(
             dist_backend="nccl" if device == "cuda" else "gloo",
@@ -84,6 +89,19 @@ def init_distributed(device: str, timeout_s: int) -> DistEnv:
             timeout=datetime.timedelta(seconds=timeout_s),
         )
     return denv
+
+
+CPU_COMM_OP = "deepspeed_shm_comm"  # JIT-compiled by DeepSpeed's CPU accelerator on first use
+
+
+def _cpu_comm_op_built() -> bool:
+    """Whether torch's extension cache already holds the compiled CPU op (then loading it is instant)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    try:
+        return any(Path(_get_build_directory(CPU_COMM_OP, verbose=False)).glob("*.so"))
+    except (OSError, RuntimeError):
+        return True  # cannot tell: say nothing rather than something wrong
 
 
 def resolve_device(choice: str) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from eve_ds.convert import resume_options
 from eve_ds.data import batch_to_device, load_tokenizer
@@ -325,6 +326,13 @@ class Trainer:
         if resumed:  # after iter(): creating the loader iterator draws from the torch RNG
             self.ckpt.load_rng(self.resume_from)
         self.engine.train()
+        # Log lines (validation results, warnings) go above the progress bar, each on its own line.
+        with logging_redirect_tqdm():
+            return self._loop(data_iter, start, end)
+
+    def _loop(self, data_iter, start: int, end: int) -> int:
+        """Steps start+1 .. end: log, validate, stop on a signal, checkpoint; -> the exit code."""
+        t = self.cfg.train
         bar = tqdm(total=t.max_steps, initial=start, disable=self.rank != 0, dynamic_ncols=True, desc="train")
         window_t, window_n = time.perf_counter(), 0
         saved = False
