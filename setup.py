@@ -44,8 +44,8 @@ setup(
             "eve-make-synthetic=eve_ds.cli.make_synthetic:main",
             "eve-bench-data=eve_ds.cli.bench_data:main",
             "eve-bench-finetune=eve_ds.cli.bench_finetune:main",
-            "eve-report=eve_ds.cli.table2_report:main",
-            "eve-reproduce=eve_ds.cli.table2_report:reproduce_main",
+            "eve-report=eve_ds.cli.reproduce:main",
+            "eve-reproduce=eve_ds.cli.reproduce:reproduce_main",
         ]
     },
 )

@@ -12,17 +12,18 @@ from pathlib import Path
 import eve_ds
 
 PACKAGE = Path(eve_ds.__file__).resolve().parent
-LAYERS = ("utils", "models", "objectives", "data", "tasks", "convert", "train", "bench", "cli")
+LAYERS = ("utils", "models", "objectives", "data", "tasks", "convert", "train", "bench", "repro", "cli")
 # What each layer may not import (from eve_ds); `cli` sits on top and may import everything.
 FORBIDDEN = {
     "utils": set(LAYERS),
-    "models": {"objectives", "data", "tasks", "convert", "train", "bench", "cli"},
-    "objectives": {"data", "tasks", "convert", "train", "bench", "cli"},
-    "data": {"objectives", "tasks", "convert", "train", "bench", "cli"},
-    "tasks": {"convert", "train", "bench", "cli"},
-    "convert": {"data", "tasks", "train", "bench", "cli"},
-    "train": {"bench", "cli"},
-    "bench": {"cli"},
+    "models": {"objectives", "data", "tasks", "convert", "train", "bench", "repro", "cli"},
+    "objectives": {"data", "tasks", "convert", "train", "bench", "repro", "cli"},
+    "data": {"objectives", "tasks", "convert", "train", "bench", "repro", "cli"},
+    "tasks": {"convert", "train", "bench", "repro", "cli"},
+    "convert": {"data", "tasks", "train", "bench", "repro", "cli"},
+    "train": {"bench", "repro", "cli"},
+    "bench": {"repro", "cli"},
+    "repro": {"cli"},
     "hf": set(LAYERS),  # the Hugging Face modeling file is copied into exports: standalone
 }
 
