@@ -39,7 +39,7 @@ setup(
             "eve-convert=eve_ds.cli.convert_ckpt:main",
             "eve-bench=eve_ds.cli.benchmark_pretrain:main",
             "eve-profile=eve_ds.cli.profile:main",
-            "eve-ablations=eve_ds.cli.reproduce_ablations:main",
+            "eve-ablations=eve_ds.cli.ablations:main",
             "eve-make-shards=eve_ds.cli.make_shards:main",
             "eve-make-synthetic=eve_ds.cli.make_synthetic:main",
             "eve-bench-data=eve_ds.cli.bench_data:main",
