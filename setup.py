@@ -37,7 +37,7 @@ setup(
             "eve-evaluate=eve_ds.cli.evaluate:main",
             "eve-info=eve_ds.cli.info:main",
             "eve-convert=eve_ds.cli.convert_ckpt:main",
-            "eve-bench=eve_ds.cli.benchmark_pretrain:main",
+            "eve-bench=eve_ds.cli.bench:main",
             "eve-profile=eve_ds.cli.profile:main",
             "eve-ablations=eve_ds.cli.ablations:main",
             "eve-make-shards=eve_ds.cli.make_shards:main",
