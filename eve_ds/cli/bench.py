@@ -73,6 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="model config override, e.g. --set expert_impl=loop (repeatable)",
     )
+    add_run_args(p, d)
+    return p.parse_args(argv)
+
+
+def add_run_args(p: argparse.ArgumentParser, d: BenchConfig) -> None:
+    """The engine, data, timing and output options."""
     p.add_argument("--zero-stage", type=int, default=d.zero_stage, choices=[0, 1, 2])
     p.add_argument("--ds-config", default=None, help="ds_configs/ name (default: zero2_bf16 / zero2_cpu)")
     p.add_argument(
@@ -101,7 +107,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--json", required=True, type=Path, help="write the JSON record here")
     p.add_argument("--markdown", type=Path, default=None, help="also write the markdown table here")
-    return p.parse_args(argv)
 
 
 def bench_config(args: argparse.Namespace) -> BenchConfig:
