@@ -49,7 +49,7 @@ case "$phase" in
       --task-set mlm,mim_pixel --device "$DEVICE" --ops --top 30 --json "$out/profile-msm-$tag.json"
     for impl in loop stacked; do
       step 200 "fixed-batch-$impl" "${bench[@]}" --batch-size "$BATCH" --set expert_impl=$impl \
-        --task-sets "mlm,mim_pixel;mlm,itc,itm,mim_pixel" --warmup-steps 3 --windows 5 --steps-per-window 5 \
+        --task-sets mlm,mim_pixel mlm,itc,itm,mim_pixel --warmup-steps 3 --windows 5 --steps-per-window 5 \
         --json "$out/fixed$BATCH-$impl-$tag.json" --markdown "$out/fixed$BATCH-$impl-$tag.md"
     done
     ;;

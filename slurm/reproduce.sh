@@ -19,4 +19,4 @@ set -euo pipefail
 EVE_ROOT=${EVE_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 export EVE_ROOT
 export PYTHONPATH=$EVE_ROOT${PYTHONPATH:+:$PYTHONPATH}
-exec "${EVE_PYTHON:-python}" -m eve_ds.cli.table2_report reproduce "$@"
+exec "${EVE_PYTHON:-python}" -m eve_ds.cli.reproduce reproduce "$@"

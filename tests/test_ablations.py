@@ -4,23 +4,19 @@ including that a rerun reuses the finished runs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 
 import pytest
 
-from eve_ds.bench.ablations import (
-    TABLE5,
-    TASK_SETS,
-    budget_steps,
-    claim_checks,
-    loop_windows,
-    make_row,
-    markdown,
-    mean_std,
-    rate_from_windows,
-)
-from eve_ds.cli.reproduce_ablations import main
+from eve_ds.cli.ablations import main
+from eve_ds.repro.ablations.runner import budget_steps, rate_from_windows
+from eve_ds.repro.ablations.spec import TASK_SETS
+from eve_ds.repro.ablations.summary import claim_checks, make_row, markdown, mean_std
+from eve_ds.repro.paper import TABLE5
+from eve_ds.train.run_dir import RunDir
 
 
 def test_rate_ignores_the_first_window_and_budget_pays_its_startup_once():
@@ -42,7 +38,7 @@ def test_loop_windows_reads_metrics_jsonl(tmp_path):
         {"step": 15, "loss": 1.0, "samples_per_s": 80.0},  # last, shorter window: 80 samples -> 1 s
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    assert loop_windows(tmp_path) == [(10, 4.0), (5, 1.0)]
+    assert RunDir(tmp_path).windows() == [(10, 4.0), (5, 1.0)]
 
 
 def test_mean_std_and_rows():
@@ -97,8 +93,25 @@ def test_claims_and_markdown_on_hand_made_numbers():
     assert "-> does not hold\n" in text and "-> holds (within the spread)" not in text
 
 
+@contextlib.contextmanager
+def runner_messages():
+    """The ablation runner's log messages (the in-process trainer replaces the root logger's handlers, so
+    this listens on the runner's own logger)."""
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log = logging.getLogger("eve_ds.repro.ablations")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield seen
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(logging.NOTSET)
+
+
 @pytest.mark.slow  # ~80 s: 28 short training runs
-def test_quick_end_to_end_and_rerun_reuses_runs(tmp_path, capsys):
+def test_quick_end_to_end_and_rerun_reuses_runs(tmp_path):
     out = tmp_path / "out"
     assert main(["--quick", "--out", str(out)]) == 0
     result = json.loads((out / "ablations-cpu.json").read_text())
@@ -120,9 +133,10 @@ def test_quick_end_to_end_and_rerun_reuses_runs(tmp_path, capsys):
     finals = sorted((out / "runs").rglob("final_metrics.json"))
     assert len(finals) == 5 + 6 * 3  # pre-training runs + fine-tunes
     stamps = {p: p.stat().st_mtime_ns for p in finals}
-    capsys.readouterr()
-    assert main(["--quick", "--out", str(out)]) == 0
-    assert "run: " not in capsys.readouterr().out  # nothing re-ran
+    with runner_messages() as seen:
+        assert main(["--quick", "--out", str(out)]) == 0
+    assert any(m.startswith("ablation plan:") for m in seen)
+    assert not any(m.startswith("run: ") for m in seen)  # nothing re-ran
     assert {p: p.stat().st_mtime_ns for p in finals} == stamps
     again = json.loads((out / "ablations-cpu.json").read_text())
     assert [r["vqa_score"] for r in again["rows"]] == [r["vqa_score"] for r in rows]

@@ -7,12 +7,14 @@ import math
 
 import pytest
 
-from eve_ds.bench.table1 import DEFAULT_TASK_SETS, search_max_batch
-from eve_ds.cli.benchmark_pretrain import main, parse_task_sets
+from eve_ds.bench.throughput import DEFAULT_TASK_SETS, search_max_batch
+from eve_ds.cli.bench import main
 from eve_ds.models.config import get_config
 from eve_ds.objectives import ObjectiveConfig
 from eve_ds.objectives.flops import TextShape, flops_per_pair
+from eve_ds.repro import paper
 from eve_ds.train.mfu import peak_tflops
+from eve_ds.utils.task_sets import parse_task_sets
 
 ROW_FIELDS = {
     "task_set",
@@ -120,7 +122,19 @@ def test_max_batch_search_finds_the_largest_fitting_batch(largest):
 
 
 def test_parse_task_sets():
+    """One grammar for eve-bench and eve-ablations: space-separated sets, `none` = no pre-training, and a
+    `;` inside an argument (eve-bench's older spelling) splits too."""
+    assert parse_task_sets(["mlm,mim_pixel", "mlm,itc,itm", "none"]) == [
+        ["mlm", "mim_pixel"],
+        ["mlm", "itc", "itm"],
+        [],
+    ]
     assert parse_task_sets("mlm,mim_pixel; mlm,itc,itm") == [["mlm", "mim_pixel"], ["mlm", "itc", "itm"]]
+    assert parse_task_sets(["mlm,mim_pixel;mlm", "itc"]) == [["mlm", "mim_pixel"], ["mlm"], ["itc"]]
+
+
+def test_default_task_sets_are_the_papers_rows_and_mlm():
+    assert [*(list(k) for k in paper.TABLE1), ["mlm"]] == DEFAULT_TASK_SETS
 
 
 def test_eve_profile_regions_and_engine_split_on_cpu(tmp_path, capsys):
@@ -152,8 +166,8 @@ def test_region_replay_runs_the_backward():
     """A replayed region call is timed forward + backward: its parameters receive gradients."""
     import torch
 
-    from eve_ds.bench.regions import Timer, capture_calls, time_call
-    from eve_ds.bench.table1 import BenchConfig, build_model, memory_batches
+    from eve_ds.bench.profile import Timer, capture_calls, time_call
+    from eve_ds.bench.throughput import BenchConfig, build_model, memory_batches
 
     cfg, obj = get_config("eve_tiny"), ObjectiveConfig(objectives=["mlm", "mim_pixel"])
     model = build_model(cfg, obj, 0)

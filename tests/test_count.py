@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from eve_ds.bench.count import count_call, count_engine_step
-from eve_ds.bench.table1 import BenchConfig, build_bench_engine, memory_batches, train_step
+from eve_ds.bench.throughput import BenchConfig, build_bench_engine, memory_batches, train_step
 from eve_ds.models.config import get_config
 from eve_ds.objectives import ObjectiveConfig
 

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import free_port, make_batch
 
-from eve_ds.bench.table1 import DEFAULT_TASK_SETS
+from eve_ds.bench.throughput import DEFAULT_TASK_SETS
 from eve_ds.models.config import get_config
 from eve_ds.models.eve import EVEModel
 from eve_ds.objectives import OBJECTIVES, ObjectiveConfig, PretrainingModel

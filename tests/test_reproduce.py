@@ -24,9 +24,11 @@ from pathlib import Path
 import pytest
 from test_slurm import REPO, cluster, job_env  # noqa: F401 (cluster: the session fixture)
 
-from eve_ds.bench import table2 as t2
-from eve_ds.cli.table2_report import main as report_main
-from eve_ds.cli.table2_report import reproduce_main
+from eve_ds.cli.reproduce import main as report_main
+from eve_ds.cli.reproduce import reproduce_main
+from eve_ds.repro.chain import plan as chain_plan
+from eve_ds.repro.chain import report as chain_report
+from eve_ds.repro.chain import slurm
 from eve_ds.train.config import packaged_configs
 
 SCRIPT = REPO / "slurm" / "reproduce.sh"
@@ -56,13 +58,13 @@ def test_script_is_executable_and_parses():
 
 
 def test_plan_order_dependencies_and_inits():
-    stages = t2.plan("base", "4m")
+    stages = chain_plan.plan("base", "4m")
     assert [s.name for s in stages] == NAMES
     seen = set()
     for s in stages:  # dependency order: every stage after what it needs
         assert set(s.deps) <= seen, s.name
         seen.add(s.name)
-    by = t2.by_name(stages)
+    by = chain_plan.by_name(stages)
     assert by["retrieval_coco"].source == "export"
     assert {by[n].source for n in ("vqa", "nlvr2", "retrieval_flickr")} == {"retrieval_coco"}
     assert by["report"].deps == ("eval_retrieval_coco", "eval_vqa", "eval_nlvr2", "eval_retrieval_flickr")
@@ -71,9 +73,9 @@ def test_plan_order_dependencies_and_inits():
         "slurm/pretrain_base.sh",
         16,
     )
-    assert t2.by_name(t2.plan("large", "16m"))["pretrain"].config == "eve_large_16m"
+    assert chain_plan.by_name(chain_plan.plan("large", "16m"))["pretrain"].config == "eve_large_16m"
     run = Path("/r")
-    assert t2.train_args(by["vqa"], run) == [
+    assert chain_plan.train_args(by["vqa"], run) == [
         "--config",
         "vqa_eve_base",
         "--run-dir",
@@ -83,7 +85,7 @@ def test_plan_order_dependencies_and_inits():
 
 
 def test_tiny_plan_uses_packaged_configs():
-    stages = t2.by_name(t2.plan("tiny", "4m"))
+    stages = chain_plan.by_name(chain_plan.plan("tiny", "4m"))
     configs = {s.config for s in stages.values() if s.kind == "train"}
     assert configs <= set(packaged_configs()), configs - set(packaged_configs())
     assert "task.dataset=flickr30k" in stages["retrieval_flickr"].overrides
@@ -92,32 +94,34 @@ def test_tiny_plan_uses_packaged_configs():
 
 
 def test_bad_size_and_corpus():
-    with pytest.raises(t2.PlanError, match=r"--size 'huge': expected one of"):
-        t2.plan("huge", "4m")
-    with pytest.raises(t2.PlanError, match="--size base --corpus 16m: no such pre-training"):
-        t2.plan("base", "16m")
+    with pytest.raises(chain_plan.PlanError, match=r"--size 'huge': expected one of"):
+        chain_plan.plan("huge", "4m")
+    with pytest.raises(chain_plan.PlanError, match="--size base --corpus 16m: no such pre-training"):
+        chain_plan.plan("base", "16m")
 
 
 def test_override_scopes():
-    out = t2.split_overrides(["train.max_steps=3", "vqa:task.epochs=1", "finetune:data.num_workers=0"])
+    out = chain_plan.split_overrides(
+        ["train.max_steps=3", "vqa:task.epochs=1", "finetune:data.num_workers=0"]
+    )
     assert out["pretrain"] == ["train.max_steps=3"]
     assert out["vqa"] == ["train.max_steps=3", "task.epochs=1", "data.num_workers=0"]
     assert out["nlvr2"] == ["train.max_steps=3", "data.num_workers=0"]
     # A value with a colon is an ordinary global override.
-    assert t2.split_overrides(["data.cache_dir=s3://b:k"])["vqa"] == ["data.cache_dir=s3://b:k"]
-    with pytest.raises(t2.PlanError, match="no training stage 'vqa2'"):
-        t2.split_overrides(["vqa2:task.epochs=1"])
-    with pytest.raises(t2.PlanError, match="expected KEY=VALUE"):
-        t2.split_overrides(["train.max_steps"])
-    with pytest.raises(t2.PlanError, match=r"pretrain:train\.init_from=PATH"):
-        t2.split_overrides(["train.init_from=/x"])
-    pre = t2.by_name(t2.plan("base", "4m", ["pretrain:train.init_from=/beit"]))["pretrain"]
-    assert "train.init_from=/beit" in t2.train_args(pre, Path("/r"))
+    assert chain_plan.split_overrides(["data.cache_dir=s3://b:k"])["vqa"] == ["data.cache_dir=s3://b:k"]
+    with pytest.raises(chain_plan.PlanError, match="no training stage 'vqa2'"):
+        chain_plan.split_overrides(["vqa2:task.epochs=1"])
+    with pytest.raises(chain_plan.PlanError, match="expected KEY=VALUE"):
+        chain_plan.split_overrides(["train.max_steps"])
+    with pytest.raises(chain_plan.PlanError, match=r"pretrain:train\.init_from=PATH"):
+        chain_plan.split_overrides(["train.init_from=/x"])
+    pre = chain_plan.by_name(chain_plan.plan("base", "4m", ["pretrain:train.init_from=/beit"]))["pretrain"]
+    assert "train.init_from=/beit" in chain_plan.train_args(pre, Path("/r"))
 
 
 def actions(complete=(), active=(), traces=()):
-    stages = t2.plan("tiny", "4m")
-    return t2.decide(
+    stages = chain_plan.plan("tiny", "4m")
+    return chain_plan.decide(
         stages,
         {n: n in complete for n in NAMES},
         {n: n in active for n in NAMES},
@@ -141,21 +145,21 @@ def test_decide():
 
 
 def test_set_aside_moves_stale_output(tmp_path):
-    by = t2.by_name(t2.plan("tiny", "4m"))
+    by = chain_plan.by_name(chain_plan.plan("tiny", "4m"))
     (tmp_path / "vqa" / "checkpoints").mkdir(parents=True)
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "vqa_test-dev.json").write_text("{}")
-    (moved,) = t2.set_aside(by["vqa"], tmp_path)
+    (moved,) = chain_plan.set_aside(by["vqa"], tmp_path)
     assert not (tmp_path / "vqa").exists() and (moved / "checkpoints").is_dir()
-    (moved,) = t2.set_aside(by["eval_vqa"], tmp_path)
+    (moved,) = chain_plan.set_aside(by["eval_vqa"], tmp_path)
     assert not (tmp_path / "eval" / "vqa_test-dev.json").exists() and moved.read_text() == "{}"
-    assert t2.set_aside(by["eval_nlvr2"], tmp_path) == []
+    assert chain_plan.set_aside(by["eval_nlvr2"], tmp_path) == []
 
 
 def test_sbatch_lines():
-    by = t2.by_name(t2.plan("tiny", "4m", ["train.max_steps=3"]))
+    by = chain_plan.by_name(chain_plan.plan("tiny", "4m", ["train.max_steps=3"]))
     run, root = Path("/runs/t"), Path("/src")
-    argv = t2.sbatch_argv(by["vqa"], run, [11], "afterok", "/venv/python", root)
+    argv = slurm.sbatch_argv(by["vqa"], run, [11], "afterok", "/venv/python", root)
     assert argv[:2] == ["sbatch", "--parsable"]
     assert "--dependency=afterok:11" in argv and "--kill-on-invalid-dep=yes" in argv
     assert "--output=/runs/t/logs/vqa-%j.out" in argv and "--gpus-per-node=0" in argv
@@ -168,11 +172,11 @@ def test_sbatch_lines():
         "train.init_from=/runs/t/retrieval_coco",
         "train.max_steps=3",
     ]
-    argv = t2.sbatch_argv(by["report"], run, [1, 2], "afterany", "/venv/python", root)
+    argv = slurm.sbatch_argv(by["report"], run, [1, 2], "afterany", "/venv/python", root)
     assert "--dependency=afterany:1:2" in argv
-    assert argv[-1].endswith("exec /venv/python -m eve_ds.cli.table2_report run-stage /runs/t report")
+    assert argv[-1].endswith("exec /venv/python -m eve_ds.cli.reproduce run-stage /runs/t report")
     assert not any(
-        a.startswith("--dependency") for a in t2.sbatch_argv(by["pretrain"], run, [], "afterok", "p", root)
+        a.startswith("--dependency") for a in slurm.sbatch_argv(by["pretrain"], run, [], "afterok", "p", root)
     )
 
 
@@ -190,7 +194,7 @@ def fake_root(root: Path, size: str = "base") -> Path:
     """A run root where pre-training ran in two attempts, VQA and NLVR2 finished, NLVR2 and COCO retrieval
     were evaluated, VQA's evaluation failed, COCO retrieval has no final metrics and Flickr30K never
     started."""
-    t2.write_plan(root, size, "4m", [])
+    chain_plan.write_plan(root, size, "4m", [])
     launch_log(root / "pretrain/logs/slurm-5.0.log", "2026-01-01T00:00:00", "2026-01-01T01:00:00")
     launch_log(root / "pretrain/logs/slurm-5.1.log", "2026-01-01T02:00:00", "2026-01-01T03:30:00")
     (root / "pretrain/final_metrics.json").write_text("{}")
@@ -207,18 +211,18 @@ def fake_root(root: Path, size: str = "base") -> Path:
     (root / "eval").mkdir()
     (root / "eval/nlvr2_dev.json").write_text(json.dumps({"nlvr2_acc": 0.8}))
     (root / "eval/nlvr2_test1.json").write_text(json.dumps({"nlvr2_acc": 0.81}))
-    coco = {m: 50.0 + i for i, m in enumerate(t2.RECALLS)}
+    coco = {m: 50.0 + i for i, m in enumerate(chain_report.RECALLS)}
     (root / "eval/retrieval_coco_test.json").write_text(json.dumps(coco))
     (root / "retrieval_coco").mkdir()  # a run directory without final metrics: it failed or is running
-    t2.record_stage_run(root, "eval_nlvr2", start=time.time() - 360, rc=0)
-    t2.record_stage_run(root, "eval_vqa", start=time.time() - 36, rc=2)  # its job failed
+    chain_plan.record_stage_run(root, "eval_nlvr2", start=time.time() - 360, rc=0)
+    chain_plan.record_stage_run(root, "eval_vqa", start=time.time() - 36, rc=2)  # its job failed
     return root
 
 
 def test_report_rows_paper_numbers_and_differences(tmp_path):
-    report = t2.build_report(fake_root(tmp_path))
+    report = chain_report.build_report(fake_root(tmp_path))
     rows = {(r["task"], r["metric"], r["split"]): r for r in report["rows"]}
-    assert len(rows) == len(report["rows"]) == 4 + 2 * len(t2.RECALLS)
+    assert len(rows) == len(report["rows"]) == 4 + 2 * len(chain_report.RECALLS)
     assert rows["vqa", "vqa_score", "minival"]["value"] == 77.12  # percent
     test_dev = rows["vqa", "vqa_score", "test-dev"]  # scored by EvalAI, not here
     assert (test_dev["value"], test_dev["paper"], test_dev["diff"]) == (None, 78.0, None)
@@ -252,7 +256,7 @@ def test_report_rows_paper_numbers_and_differences(tmp_path):
 
 
 def test_report_stages_hours_and_throughput(tmp_path):
-    report = t2.build_report(fake_root(tmp_path))
+    report = chain_report.build_report(fake_root(tmp_path))
     st = {s["name"]: s for s in report["stages"]}
     assert "report" not in st and len(st) == len(NAMES) - 1
     assert st["pretrain"]["status"] == "complete"
@@ -281,7 +285,7 @@ def test_report_stages_hours_and_throughput(tmp_path):
 
 
 def test_tiny_report_has_no_paper_column(tmp_path):
-    report = t2.build_report(fake_root(tmp_path, size="tiny"))
+    report = chain_report.build_report(fake_root(tmp_path, size="tiny"))
     assert all(r["paper"] is None and r["diff"] is None for r in report["rows"])
     assert any(r["value"] is not None for r in report["rows"])
 
@@ -292,7 +296,7 @@ def test_eve_report_writes_files_and_records_the_evalai_score(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| vqa | vqa_score | test-dev | 77.50 | 78.00 | -0.50 |" in out
     saved = json.loads((root / "report.json").read_text())
-    assert (root / "report.md").read_text() == t2.markdown(saved)
+    assert (root / "report.md").read_text() == chain_report.markdown(saved)
     assert saved["rows"][0]["value"] == 77.5 and saved["rows"][0]["diff"] == -0.5
     assert report_main([str(tmp_path / "nothing")]) == 2
     assert "not a run root of slurm/reproduce.sh" in capsys.readouterr().err
@@ -395,7 +399,7 @@ def test_chain_completes_with_a_row_per_metric(chain):
     assert "chain complete" in r.stdout
     report = json.loads((run / "report.json").read_text())
     got = {(x["task"], x["metric"], x["split"]): x for x in report["rows"]}
-    assert set(got) == {(x.task, x.metric, x.split) for x in t2.ROWS}
+    assert set(got) == {(x.task, x.metric, x.split) for x in chain_report.ROWS}
     for key, row in got.items():
         if key != ("vqa", "vqa_score", "test-dev"):  # EvalAI's: not computed here
             assert isinstance(row["value"], float) and 0 <= row["value"] <= 100, row
@@ -432,7 +436,9 @@ def test_failed_stage_is_named_and_rerun_with_its_dependents_only(chain):
     conf, run, cache, first = chain
     assert first.returncode == 0
     (run / "vqa/final_metrics.json").unlink()
-    questions = Path(t2.task_data_root(run / "vqa")) / "v2_OpenEnded_mscoco_test-dev2015_questions.json"
+    questions = (
+        Path(chain_plan.task_data_root(run / "vqa")) / "v2_OpenEnded_mscoco_test-dev2015_questions.json"
+    )
     aside = questions.with_suffix(".aside")
     questions.rename(aside)
     try:

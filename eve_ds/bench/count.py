@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from eve_ds.bench.table1 import BenchConfig, build_bench_engine, memory_batches, train_step
+from eve_ds.bench.throughput import BenchConfig, build_bench_engine, memory_batches, train_step
 from eve_ds.models.layers import Block
 from eve_ds.objectives import ObjectiveConfig
 
@@ -286,7 +286,7 @@ def count_call(fn: Callable[[], object], record_forward_sites: bool = False) -> 
 
 
 def count_engine_step(engine, batch: dict[str, Tensor]) -> dict[str, PhaseCount]:
-    """One training step (`eve_ds.bench.table1.train_step`'s three calls), counted phase by phase."""
+    """One training step (`eve_ds.bench.throughput.train_step`'s three calls), counted phase by phase."""
     fwd, out = count_call(lambda: engine(batch), record_forward_sites=True)
     bwd, _ = count_call(lambda: engine.backward(out["loss"]))
     step, _ = count_call(engine.step)

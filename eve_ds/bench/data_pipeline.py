@@ -16,6 +16,7 @@ from eve_ds.data.manifest import expand_spec
 from eve_ds.data.pipeline import build_train_loader, load_tokenizer
 from eve_ds.data.stream import read_shard
 from eve_ds.data.transforms import IMAGE_KEYS
+from eve_ds.utils.markdown import table
 
 
 def load_jpegs(spec: str, n: int) -> list[bytes]:
@@ -88,15 +89,12 @@ def run(spec: str, workers: int, *, image_size: int, batch_size: int, num_batche
 
 
 def markdown(result: dict) -> str:
-    lines = [
-        f"shards `{result['shards']}`, image_size {result['image_size']}, batch {result['batch_size']} x "
-        f"{result['num_batches']} batches",
-        "",
-        "| setting | workers | samples/s | vs bare |",
-        "|---|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {r['setting']} | {r['workers']} | {r['samples_per_s']:.0f} | {r['vs_bare']:.2f} |"
+    rows = (
+        [r["setting"], r["workers"], f"{r['samples_per_s']:.0f}", f"{r['vs_bare']:.2f}"]
         for r in result["rows"]
-    ]
-    return "\n".join(lines)
+    )
+    head = (
+        f"shards `{result['shards']}`, image_size {result['image_size']}, batch {result['batch_size']} x "
+        f"{result['num_batches']} batches"
+    )
+    return "\n".join([head, "", table(["setting", "workers", "samples/s", "vs bare"], rows)])

@@ -1,9 +1,10 @@
-"""The benchmark's outputs: a markdown table shaped like the paper's Table 1 and a JSON record with the
-device, versions, configuration and git revision."""
+"""The throughput benchmark's outputs: a markdown table shaped like the paper's Table 1 and a JSON record
+with the device, versions, configuration and git revision; `merge` combines several such records."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import platform
 import subprocess
 import sys
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from eve_ds.bench.table1 import MSM, BenchConfig, RowResult
+from eve_ds.bench.throughput import MSM, BenchConfig, RowResult, with_ratios
 from eve_ds.objectives.flops import FORMULA
+from eve_ds.utils.markdown import table
 
 NAMES = {"mlm": "MLM", "itc": "ITC", "itm": "ITM", "mim_token": "MIM (token)", "mim_pixel": "MIM (pixel)"}
 
@@ -92,6 +94,35 @@ def notes(bc: BenchConfig) -> list[str]:
     return n
 
 
+def _row_cells(r: RowResult) -> list[str]:
+    ratio = f"{r.ratio_to_msm:.2f}" if r.ratio_to_msm is not None else "–"
+    mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "–"
+    paper = f"{r.paper['max_batch_per_gpu']} / {r.paper['hours_per_epoch']}" if r.paper else "–"
+    batch = f"{r.max_micro_batch}" + ("" if r.batch_source == "search" else " (fixed)")
+    return [
+        task_label(r.task_set),
+        batch,
+        f"{r.pairs_per_s:,.1f}",
+        f"{r.hours_per_epoch:,.2f}",
+        ratio,
+        f"{r.gflops_per_pair:,.1f}",
+        mfu,
+        paper,
+    ]
+
+
+HEADER = (
+    "Pre-training tasks",
+    "Max batch / GPU",
+    "Pairs/s / GPU",
+    "Hours / epoch",
+    "× MSM time",
+    "GFLOPs / pair",
+    "MFU",
+    "Paper: batch / hours",
+)
+
+
 def to_markdown(bc: BenchConfig, rows: list[RowResult], meta: dict) -> str:
     dev = meta["device"]["name"]
     head = (
@@ -101,20 +132,7 @@ def to_markdown(bc: BenchConfig, rows: list[RowResult], meta: dict) -> str:
     )
     lines = [
         head,
-        "| Pre-training tasks | Max batch / GPU | Pairs/s / GPU | Hours / epoch | × MSM time | "
-        "GFLOPs / pair | MFU | Paper: batch / hours |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        ratio = f"{r.ratio_to_msm:.2f}" if r.ratio_to_msm is not None else "–"
-        mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "–"
-        paper = f"{r.paper['max_batch_per_gpu']} / {r.paper['hours_per_epoch']}" if r.paper else "–"
-        batch = f"{r.max_micro_batch}" + ("" if r.batch_source == "search" else " (fixed)")
-        lines.append(
-            f"| {task_label(r.task_set)} | {batch} | {r.pairs_per_s:,.1f} | {r.hours_per_epoch:,.2f} | "
-            f"{ratio} | {r.gflops_per_pair:,.1f} | {mfu} | {paper} |"
-        )
-    lines += [
+        table(HEADER, (_row_cells(r) for r in rows)),
         "",
         *[f"- {n}" for n in notes(bc)],
         f"- git {meta['git_revision']}{' (dirty tree)' if meta['git_dirty'] else ''}, "
@@ -124,7 +142,8 @@ def to_markdown(bc: BenchConfig, rows: list[RowResult], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_json(bc: BenchConfig, rows: list[RowResult], meta: dict) -> dict:
+def to_json(bc: BenchConfig, rows: list[RowResult], meta: dict, paper_ratios: dict | None = None) -> dict:
+    """The JSON record; `paper_ratios`: the paper's MSM vs MLM + ITC + ITM + MIM ratios, for `goals`."""
     by = {tuple(r.task_set): r for r in rows}
     full = by.get(("mlm", "itc", "itm", "mim_pixel"))
     msm = by.get(MSM)
@@ -134,7 +153,7 @@ def to_json(bc: BenchConfig, rows: list[RowResult], meta: dict) -> dict:
             "msm_vs_mlm_itc_itm_mim_throughput_ratio": msm.pairs_per_s / full.pairs_per_s,
             "msm_vs_mlm_itc_itm_mim_batch_ratio": msm.max_micro_batch / full.max_micro_batch,
             "msm_pairs_per_s": msm.pairs_per_s,
-            "paper": {"throughput_ratio": 3.6, "batch_ratio": 3.5},
+            "paper": paper_ratios,
         }
     return {
         "benchmark": "pretrain_table1",
@@ -159,3 +178,22 @@ def meta_info(bc: BenchConfig, argv: list[str] | None) -> dict:
         "git_dirty": dirty,
         "command": cmd.strip(),
     }
+
+
+def merge(paths: list[Path]) -> tuple[BenchConfig, list[RowResult], dict]:
+    """Rows of several JSON records (same model and device) -> (config of the first, rows with their ratios
+    recomputed against the MSM row, its meta). Raises ValueError when the records do not match."""
+    records = [json.loads(Path(p).read_text()) for p in paths]
+    first = records[0]
+    for p, r in zip(paths, records):
+        if (
+            r["config"]["bench"]["model"] != first["config"]["bench"]["model"]
+            or r["device"] != first["device"]
+        ):
+            raise ValueError(f"{p} was measured on another model or device than {paths[0]}")
+    bc = BenchConfig(**first["config"]["bench"])
+    rows = [RowResult(**row) for r in records for row in r["rows"]]
+    bc.task_sets = [r.task_set for r in rows]
+    meta = {k: first[k] for k in ("device", "versions", "git_revision", "git_dirty")}
+    meta["command"] = " + ".join(r["command"] for r in records)
+    return bc, with_ratios(rows), meta

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from eve_ds.bench.init_gain import METRICS, markdown, run_one, summarize
+from eve_ds.repro.init_gain import METRICS, markdown, run_one, summarize
 from eve_ds.train.config import load_config
 from eve_ds.utils.io import atomic_write_json, atomic_write_text
 

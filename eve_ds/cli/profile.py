@@ -5,7 +5,7 @@
 
 Prints (and writes with --json):
   * the device time of every model region per training step (each call replayed on its own, forward +
-    backward: `eve_ds.bench.regions`), with their sum;
+    backward: `eve_ds.bench.profile`), with their sum;
   * the DeepSpeed engine's step (ZeRO stage of the benchmark's DeepSpeed config) split into forward,
     backward and optimizer step, and the host-to-device copy of one batch;
   * with --ops, torch.profiler's operator table of one forward + backward (self device time on CUDA).
@@ -22,12 +22,11 @@ import sys
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from eve_ds.bench.count import count_train_step, format_counts
-from eve_ds.bench.regions import h2d_time, region_times, step_split
+from eve_ds.bench.profile import operator_table, profile_engine, profile_regions
 from eve_ds.bench.report import device_info, git_revision, versions
-from eve_ds.bench.table1 import BenchConfig, build_bench_engine, build_model, memory_batches
+from eve_ds.bench.throughput import BenchConfig
 from eve_ds.models.config import FLAVORS
 from eve_ds.objectives import ObjectiveConfig
 from eve_ds.train.distributed import init_distributed
@@ -59,41 +58,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def profile_model(args: argparse.Namespace, cfg, obj: ObjectiveConfig, bc: BenchConfig, dtype) -> dict:
-    """Region times, the batch copy and (--ops) the operator table of the plain module (no engine)."""
-    model = build_model(cfg, obj, 0).to(args.device, dtype)
-    batch = next(memory_batches(cfg, obj, args.batch_size, bc, dtype, num_batches=1))
-    gen = torch.Generator(device=args.device)
-
-    def forward():
-        return model(batch, generator=gen.manual_seed(0))
-
-    regions = region_times(model, forward, args.device, args.reps)
-    result = {
-        "model": args.model,
-        "task_set": obj.objectives,
-        "batch_size": args.batch_size,
-        "dtype": str(dtype).removeprefix("torch."),
-        "overrides": args.set,
-        "regions_ms": regions,
-        "regions_sum_ms": sum(r["ms"] for r in regions.values()),
-        "h2d_ms": h2d_time(cfg, args.batch_size, args.device),
-    }
+def print_regions(result: dict) -> None:
     print(
-        f"{args.model} {'+'.join(obj.objectives)} batch {args.batch_size} {result['dtype']} {args.set or ''}"
+        f"{result['model']} {'+'.join(result['task_set'])} batch {result['batch_size']} {result['dtype']} "
+        f"{result['overrides'] or ''}"
     )
     print("device time per training step, region by region (forward + backward, each call on its own):")
-    for k, v in sorted(regions.items(), key=lambda kv: -kv[1]["ms"]):
+    for k, v in sorted(result["regions_ms"].items(), key=lambda kv: -kv[1]["ms"]):
         print(f"  {k:28s} {v['ms']:9.2f} ms  ({v['calls']} calls)")
     print(f"  {'sum of regions':28s} {result['regions_sum_ms']:9.2f} ms")
     print(f"  {'host-to-device batch copy':28s} {result['h2d_ms']:9.2f} ms")
-    if args.ops:
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
-        with profile(activities=acts) as prof:
-            forward()["loss"].backward()
-        sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by=sort, row_limit=args.top))
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,26 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     bc = BenchConfig(model=args.model, device=args.device, model_overrides=args.set)
-    cfg = bc.model_config()
     obj = ObjectiveConfig(objectives=args.task_set.split(","))
     init_distributed(args.device, timeout_s=600)
     if args.count:
         return count_main(args, argv)
-    result = profile_model(args, cfg, obj, bc, dtype)
+    result = profile_regions(bc, obj, args.batch_size, dtype, args.reps)
+    print_regions(result)
+    if args.ops:
+        print(operator_table(bc, obj, args.batch_size, dtype, args.top))
     if not args.no_engine:
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
-        engine, edtype = build_bench_engine(bc, cfg, obj, args.batch_size)
-        split = step_split(
-            engine, memory_batches(cfg, obj, args.batch_size, bc, edtype), args.device, args.steps
-        )
-        result["engine_step_ms"] = split
-        result["engine_step_total_ms"] = sum(split.values())
-        result["peak_memory_gib"] = (
-            torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
-        )
+        result |= profile_engine(bc, obj, args.batch_size, args.steps)
         print("DeepSpeed engine step, synchronised between parts:")
-        for k, v in split.items():
+        for k, v in result["engine_step_ms"].items():
             print(f"  {k:28s} {v:9.2f} ms")
         print(f"  {'total':28s} {result['engine_step_total_ms']:9.2f} ms")
     result["meta"] = meta(args, argv)

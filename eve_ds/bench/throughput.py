@@ -30,17 +30,17 @@ from eve_ds.utils.config import apply_override
 logger = logging.getLogger(__name__)
 
 MSM = ("mlm", "mim_pixel")
-# The paper's Table 1 rows (EVE-Base, 8 x A100): task set -> (max batch per GPU, hours per epoch). The
-# paper's row labels could not be checked here; this composition is inferred from the numbers (costs
-# relative to one full fusion pass) and the text (MSM fastest, "+ITC+ITM" ~3.5x slower).
-PAPER_TABLE1: dict[tuple[str, ...], tuple[int, float]] = {
-    ("mlm", "mim_pixel"): (224, 2.14),
-    ("mlm", "mim_token"): (152, 3.09),
-    ("mlm", "itc", "mim_pixel"): (132, 3.26),
-    ("mlm", "itc", "itm"): (80, 6.88),
-    ("mlm", "itc", "itm", "mim_pixel"): (64, 7.73),
-}
-DEFAULT_TASK_SETS: list[list[str]] = [list(k) for k in PAPER_TABLE1] + [["mlm"]]
+# The paper's Table 1 rows (eve_ds/repro/paper.py: TABLE1) and MLM alone.
+DEFAULT_TASK_SETS: list[list[str]] = [
+    ["mlm", "mim_pixel"],
+    ["mlm", "mim_token"],
+    ["mlm", "itc", "mim_pixel"],
+    ["mlm", "itc", "itm"],
+    ["mlm", "itc", "itm", "mim_pixel"],
+    ["mlm"],
+]
+# task set -> a paper row to print next to ours (e.g. repro.paper.table1_row), or None
+PaperRows = Callable[[list[str]], dict | None]
 
 
 @dataclass
@@ -328,7 +328,7 @@ def time_steps(engine, data: Iterator[dict[str, Tensor]], bc: BenchConfig) -> tu
     return windows, losses
 
 
-def run_row(bc: BenchConfig, task_set: list[str]) -> RowResult:
+def run_row(bc: BenchConfig, task_set: list[str], paper: PaperRows | None = None) -> RowResult:
     cfg = bc.model_config()
     obj = ObjectiveConfig(objectives=list(task_set))
     obj.validate()
@@ -377,22 +377,20 @@ def run_row(bc: BenchConfig, task_set: list[str]) -> RowResult:
         mfu=achieved / peak if peak else None,
         peak_memory_gib=mem,
         losses=losses,
-        paper=_paper(task_set),
+        paper=paper(task_set) if paper else None,
     )
 
 
-def _paper(task_set: list[str]) -> dict | None:
-    p = PAPER_TABLE1.get(tuple(task_set))
-    return {"max_batch_per_gpu": p[0], "hours_per_epoch": p[1], "gpus": "8 x A100"} if p else None
-
-
 def run_benchmark(
-    bc: BenchConfig, progress: Callable[[int, RowResult], None] | None = None
+    bc: BenchConfig,
+    progress: Callable[[int, RowResult], None] | None = None,
+    paper: PaperRows | None = None,
 ) -> list[RowResult]:
+    """Every task set of `bc`, with the ratios to MSM; `paper` gives the paper's row of a task set."""
     rows = []
     for i, ts in enumerate(bc.task_sets):
         logger.info("[%d/%d] %s ...", i + 1, len(bc.task_sets), "+".join(ts))
-        rows.append(run_row(bc, ts))
+        rows.append(run_row(bc, ts, paper))
         if progress:
             progress(i, rows[-1])
     return with_ratios(rows)

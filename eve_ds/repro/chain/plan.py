@@ -1,92 +1,30 @@
-"""The paper's Table 2 (VQA v2, NLVR2) and fine-tuned retrieval (its Table 4), reproduced by one chain of
-Slurm jobs under one run root, and the report that compares the chain's numbers with the paper's.
+"""The Table 2 chain's plan: which stages run, from what, with which config and Slurm resources, and what a
+rerun does with each (skip / wait / submit / fresh).
 
     pretrain -> export -> retrieval_coco -> vqa, nlvr2, retrieval_flickr (in parallel)
              -> eval_retrieval_coco, eval_vqa, eval_nlvr2, eval_retrieval_flickr -> report
 
 Every stage writes under RUN_ROOT/<stage> (training, export) or RUN_ROOT/eval/ and is complete when its
-outputs exist, so a rerun submits only what is missing (and what depends on it). The pieces:
+outputs exist, so a rerun submits only what is missing (and what depends on it).
 
-    plan(size, corpus, run_root, overrides) -> [Stage]     what runs, from what, with which config
-    decide(stages, complete, active) -> {stage: action}     skip / wait / submit / fresh
+    plan(size, corpus, overrides) -> [Stage]                  what runs, from what, with which config
+    decide(stages, complete, active, traces) -> {stage: action}
     preflight_problems(...)                                 every training config checked before sbatch
-    submit(...), job_states(...)                            sbatch with afterok dependencies, squeue
-    build_report(run_root) / write_report(run_root)         report.json + report.md
-
-The stages run the project's ordinary commands: training through slurm/launch.sh (requeue + exact resume),
-export / evaluation / report as small jobs of `python -m eve_ds.cli.table2_report run-stage`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
-import shlex
-import statistics
-import subprocess
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from eve_ds.utils.io import atomic_write_json, atomic_write_text
+from eve_ds.utils.io import atomic_write_json
 
 SIZES = ("tiny", "base", "large")
 CORPORA = ("4m", "16m")
-
-# -- the paper's numbers -----------------------------------------------------------------------------
-
-# EVE (Chen et al., AAAI 2024, arXiv:2308.11971): Table 2 (VQA v2 test-dev, NLVR2 dev / test-P) and Table 4
-# (fine-tuned retrieval, COCO 5K and Flickr30K 1K test), in percent, keyed (task, metric, split). EVE-Base
-# on the 4M corpus as quoted in the reproduction issue; the paper's tables themselves could not be read
-# from here, so every number not quoted there (the Large models, R@5 / R@10) is None: never guessed.
-PAPER_SOURCE = "EVE (AAAI 2024) Table 2 (VQA, NLVR2) and Table 4 (retrieval)"
-PAPER: dict[tuple[str, str], dict[tuple[str, str, str], float]] = {
-    ("base", "4m"): {
-        ("vqa", "vqa_score", "test-dev"): 78.00,
-        ("nlvr2", "nlvr2_acc", "dev"): 83.34,
-        ("nlvr2", "nlvr2_acc", "test-P"): 83.93,
-        ("retrieval_coco", "tr_r1", "test"): 79.6,
-        ("retrieval_coco", "ir_r1", "test"): 62.0,
-        ("retrieval_flickr30k", "tr_r1", "test"): 95.6,
-        ("retrieval_flickr30k", "ir_r1", "test"): 84.1,
-    },
-    ("large", "4m"): {},
-    ("large", "16m"): {},
-}
-
-RECALLS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "r_mean")
-EVALAI_FILE = (
-    "eval/vqa_test-dev_evalai.json"  # {"overall": score in percent}, from `eve-report --vqa-test-dev`
-)
-
-
-@dataclass(frozen=True)
-class Row:
-    """One number of the report: where ours comes from (a JSON file under the run root, a key, a scale to
-    percent) and which paper entry it is compared with."""
-
-    task: str
-    metric: str
-    split: str
-    source: str
-    key: str
-    scale: float = 1.0
-    note: str = ""
-
-
-ROWS: tuple[Row, ...] = (
-    Row("vqa", "vqa_score", "test-dev", EVALAI_FILE, "overall", 1.0, "EvalAI score of the predictions file"),
-    Row("vqa", "vqa_score", "minival", "vqa/final_metrics.json", "vqa_score", 100.0),
-    Row("nlvr2", "nlvr2_acc", "dev", "eval/nlvr2_dev.json", "nlvr2_acc", 100.0),
-    Row("nlvr2", "nlvr2_acc", "test-P", "eval/nlvr2_test1.json", "nlvr2_acc", 100.0),
-    *(Row("retrieval_coco", m, "test", "eval/retrieval_coco_test.json", m) for m in RECALLS),
-    *(Row("retrieval_flickr30k", m, "test", "eval/retrieval_flickr30k_test.json", m) for m in RECALLS),
-)
-
-# -- the plan -----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -430,72 +368,7 @@ def task_data_root(run_dir: Path) -> str:
     return build_task(cfg.task, ctx).root()
 
 
-# -- Slurm --------------------------------------------------------------------------------------------
-
-# squeue states of a job that has not ended yet (a requeued job is PENDING again, with the same id).
-ACTIVE_STATES = frozenset(
-    {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
-    | {"RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
-)
-
-
-def sbatch_argv(
-    stage: Stage, run_root: Path, deps: list[int], after: str, python: str, root: Path
-) -> list[str]:
-    """`sbatch ...` of one stage: its log under RUN_ROOT/logs, the dependencies (`after`: afterok, or
-    afterany for the report, which also reports a chain with failed stages); training stages run their job
-    script (slurm/launch.sh), the others `python -m eve_ds.cli.table2_report run-stage`."""
-    argv = [
-        "sbatch",
-        "--parsable",
-        f"--job-name=eve-{stage.name}",
-        f"--output={run_root}/logs/{stage.name}-%j.out",
-        "--open-mode=append",
-    ]
-    if deps:
-        argv += [f"--dependency={after}:" + ":".join(map(str, deps)), "--kill-on-invalid-dep=yes"]
-    argv += list(stage.sbatch)
-    if stage.kind == "train":
-        return [*argv, str(root / stage.script), *train_args(stage, run_root)]
-    cmd = (
-        f"cd {shlex.quote(str(root))} && export PYTHONPATH={shlex.quote(str(root))}${{PYTHONPATH:+:$PYTHONPATH}}"
-        f" && exec {shlex.quote(python)} -m eve_ds.cli.table2_report run-stage {shlex.quote(str(run_root))} "
-        f"{stage.name}"
-    )
-    return [*argv, f"--wrap={cmd}"]
-
-
-def sbatch(argv: list[str], env: dict, cwd: Path) -> int:
-    r = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
-    if r.returncode != 0:
-        raise RuntimeError(f"{shlex.join(argv)} failed ({r.returncode}): {r.stderr.strip()}")
-    return int(r.stdout.strip().split(";")[0])
-
-
-def job_states(job_ids: list[int]) -> dict[int, str]:
-    """{job id: Slurm state} of the jobs squeue still knows (ended ones for MinJobAge, default 5 min).
-    Raises RuntimeError when squeue itself fails (not when it no longer knows a job)."""
-    if not job_ids:
-        return {}
-    argv = ["squeue", "-h", "-t", "all", "-o", "%i %T", "-j", ",".join(map(str, job_ids))]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-    if r.returncode != 0 and "Invalid job id" not in r.stderr:
-        raise RuntimeError(f"{shlex.join(argv)} failed ({r.returncode}): {r.stderr.strip()}")
-    states = {}
-    for line in r.stdout.splitlines():
-        jid, _, state = line.strip().partition(" ")
-        if jid.isdigit():
-            states[int(jid)] = state
-    return states
-
-
-def read_jobs(run_root: Path) -> dict[str, dict]:
-    path = run_root / "reproduce" / "jobs.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def record_jobs(run_root: Path, new: dict[str, dict]) -> None:
-    atomic_write_json(run_root / "reproduce" / "jobs.json", {**read_jobs(run_root), **new})
+# -- the chain's records ------------------------------------------------------------------------------
 
 
 def write_plan(run_root: Path, size: str, corpus: str, overrides: list[str]) -> dict | None:
@@ -513,48 +386,14 @@ def read_plan(run_root: Path) -> dict:
     return json.loads(path.read_text())
 
 
-# -- timing -------------------------------------------------------------------------------------------
-
-_LAUNCH_TIME = re.compile(r"^\[launch (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\]")
-
-
-def launch_seconds(run_dir: Path) -> float | None:
-    """Wall seconds of a training stage: over the launcher's per-attempt logs (logs/slurm-<job>.<n>.log),
-    first to last timestamp of each, summed over requeues. None when it never ran under slurm/launch.sh."""
-    total, found = 0.0, False
-    for log in sorted((run_dir / "logs").glob("slurm-*.log")):
-        stamps = [
-            m.group(1)
-            for line in log.read_text(errors="replace").splitlines()
-            if (m := _LAUNCH_TIME.match(line))
-        ]
-        if stamps:
-            found = True
-            total += (datetime.fromisoformat(stamps[-1]) - datetime.fromisoformat(stamps[0])).total_seconds()
-    return total if found else None
-
-
-def _run_record(stage: Stage, run_root: Path) -> dict | None:
+def stage_record(stage: Stage, run_root: Path) -> dict | None:
     """What a small stage's job recorded (record_stage_run); None for training stages and before a run."""
     if stage.kind == "train":
         return None
-    return _read_json(run_root / "reproduce" / "stages" / f"{stage.name}.json")
-
-
-def stage_seconds(stage: Stage, run_root: Path) -> float | None:
-    if stage.kind == "train":
-        return launch_seconds(run_root / stage.name)
-    return (_run_record(stage, run_root) or {}).get("seconds")
-
-
-def stage_status(stage: Stage, run_root: Path) -> str:
-    """complete | failed (a small stage's job exited non-zero) | incomplete (something on disk: running,
-    preempted or failed) | not started."""
-    if is_complete(stage, run_root):
-        return "complete"
-    if (_run_record(stage, run_root) or {}).get("exit_code", 0) != 0:
-        return "failed"
-    return "incomplete" if has_traces(stage, run_root) else "not started"
+    try:
+        return json.loads((run_root / "reproduce" / "stages" / f"{stage.name}.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def record_stage_run(run_root: Path, name: str, start: float, rc: int) -> None:
@@ -568,158 +407,3 @@ def record_stage_run(run_root: Path, name: str, start: float, rc: int) -> None:
             "ended": datetime.now().isoformat(timespec="seconds"),
         },
     )
-
-
-# -- the report ---------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def rows(run_root: Path, size: str, corpus: str) -> list[dict]:
-    """One row per task, metric and split: ours (percent, None until its stage has run), the paper's
-    (None where it is not known, and for the tiny model) and the difference."""
-    paper = PAPER.get((size, corpus), {})
-    out = []
-    for r in ROWS:
-        data = _read_json(run_root / r.source) or {}
-        ours = data.get(r.key)
-        ours = round(ours * r.scale, 2) if isinstance(ours, (int, float)) else None
-        ref = paper.get((r.task, r.metric, r.split))
-        row = {
-            "task": r.task,
-            "metric": r.metric,
-            "split": r.split,
-            "value": ours,
-            "paper": ref,
-            "diff": round(ours - ref, 2) if ours is not None and ref is not None else None,
-        }
-        if r.note:
-            row["note"] = r.note
-        out.append(row)
-    return out
-
-
-def stage_rows(stages: list[Stage], run_root: Path) -> list[dict]:
-    jobs = read_jobs(run_root)
-    out = []
-    for s in stages:
-        if s.kind == "report":
-            continue
-        status = stage_status(s, run_root)
-        seconds = stage_seconds(s, run_root)
-        hours = None if seconds is None else round(seconds / 3600, 4)
-        out.append(
-            {
-                "name": s.name,
-                "status": status,
-                "wall_hours": hours,
-                "gpus": s.gpus,
-                "gpu_hours": None if hours is None else round(hours * s.gpus, 4),
-                "job_id": jobs.get(s.name, {}).get("job_id"),
-            }
-        )
-    return out
-
-
-def pretraining_throughput(run_dir: Path, gpus: int) -> dict | None:
-    """Median pairs/s (all ranks) and MFU of the pre-training's logged windows, from its metrics.jsonl;
-    the first window (compilation, warm-up) is left out when there are others."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return None
-    recs = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # the line being written right now
-            rec = json.loads(line)
-            if "samples_per_s" in rec:
-                recs.append(rec)
-    if len(recs) > 1:
-        recs = recs[1:]
-    if not recs:
-        return None
-    pairs = statistics.median(r["samples_per_s"] for r in recs)
-    mfus = [r["mfu"] for r in recs if isinstance(r.get("mfu"), (int, float))]
-    return {
-        "pairs_per_s": round(pairs, 2),
-        "pairs_per_s_per_gpu": round(pairs / gpus, 2) if gpus else None,
-        "mfu": round(statistics.median(mfus), 4) if mfus else None,
-        "steps": recs[-1].get("step"),
-    }
-
-
-def build_report(run_root: Path, size: str | None = None, corpus: str | None = None) -> dict:
-    """report.json's content; size and corpus default to the chain's plan.json."""
-    run_root = Path(run_root)
-    params = (
-        read_plan(run_root) if size is None else {"size": size, "corpus": corpus or "4m", "overrides": []}
-    )
-    stages = plan(params["size"], params["corpus"], params["overrides"])
-    st = stage_rows(stages, run_root)
-    gpu_hours = [s["gpu_hours"] for s in st if s["gpu_hours"] is not None]
-    return {
-        "size": params["size"],
-        "corpus": params["corpus"],
-        "run_root": str(run_root),
-        "paper_source": PAPER_SOURCE,
-        "rows": rows(run_root, params["size"], params["corpus"]),
-        "stages": st,
-        "gpu_hours": round(sum(gpu_hours), 4) if gpu_hours else None,
-        "pretraining": pretraining_throughput(run_root / "pretrain", by_name(stages)["pretrain"].gpus),
-    }
-
-
-def _fmt(v, digits: int = 2) -> str:
-    return "—" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-
-
-def markdown(report: dict) -> str:
-    size, corpus = report["size"], report["corpus"]
-    title = (
-        "EVE-tiny, synthetic sets" if size == "tiny" else f"EVE-{size.capitalize()}, {corpus.upper()} corpus"
-    )
-    lines = [
-        f"# Table 2 reproduction: {title}",
-        "",
-        f"Run root: `{report['run_root']}`",
-        "",
-        "| task | metric | split | ours | paper | diff |",
-        "|---|---|---|---:|---:|---:|",
-    ]
-    for r in report["rows"]:
-        lines.append(
-            f"| {r['task']} | {r['metric']} | {r['split']} | {_fmt(r['value'])} | {_fmt(r['paper'])} | "
-            f"{_fmt(r['diff'])} |"
-        )
-    lines += ["", "| stage | status | wall h | GPUs | GPU h | job |", "|---|---|---:|---:|---:|---|"]
-    for s in report["stages"]:
-        lines.append(
-            f"| {s['name']} | {s['status']} | {_fmt(s['wall_hours'], 3)} | {s['gpus']} | "
-            f"{_fmt(s['gpu_hours'], 3)} | {_fmt(s['job_id'])} |"
-        )
-    pre = report["pretraining"]
-    lines += ["", f"GPU hours, all stages so far: {_fmt(report['gpu_hours'], 3)}."]
-    if pre:
-        lines.append(
-            f"Pre-training: {_fmt(pre['pairs_per_s'])} pairs/s ({_fmt(pre['pairs_per_s_per_gpu'])} per GPU), "
-            f"MFU {_fmt(pre['mfu'], 3)} (median over the logged windows)."
-        )
-    lines += [
-        "",
-        f"Percent throughout. Paper: {report['paper_source']}; — where the paper's number is not known "
-        "here or not reported, and for the tiny model (no paper counterpart). VQA test-dev is scored by "
-        f"EvalAI: submit eval/vqa_test-dev_predictions.json, then `eve-report RUN_ROOT --vqa-test-dev SCORE`.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def write_report(run_root: Path, size: str | None = None, corpus: str | None = None) -> dict:
-    report = build_report(run_root, size, corpus)
-    atomic_write_text(Path(run_root) / "report.md", markdown(report))
-    atomic_write_json(Path(run_root) / "report.json", report)  # last: the report stage's completion mark
-    return report

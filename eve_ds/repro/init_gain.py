@@ -3,12 +3,13 @@ seeds, as a table and JSON (each fine-tune in its own process, timed end to end)
 
 from __future__ import annotations
 
-import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from eve_ds.train.launch import run_training
+from eve_ds.train.run_dir import RunDir
+from eve_ds.utils.markdown import table
 
 # The metrics worth a column, per task (the first one is the headline).
 METRICS = {
@@ -19,16 +20,12 @@ METRICS = {
 
 
 def run_one(config: str, run_dir: Path, init: str, seed: int, overrides: list[str]) -> dict:
-    """One `eve-finetune` in a fresh process -> its final metrics plus `seconds` (wall clock)."""
-    cmd = [sys.executable, "-m", "eve_ds.cli.finetune", "--config", config, "--run-dir", str(run_dir)]
-    cmd += [f"train.init_from={init}", f"train.seed={seed}", *overrides]
+    """One fine-tune in a fresh process (its output in RUN_DIR.log) -> its final metrics plus `seconds`
+    (wall clock, process start-up included)."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    run_training(config, run_dir, [f"train.init_from={init}", f"train.seed={seed}", *overrides])
     seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    final = json.loads((run_dir / "final_metrics.json").read_text())
-    return {**final, "seconds": seconds, "seed": seed, "init": init}
+    return {**RunDir(run_dir).final_metrics(), "seconds": seconds, "seed": seed, "init": init}
 
 
 def summarize(runs: list[dict], keys: list[str]) -> dict:
@@ -43,10 +40,9 @@ def summarize(runs: list[dict], keys: list[str]) -> dict:
 
 def markdown(task: str, rows: dict[str, dict], command: str) -> str:
     keys = [k for k in [*METRICS.get(task, []), "seconds"] if any(k in r for r in rows.values())]
-    lines = [f"| start | {' | '.join(keys)} |", "|---" * (len(keys) + 1) + "|"]
-    for name, summary in rows.items():
-        lines.append(f"| {name} | {' | '.join(_cell(summary, k) for k in keys)} |")
-    return "\n".join(lines) + f"\n\nMean ± half the spread over seeds. Command: `{command}`\n"
+    body = ([name, *(_cell(summary, k) for k in keys)] for name, summary in rows.items())
+    text = table(["start", *keys], body, align="l" * (len(keys) + 1))
+    return text + f"\n\nMean ± half the spread over seeds. Command: `{command}`\n"
 
 
 def _cell(summary: dict, key: str) -> str:

@@ -10,19 +10,18 @@ for the same wall-clock budget, then fine-tuned on synthetic VQA, NLVR2 and retr
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import sys
 from pathlib import Path
 
-from eve_ds.bench.ablations import FINETUNES, TASK_SETS, AblationConfig, markdown, quick_config, run_ablation
+from eve_ds.repro.ablations.runner import run_ablation
+from eve_ds.repro.ablations.spec import FINETUNES, TASK_SETS, AblationConfig, quick_config
+from eve_ds.repro.ablations.summary import markdown
 from eve_ds.utils.io import atomic_write_json, atomic_write_text
+from eve_ds.utils.task_sets import format_task_sets, parse_task_sets
 
 RESULTS = Path("benchmarks/results")
-
-
-def parse_task_set(text: str) -> list[str]:
-    """'mlm,mim_pixel' -> ['mlm', 'mim_pixel']; 'none' -> [] (the no-pre-training row)."""
-    return [] if text == "none" else [t for t in text.split(",") if t]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,11 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--task-sets",
         nargs="+",
-        type=parse_task_set,
         metavar="A,B|none",
-        help="pre-training task sets (default: "
-        + "; ".join(",".join(t) or "none" for _, t in TASK_SETS)
-        + ")",
+        help=f"pre-training task sets (default: {format_task_sets([t for _, t in TASK_SETS])})",
     )
     p.add_argument("--jobs", type=int, help="fine-tunes at a time, one thread each (default 2)")
     p.add_argument("--cache-dir", help="data.cache_dir of every run (default: the configs')")
@@ -67,9 +63,11 @@ def build_config(args: argparse.Namespace) -> AblationConfig:
         raise SystemExit("--quick needs --out DIR (its numbers must not replace the committed results)")
     work = args.work_dir or (args.out / "runs" if args.quick else Path("runs/ablations"))
     cfg = quick_config(work) if args.quick else AblationConfig(work_dir=work)
-    for name in ("budget_s", "seeds", "pretrain_seed", "task_sets", "cache_dir", "jobs"):
+    for name in ("budget_s", "seeds", "pretrain_seed", "cache_dir", "jobs"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
+    if args.task_sets:
+        cfg.task_sets = parse_task_sets(args.task_sets)
     for item in args.finetune_steps or []:
         task, _, n = item.partition("=")
         if task not in FINETUNES or not n.isdigit() or int(n) < 1:
@@ -89,6 +87,8 @@ def build_config(args: argparse.Namespace) -> AblationConfig:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = build_config(args)
+    if not logging.getLogger().handlers:  # the runs' progress; leave a caller's (or pytest's) logging alone
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     command = "eve-ablations " + shlex.join(argv if argv is not None else sys.argv[1:])
     result = run_ablation(cfg, command, quick=args.quick)
     text = markdown(result)

@@ -1,4 +1,5 @@
-"""`python tools/benchmark_pretrain.py`: pre-training throughput per task set (the paper's Table 1).
+"""`eve-bench` (or `python tools/benchmark_pretrain.py`): pre-training throughput per task set (the paper's
+Table 1).
 
     python tools/benchmark_pretrain.py --model eve_tiny --quick --json /tmp/t1.json      # CI smoke test
     python tools/benchmark_pretrain.py --model eve_tiny --json benchmarks/results/table1-cpu.json \\
@@ -17,23 +18,20 @@ from pathlib import Path
 
 import torch
 
-from eve_ds.bench.report import meta_info, task_label, to_json, to_markdown
-from eve_ds.bench.table1 import DEFAULT_TASK_SETS, BenchConfig, RowResult, run_benchmark, with_ratios
+from eve_ds.bench.report import merge, meta_info, task_label, to_json, to_markdown
+from eve_ds.bench.throughput import DEFAULT_TASK_SETS, BenchConfig, RowResult, run_benchmark
 from eve_ds.models.config import FLAVORS
+from eve_ds.repro import paper
 from eve_ds.train.distributed import resolve_device
+from eve_ds.utils.task_sets import format_task_sets, parse_task_sets
 
 logger = logging.getLogger("eve_ds.bench")
-
-
-def parse_task_sets(spec: str) -> list[list[str]]:
-    """ "mlm,mim_pixel;mlm,itc,itm" -> [["mlm", "mim_pixel"], ["mlm", "itc", "itm"]]."""
-    return [[t.strip() for t in group.split(",") if t.strip()] for group in spec.split(";") if group.strip()]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     doc = __doc__ or ""
     p = argparse.ArgumentParser(
-        prog="benchmark_pretrain",
+        prog="eve-bench",
         description=doc.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=doc.split("\n\n", 1)[1],
@@ -48,9 +46,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--task-sets",
+        nargs="+",
         default=None,
-        help="';'-separated task sets, e.g. 'mlm,mim_pixel;mlm,itc,itm' (default: the paper's "
-        f"rows + MLM alone: {';'.join(','.join(t) for t in DEFAULT_TASK_SETS)})",
+        metavar="A,B",
+        help="task sets, e.g. --task-sets mlm,mim_pixel mlm,itc,itm ('a,b;c,d' works too; default: the "
+        f"paper's rows + MLM alone: {format_task_sets(DEFAULT_TASK_SETS)})",
     )
     p.add_argument(
         "--batch-size",
@@ -73,6 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="model config override, e.g. --set expert_impl=loop (repeatable)",
     )
+    add_run_args(p, d)
+    return p.parse_args(argv)
+
+
+def add_run_args(p: argparse.ArgumentParser, d: BenchConfig) -> None:
+    """The engine, data, timing and output options."""
     p.add_argument("--zero-stage", type=int, default=d.zero_stage, choices=[0, 1, 2])
     p.add_argument("--ds-config", default=None, help="ds_configs/ name (default: zero2_bf16 / zero2_cpu)")
     p.add_argument(
@@ -101,7 +107,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--json", required=True, type=Path, help="write the JSON record here")
     p.add_argument("--markdown", type=Path, default=None, help="also write the markdown table here")
-    return p.parse_args(argv)
 
 
 def bench_config(args: argparse.Namespace) -> BenchConfig:
@@ -135,31 +140,11 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     return bc
 
 
-def merge(paths: list[Path]) -> tuple[BenchConfig, list[RowResult], dict]:
-    """Rows of several JSON records (same model and device) -> (config of the first, rows, its meta)."""
-    records = [json.loads(p.read_text()) for p in paths]
-    first = records[0]
-    for p, r in zip(paths, records):
-        if (
-            r["config"]["bench"]["model"] != first["config"]["bench"]["model"]
-            or r["device"] != first["device"]
-        ):
-            raise SystemExit(
-                f"benchmark_pretrain: {p} was measured on another model or device than {paths[0]}"
-            )
-    bc = BenchConfig(**first["config"]["bench"])
-    rows = [RowResult(**row) for r in records for row in r["rows"]]
-    bc.task_sets = [r.task_set for r in rows]
-    meta = {k: first[k] for k in ("device", "versions", "git_revision", "git_dirty")}
-    meta["command"] = " + ".join(r["command"] for r in records)
-    return bc, with_ratios(rows), meta
-
-
 def write(args: argparse.Namespace, bc: BenchConfig, rows: list[RowResult], meta: dict) -> None:
     md = to_markdown(bc, rows, meta)
     print(md)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(to_json(bc, rows, meta), indent=2) + "\n")
+    args.json.write_text(json.dumps(to_json(bc, rows, meta, paper.TABLE1_RATIOS), indent=2) + "\n")
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(md)
@@ -168,7 +153,10 @@ def write(args: argparse.Namespace, bc: BenchConfig, rows: list[RowResult], meta
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.merge:
-        write(args, *merge(args.merge))
+        try:
+            write(args, *merge(args.merge))
+        except ValueError as e:
+            raise SystemExit(f"eve-bench --merge: {e}") from e
         return 0
     if not logging.getLogger().handlers:
         logging.basicConfig(
@@ -198,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  MFU {100 * r.mfu:.1f}%" if r.mfu else "",
         )
 
-    rows = run_benchmark(bc, progress)
+    rows = run_benchmark(bc, progress, paper.table1_row)
     write(args, bc, rows, meta_info(bc, argv))
     return 0
 

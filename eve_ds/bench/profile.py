@@ -25,9 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from eve_ds.bench.throughput import BenchConfig, build_bench_engine, build_model, memory_batches
 from eve_ds.models.config import EVEConfig
 from eve_ds.models.heads import MLMHead, PixelDecoder
 from eve_ds.models.layers import Attention, HardRouterFFN, SoftRouterFFN
+from eve_ds.objectives import ObjectiveConfig
 
 REGIONS: dict[type, str] = {
     Attention: "attention",
@@ -171,3 +173,54 @@ def h2d_time(cfg: EVEConfig, batch: int, device: str, pin: bool = True, reps: in
     if pin and device == "cuda":
         host = {k: v.pin_memory() for k, v in host.items()}
     return Timer(device)(lambda: {k: v.to(device, non_blocking=True) for k, v in host.items()}, reps)
+
+
+# -- one profile of a model: what `eve-profile` prints --------------------------------------------------
+
+
+def profile_regions(bc: BenchConfig, obj: ObjectiveConfig, batch_size: int, dtype, reps: int) -> dict:
+    """Region times and the host-to-device batch copy of one training step of the plain module (no
+    engine), on `bc.device`."""
+    cfg = bc.model_config()
+    model = build_model(cfg, obj, 0).to(bc.device, dtype)
+    batch = next(memory_batches(cfg, obj, batch_size, bc, dtype, num_batches=1))
+    gen = torch.Generator(device=bc.device)
+    regions = region_times(model, lambda: model(batch, generator=gen.manual_seed(0)), bc.device, reps)
+    return {
+        "model": bc.model,
+        "task_set": obj.objectives,
+        "batch_size": batch_size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "overrides": bc.model_overrides,
+        "regions_ms": regions,
+        "regions_sum_ms": sum(r["ms"] for r in regions.values()),
+        "h2d_ms": h2d_time(cfg, batch_size, bc.device),
+    }
+
+
+def operator_table(bc: BenchConfig, obj: ObjectiveConfig, batch_size: int, dtype, top: int) -> str:
+    """torch.profiler's operator table of one forward + backward (self device time on CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = bc.model_config()
+    model = build_model(cfg, obj, 0).to(bc.device, dtype)
+    batch = next(memory_batches(cfg, obj, batch_size, bc, dtype, num_batches=1))
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bc.device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        model(batch, generator=torch.Generator(device=bc.device).manual_seed(0))["loss"].backward()
+    sort = "self_cuda_time_total" if bc.device == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=top)
+
+
+def profile_engine(bc: BenchConfig, obj: ObjectiveConfig, batch_size: int, steps: int) -> dict:
+    """The DeepSpeed engine's step split into forward, backward and optimizer step, and peak memory."""
+    if bc.device == "cuda":
+        torch.cuda.empty_cache()
+    cfg = bc.model_config()
+    engine, dtype = build_bench_engine(bc, cfg, obj, batch_size)
+    split = step_split(engine, memory_batches(cfg, obj, batch_size, bc, dtype), bc.device, steps)
+    return {
+        "engine_step_ms": split,
+        "engine_step_total_ms": sum(split.values()),
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if bc.device == "cuda" else None,
+    }
