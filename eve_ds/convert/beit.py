@@ -194,7 +194,7 @@ def load_init_weights(
             [torch.zeros_like(own["encoder.type_embed.weight"][:1]), own["encoder.type_embed.weight"][1:]]
         )
     shapes = {k: v.shape for k, v in own.items()}
-    adapt_resolution(sd, shapes)
+    adapt_resolution(sd, shapes, antialias=cfg.pos_resample_antialias)
     problems, unknown = init_weight_problems(sd, shapes, report["source"])
     if problems:
         raise ConvertError(f"{path} does not fit the model config: " + "; ".join(problems))

@@ -35,7 +35,19 @@ from eve_ds.utils.io import atomic_write_json, staging_dir
 logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
+# WordPiece (vocab.txt), BPE (vocab.json + merges.txt) and sentencepiece folders, and their HF configs.
+TOKENIZER_FILES = (
+    "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+    "tokenizer.model",
+)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -63,7 +75,7 @@ def tokenizer_source(cfg: dict) -> Path:
     """The run's tokenizer folder: a packaged name (eve_ds/assets/<name>) or a local path."""
     name = ((cfg.get("run") or {}).get("data") or {}).get("tokenizer") or "bert-base-uncased"
     for p in (ASSETS / name, Path(name).expanduser()):
-        if p.is_dir() and (p / "vocab.txt").is_file():
+        if p.is_dir() and any((p / f).is_file() for f in TOKENIZER_FILES):
             return p
     raise ConvertError(f"tokenizer {name!r} of the run config: neither {ASSETS / name} nor a local folder")
 

@@ -62,6 +62,9 @@ class ObjectiveConfig:
     # Downstream heads (set by the task from its data; see eve_ds/tasks/).
     vqa_num_answers: int = 3129  # VQA answer vocabulary
     nlvr2_head: str = "biattn"  # NLVR2 head: biattn (official) | concat
+    # LayerNorm ε of the VQA and NLVR2-concat heads; None = model.norm_eps. The official release's heads use
+    # PyTorch's default 1e-5 (set by `eve-convert import-official` when it maps them).
+    head_norm_eps: float | None = None
 
     def validate(self) -> None:
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
