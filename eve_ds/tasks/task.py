@@ -36,6 +36,8 @@ class TaskContext:
     seed: int = 0
     num_workers: int = 1
     hflip: float = 0.5
+    image_mean: list[float] | None = None  # data.image_mean / image_std; None = ImageNet's
+    image_std: list[float] | None = None
 
 
 class Task:

@@ -68,6 +68,7 @@ def msm_metrics(model, config: dict, request: EvalRequest, device: str) -> dict:
         seed=request.seed,
         max_batches=request.max_batches,
         attr_token_ids=attr_ids,
+        image_norm=(data_cfg.get("image_mean"), data_cfg.get("image_std")),
     )
 
 
@@ -92,6 +93,8 @@ def task_metrics(model, config: dict, request: EvalRequest, device: str) -> dict
         image_size=mcfg.image_size,
         max_text_len=mcfg.max_text_len,
         num_workers=0,
+        image_mean=(run.get("data") or {}).get("image_mean"),
+        image_std=(run.get("data") or {}).get("image_std"),
     )
     task = build_task(cfg, ctx)
     task.load_assets(config.get("task") or {})

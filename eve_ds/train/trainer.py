@@ -116,6 +116,8 @@ class Trainer:
             seed=cfg.train.seed,
             num_workers=cfg.data.num_workers,
             hflip=cfg.data.hflip,
+            image_mean=cfg.data.image_mean,
+            image_std=cfg.data.image_std,
         )
         task = build_task(cfg.task, ctx)
         if task is None:
@@ -278,7 +280,8 @@ class Trainer:
         # For the FLOP count (MFU): real tokens per caption and the batch's padded length (its longest text).
         self.text_tokens = float(batch["text_mask"].sum(1).float().mean())
         self.text_len = int(batch["text_ids"].shape[1])
-        out = self.engine(batch_to_device(batch, self.device, self.dtype))
+        data = self.cfg.data
+        out = self.engine(batch_to_device(batch, self.device, self.dtype, data.image_mean, data.image_std))
         bad = all_reduce_max(0.0 if bool(torch.isfinite(out["loss"])) else 1.0, self.device)
         if bad:
             return None
@@ -377,6 +380,7 @@ class Trainer:
             seed=self.cfg.train.seed,
             max_batches=self.cfg.train.eval_batches,
             attr_token_ids=attr,
+            image_norm=(self.cfg.data.image_mean, self.cfg.data.image_std),
         )
         self.metrics.log({"step": self.state["step"], **{f"val/{k}": v for k, v in m.items()}})
         logger.info("validation at step %d: %s", self.state["step"], _fmt(m))

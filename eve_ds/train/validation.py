@@ -25,6 +25,7 @@ def evaluate(
     seed: int = 1234,
     max_batches: int = 0,
     attr_token_ids: dict[str, list[int]] | None = None,
+    image_norm: tuple[list[float] | None, list[float] | None] = (None, None),
 ) -> dict[str, float]:
     """Mean MSM metrics over `loader` (all ranks together when distributed).
 
@@ -48,7 +49,7 @@ def evaluate(
         for i, batch in enumerate(loader):
             if max_batches and i >= max_batches:
                 break
-            batch = batch_to_device(batch, device, dtype)
+            batch = batch_to_device(batch, device, dtype, *image_norm)  # image_norm: (mean, std)
             b = batch["image"].shape[0]
             gen = torch.Generator(device=device).manual_seed(seed + 100_003 * rank + i)
             state = gen.get_state()
