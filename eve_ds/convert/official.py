@@ -196,8 +196,13 @@ def model_config(layout: dict, model_overrides: dict, pad_token_id: int) -> EVEC
 
 # -- encoder ---------------------------------------------------------------------------------------------
 
-BLOCK_SAME = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.q_bias", "attn.v_bias")
-BLOCK_SAME += ("attn.proj.weight", "attn.proj.bias", "gamma_1", "gamma_2")
+BLOCK_SAME = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.proj.weight", "attn.proj.bias")
+BLOCK_OPTIONAL = (
+    "attn.q_bias",
+    "attn.v_bias",
+    "gamma_1",
+    "gamma_2",
+)  # per the layout (qkv_bias, layer scale)
 HARD_FFN = {"norm2_imag": "ffn.norm_image", "mlp_imag": "ffn.ffn_image"}
 HARD_FFN |= {"norm2_text": "ffn.norm_text", "mlp_text": "ffn.ffn_text"}
 PARAMS = ("weight", "bias")
@@ -222,6 +227,8 @@ class _Taker:
 def _map_block(take: _Taker, i: int, soft: bool, out: dict[str, torch.Tensor]) -> None:
     s, d = f"encoder.layers.{i}.", f"encoder.blocks.{i}."
     for name in BLOCK_SAME:
+        out[d + name] = take(s + name)
+    for name in BLOCK_OPTIONAL:
         if take.has(s + name):
             out[d + name] = take(s + name)
     if not soft:
@@ -569,7 +576,8 @@ def import_official(
         answers = read_answer_list(answer_list, imp.obj_cfg.vqa_num_answers)
     dst = Path(dst)
     meta = export_meta(imp, Path(src), tok, answers)
-    meta["official"]["run_overrides"] = run_overrides(imp.model_cfg, str(dst.resolve()) if tok else None)
+    tokenizer_dir = str(dst.resolve() / "tokenizer") if tok else None
+    meta["official"]["run_overrides"] = run_overrides(imp.model_cfg, tokenizer_dir)
     with staging_dir(dst, overwrite) as tmp:
         write_native(tmp, imp.state_dict, meta, dtype)  # copies the tokenizer from run.data.tokenizer
         if tok is not None:
@@ -580,15 +588,12 @@ def import_official(
 
 
 def _keep_tokenizer_inside(tmp: Path, tokenizer: Path, dst: Path) -> None:
-    """Copy the tokenizer folder's other files too and point the config at the export's own copy, so
-    that the export does not depend on the folder it was made from."""
-    for f in tokenizer.iterdir():
-        if f.is_file() and not (tmp / f.name).exists() and f.name not in ("config.json", "model.safetensors"):
-            shutil.copy2(f, tmp / f.name)
-    cfg = json.loads((tmp / "config.json").read_text())
-    cfg["run"]["data"]["tokenizer"] = str(dst.resolve())
-    cfg["tokenizer_files"] = sorted(
-        {*cfg["tokenizer_files"], *(f.name for f in tokenizer.iterdir() if f.is_file())}
-        - {"config.json", "model.safetensors"}
+    """Copy the whole tokenizer folder to `tokenizer/` of the export and point the config there, so that
+    the export does not depend on the folder it was made from. A subfolder, because AutoTokenizer would
+    read the export's own config.json as a model config."""
+    shutil.copytree(
+        tokenizer, tmp / "tokenizer", ignore=shutil.ignore_patterns("config.json", "*.safetensors")
     )
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg["run"]["data"]["tokenizer"] = str(dst.resolve() / "tokenizer")
     atomic_write_json(tmp / "config.json", cfg)
