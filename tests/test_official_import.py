@@ -597,6 +597,14 @@ def test_init_with_expert_parallelism(imported):
                 own[f"encoder.blocks.{b}.{EXPERT}.0.{p}"], full[f"encoder.blocks.{b}.{EXPERT}.{rank}.{p}"]
             )
         assert torch.equal(own["encoder.embed_norm.weight"], full["encoder.embed_norm.weight"])
+    # a run whose model computes another function from these weights is refused, naming the option
+    from eve_ds.convert import ConvertError
+
+    plain = EVEConfig.from_dict({**cfg["model"], "ffn_act": "gelu"})
+    with pytest.raises(ConvertError, match=r"model\.ffn_act='gelu'"):
+        load_init_weights(
+            PretrainingModel(plain, ObjectiveConfig(**cfg["objective"])), imported["pretrained"]
+        )
 
 
 def test_tokenizer_folder(ckpts, tmp_path):
@@ -622,3 +630,14 @@ def test_tokenizer_folder(ckpts, tmp_path):
         convert_main(["import-official", str(ckpts["vqa"]), str(tmp_path / "o2"), "--tokenizer", str(big)])
         == 2
     )
+
+
+def test_eve_info_counts_the_official_base():
+    """With the two norms, EVE-Base at the official settings has the official model's 475,197,696
+    parameters (counted from the instantiated official class)."""
+    from eve_ds.cli.info import describe
+
+    kw = dict(vocab_size=64000, rel_pos_bias=False, max_text_len=196, text_embed_norm=True, embed_norm=True)
+    info = describe("eve_base", {**kw, "ffn_act": "quick_gelu", "modality_bias_to_experts": True})
+    assert info["params_encoder"] == 475_197_696 and info["ffn_act"] == "quick_gelu"
+    assert describe("eve_base", {**kw, "embed_norm": False})["params_encoder"] == 475_197_696 - 2 * 768

@@ -59,6 +59,9 @@ def count_parameters(model) -> dict:
     ]
     if getattr(enc, "mask_token", None) is not None:
         embed_params.append(enc.mask_token)
+    for norm in (enc.text_embed_norm, enc.embed_norm):  # model.text_embed_norm / embed_norm
+        if norm is not None:
+            embed_params.extend(norm.parameters())
     embeddings = _numel(embed_params)
     experts = active = 0
     for block in enc.blocks:
@@ -115,6 +118,11 @@ def describe(name: str, overrides: dict | None = None) -> dict:
         "experts_per_rank": cfg.num_experts // cfg.ep_size,
         "drop_tokens": cfg.drop_tokens,
         "modality_routing": cfg.modality_routing,
+        "modality_bias_to_experts": cfg.modality_bias_to_experts,
+        "ffn_act": cfg.ffn_act,
+        "text_embed_norm": cfg.text_embed_norm,
+        "embed_norm": cfg.embed_norm,
+        "pos_resample_antialias": cfg.pos_resample_antialias,
         "image_size": cfg.image_size,
         "patch_size": cfg.patch_size,
         "num_patches": cfg.num_patches,
@@ -147,6 +155,8 @@ def format_table(info: dict) -> str:
         ("experts / top-k", f"{info['num_experts']} / top-{info['top_k']}"),
         ("ep_size (experts per rank)", f"{info['ep_size']} ({info['experts_per_rank']})"),
         ("drop_tokens / modality routing", f"{info['drop_tokens']} / {info['modality_routing']}"),
+        ("b_m to experts / FFN activation", f"{info['modality_bias_to_experts']} / {info['ffn_act']}"),
+        ("text-embedding / input norm", f"{info['text_embed_norm']} / {info['embed_norm']}"),
         (
             "pixel decoder depth/width/heads",
             f"{info['decoder_depth']} / {info['decoder_width']} / {info['decoder_heads']}",

@@ -517,9 +517,11 @@ def read_answer_list(path: str | Path, num_answers: int) -> list[str]:
 
 
 def run_overrides(cfg: EVEConfig, tokenizer: str | None) -> list[str]:
-    """The `key=value` items a run config needs to build this model (what differs from eve_base)."""
+    """The `key=value` items a run config needs to build this model (what differs from eve_base; the image
+    size and ep_size are the run's own choice: position tables are resampled, experts are sharded)."""
     base = EVEConfig().to_dict()
-    items = [f"model.{k}={json.dumps(v)}" for k, v in cfg.to_dict().items() if v != base[k]]
+    skip = ("image_size", "ep_size")
+    items = [f"model.{k}={json.dumps(v)}" for k, v in cfg.to_dict().items() if v != base[k] and k not in skip]
     items += [f"data.image_mean={OFFICIAL_MEAN_STD}", f"data.image_std={OFFICIAL_MEAN_STD}"]
     return items + ([f"data.tokenizer={tokenizer}"] if tokenizer else [])
 
