@@ -502,7 +502,7 @@ def worker(run_dir: str, ep_size: int, prefix: str) -> None:
         json.loads((run / "checkpoints" / TAG / "eve_config.json").read_text())["run"]["data"]["cache_dir"]
     )
     cfg = load_config("eve_tiny_synthetic", run_overrides(cache, ep_size, 3))
-    tr = Trainer(cfg, run)
+    tr = Trainer(cfg, run, allow_changes=True)  # one step more than the source ran
     opts = resume_options(tr.resume_from, world_size=tr.world, ep_size=ep_size)
     tr.engine.load_checkpoint(str(tr.resume_from.parent), tag=tr.resume_from.name, **opts)
     tr.engine.optimizer._lazy_init_hp_params_optimizer_state()  # what the first step would do: link moments

@@ -3,6 +3,7 @@
     eve-convert export SRC DST [--dtype fp32|bf16] [--format native|hf]
     eve-convert reshard SRC DST --ep-size B [--world-size W] [--strict-optimizer]
     eve-convert import-beitv2 SRC DST --model eve_base|eve_large [--bert BERT_STATE_DICT]
+    eve-convert import-official SRC DST [--tokenizer DIR] [--answer-list FILE] [--set KEY=VALUE ...]
 
 SRC of export/reshard: a run dir (its checkpoints/latest), a checkpoints dir or a DeepSpeed tag dir
 (export also takes a native export). DST is written next to itself first and renamed when complete.
@@ -42,17 +43,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     b.add_argument("--model", default="eve_base", choices=["eve_tiny", "eve_base", "eve_large"])
     b.add_argument("--bert", default=None, help="HF BertModel state dict: word + position embeddings")
     b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    for s in (e, r, b):
+    o = add_import_official(sub)
+    for s in (e, r, b, o):
         s.add_argument("src")
         s.add_argument("dst")
         s.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     return p.parse_args(argv)
 
 
+# -- import-official ---------------------------------------------------------------------------------
+
+
+def add_import_official(sub) -> argparse.ArgumentParser:
+    o = sub.add_parser("import-official", help="official EVE checkpoint (ssyze/EVE) -> native export")
+    o.add_argument("--tokenizer", default=None, help="local tokenizer folder (AutoTokenizer) to carry along")
+    o.add_argument("--answer-list", default=None, help="VQA: X-VLM's answer_list.json (the head's order)")
+    o.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="model.KEY / objective.KEY override"
+    )
+    o.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    return o
+
+
+def run_import_official(args: argparse.Namespace) -> None:
+    from eve_ds.convert.official import import_official
+
+    report = import_official(
+        args.src, args.dst, args.tokenizer, args.answer_list, args.set, args.dtype, args.overwrite
+    )
+    print(f"heads mapped: {report['heads'] or 'none (pre-trained)'}")
+    for key, why in report["not_mapped"].items():
+        print(f"not mapped: {key}: {why}")
+    print(f"ignored keys ({len(report['ignored'])}): {report['ignored'][:10]}")
+    print("a run config builds this model with: " + " ".join(report["run_overrides"]))
+
+
+# -------------------------------------------------------------------------------------------------------
+
+
 def run(args: argparse.Namespace) -> None:
     from eve_ds.convert import export, import_beitv2, reshard
 
-    if args.cmd == "export":
+    if args.cmd == "import-official":
+        run_import_official(args)
+    elif args.cmd == "export":
         export(args.src, args.dst, dtype=args.dtype, fmt=args.fmt, overwrite=args.overwrite)
     elif args.cmd == "reshard":
         reshard(

@@ -41,6 +41,8 @@ def format_table(info: dict) -> str:
         ("experts / top-k", f"{info['num_experts']} / top-{info['top_k']}"),
         ("ep_size (experts per rank)", f"{info['ep_size']} ({info['experts_per_rank']})"),
         ("drop_tokens / modality routing", f"{info['drop_tokens']} / {info['modality_routing']}"),
+        ("b_m to experts / FFN activation", f"{info['modality_bias_to_experts']} / {info['ffn_act']}"),
+        ("text-embedding / input norm", f"{info['text_embed_norm']} / {info['embed_norm']}"),
         (
             "pixel decoder depth/width/heads",
             f"{info['decoder_depth']} / {info['decoder_width']} / {info['decoder_heads']}",

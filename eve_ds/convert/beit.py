@@ -130,8 +130,8 @@ def source_weights(path: str | Path, cfg: EVEConfig, bert: str | Path | None = N
                 f"{path}: a directory but neither a native EVE export (config.json + "
                 f"model.safetensors) nor a DeepSpeed checkpoint"
             )
-        sd, _ = read_source(path)
-        report = {"source": "eve", "path": str(path), "ignored": []}
+        sd, src_cfg = read_source(path)
+        report = {"source": "eve", "path": str(path), "ignored": [], "model": src_cfg.get("model") or {}}
     else:
         sd, ignored = beitv2_to_eve(read_state_dict(path), cfg)
         if "encoder.pos_embed" not in sd:  # timm BEiT v2: relative positions only
@@ -141,6 +141,21 @@ def source_weights(path: str | Path, cfg: EVEConfig, bert: str | Path | None = N
         sd.update(bert_to_eve(read_state_dict(bert), cfg))
         report["bert"] = str(bert)
     return sd, report
+
+
+# Options that change what the same weights compute: an init checkpoint and the run must agree on them.
+FUNCTION_OPTIONS = ("text_embed_norm", "embed_norm", "ffn_act", "modality_bias_to_experts")
+
+
+def option_problems(cfg: EVEConfig, source_model: dict) -> list[str]:
+    """The FUNCTION_OPTIONS whose value in the source's model config differs from the run's (a source
+    saved before an option existed had its default)."""
+    default = EVEConfig().to_dict()
+    return [
+        f"model.{k}={getattr(cfg, k)!r} but the checkpoint was saved with {source_model.get(k, default[k])!r}"
+        for k in FUNCTION_OPTIONS
+        if source_model.get(k, default[k]) != getattr(cfg, k)
+    ]
 
 
 def init_weight_problems(
@@ -185,8 +200,9 @@ def load_init_weights(
             [torch.zeros_like(own["encoder.type_embed.weight"][:1]), own["encoder.type_embed.weight"][1:]]
         )
     shapes = {k: v.shape for k, v in own.items()}
-    adapt_resolution(sd, shapes)
+    adapt_resolution(sd, shapes, antialias=cfg.pos_resample_antialias)
     problems, unknown = init_weight_problems(sd, shapes, report["source"])
+    problems += option_problems(cfg, report.pop("model", {}))
     if problems:
         raise ConvertError(f"{path} does not fit the model config: " + "; ".join(problems))
     sd = {k: v for k, v in sd.items() if k in own}

@@ -59,7 +59,7 @@ def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def objective_config(cfg: dict) -> ObjectiveConfig:
     try:
-        obj = ObjectiveConfig(**(cfg.get("objective") or {}))
+        obj = ObjectiveConfig.from_dict(cfg.get("objective") or {})
         obj.validate()
     except (TypeError, ValueError) as e:
         raise ConvertError(f"objective config: {e}") from e

@@ -68,6 +68,10 @@ def hf_config_kwargs(encoder: EVEModel) -> dict:
         num_experts=c.num_experts,
         moe_top_k=c.top_k,
         modality_routing=c.modality_routing,
+        text_embed_norm=c.text_embed_norm,
+        embed_norm=c.embed_norm,
+        ffn_act=c.ffn_act,
+        modality_bias_to_experts=c.modality_bias_to_experts,
     )
 
 

@@ -23,18 +23,22 @@ def _grid(num_tokens: int, prefix: int) -> int:
 
 
 @torch.no_grad()
-def adapt_resolution(sd: dict[str, torch.Tensor], own: dict[str, torch.Size]) -> list[str]:
+def adapt_resolution(
+    sd: dict[str, torch.Tensor], own: dict[str, torch.Size], antialias: bool = True
+) -> list[str]:
     """Resize, in `sd`, every image position table whose grid differs from the model's (`own` shapes).
-    -> the keys changed. Same size: nothing is touched (a bitwise no-op)."""
+    -> the keys changed. Same size: nothing is touched (a bitwise no-op). Absolute tables are resampled
+    bicubically, with antialiasing (timm's default) or without it (`antialias=False`: plain
+    `F.interpolate(mode="bicubic")`, as the official EVE release resizes; `model.pos_resample_antialias`)."""
     changed = []
     for key, value in list(sd.items()):
         if key not in own or tuple(value.shape) == tuple(own[key]):
             continue
         if key in ABS_POS_KEYS:
             old, new = _grid(value.shape[1], 1), _grid(own[key][1], 1)
-            sd[key] = resample_abs_pos_embed(value.float(), [new, new], [old, old], num_prefix_tokens=1).to(
-                value.dtype
-            )
+            sd[key] = resample_abs_pos_embed(
+                value.float(), [new, new], [old, old], num_prefix_tokens=1, antialias=antialias
+            ).to(value.dtype)
         elif key.endswith(REL_POS_SUFFIX) and value.shape[1] == own[key][1]:
             new = (round((own[key][0] - 3) ** 0.5) + 1) // 2
             sd[key] = resize_rel_pos_bias_table(value.float(), (new, new), tuple(own[key])).to(value.dtype)

@@ -46,6 +46,10 @@ class DataConfig:
     # too; "skip": never flip a sample whose caption says left or right; "ignore": flip regardless
     # (the paper's plain augmentation, which makes spatial captions wrong half the time).
     hflip_text: str = "swap"
+    # Per-channel normalisation of the model's input images; null = ImageNet's (timm's constants). The
+    # official EVE release normalises with mean = std = 0.5.
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
 
     def __post_init__(self) -> None:
         self.train = [c if isinstance(c, CorpusConfig) else CorpusConfig(**c) for c in self.train]
@@ -75,6 +79,10 @@ class DataConfig:
             list(self.crop_ratio),
             "[lo, hi] with 0 < lo <= hi",
         )
+        for key in ("image_mean", "image_std"):
+            v = getattr(self, key)
+            check(v is None or len(v) == 3, f"data.{key}", v, "null or 3 numbers (R, G, B)")
+        check(not self.image_std or min(self.image_std) > 0, "data.image_std", self.image_std, "> 0")
         check(0.0 <= self.hflip <= 1.0, "data.hflip", self.hflip, "a probability in [0, 1]")
         check(
             self.hflip_text in HFLIP_TEXT_CHOICES,

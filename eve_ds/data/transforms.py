@@ -22,14 +22,20 @@ TEXT_KEYS = ("txt", "caption")
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 
-def batch_to_device(batch: dict, device: str | torch.device, dtype: torch.dtype = torch.float32) -> dict:
+def batch_to_device(
+    batch: dict,
+    device: str | torch.device,
+    dtype: torch.dtype = torch.float32,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+) -> dict:
     """Every tensor of `batch` moved to `device`, the image normalised there (`normalize_image`) in `dtype`;
     the uint8 image stays available as `pixels` (pixel targets are computed from it in float32, not from
     the bf16-rounded image). Other values (keys, counts) are kept as they are."""
     out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     if not out["image"].is_floating_point():
         out["pixels"] = out["image"]
-    out["image"] = normalize_image(out["image"], dtype)
+    out["image"] = normalize_image(out["image"], dtype, mean, std)
     return out
 
 

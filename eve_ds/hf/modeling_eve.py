@@ -2,12 +2,14 @@
 
 Self-contained: torch + transformers only. Same computation as ``eve_ds.models.EVEModel`` in eval mode:
 
-    tokens = [image cls; patches] + pos + type[0]  ;  text = word + text_pos + type[1]
+    tokens = [image cls; patches] + pos + type[0]  ;  text = [LN](word) + text_pos + type[1]
+    x = [LN](tokens)   (the bracketed norms only with text_embed_norm / embed_norm)
     block:  x += γ1 · Attn(LN(x)) (relative position bias among image tokens, -inf on text padding)
-            x += γ2 · FFN(x): hard router = per-modality LN + MLP; soft router = LN + MoE whose router sees
-            x + b_modality; top-2 experts by softmax(W (x + b_m)), their weights renormalised to sum to 1
-            (DeepSpeed's top2gating without second-expert sampling; top-1: the raw softmax weight)
-    out = LN(x)
+            x += γ2 · FFN(x): hard router = per-modality LN + MLP; soft router = LN + MoE whose router (and,
+            with modality_bias_to_experts, whose experts) sees x + b_modality; top-2 experts by
+            softmax(W (x + b_m)), their weights renormalised to sum to 1 (DeepSpeed's top2gating without
+            second-expert sampling; top-1: the raw softmax weight)
+    out = LN(x)        MLP activation: exact GELU, or quick GELU x·σ(1.702x) with ffn_act=quick_gelu
 
 Outputs: ``last_hidden_state`` (B, N, D) in the order [image cls; patches; text] and ``n_image``.
 """
@@ -46,6 +48,10 @@ class EVEHFConfig(PretrainedConfig):
         num_experts=32,
         moe_top_k=2,
         modality_routing=True,
+        text_embed_norm=False,
+        embed_norm=False,
+        ffn_act="gelu",
+        modality_bias_to_experts=False,
         **kwargs,
     ):
         self.image_size, self.patch_size, self.in_chans = image_size, patch_size, in_chans
@@ -64,6 +70,8 @@ class EVEHFConfig(PretrainedConfig):
         )
         self.soft_blocks = list(soft_blocks)
         self.num_experts, self.moe_top_k, self.modality_routing = num_experts, moe_top_k, modality_routing
+        self.text_embed_norm, self.embed_norm, self.ffn_act = text_embed_norm, embed_norm, ffn_act
+        self.modality_bias_to_experts = modality_bias_to_experts
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
 
@@ -86,13 +94,21 @@ def relative_position_index(grid: int) -> Tensor:
     return index
 
 
+def quick_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
+
+
 class Mlp(nn.Module):
-    def __init__(self, d: int, f: int) -> None:
+    def __init__(self, d: int, f: int, act: str = "gelu") -> None:
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(d, f), nn.Linear(f, d)
+        self.act = ACTS[act]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Attention(nn.Module):
@@ -130,7 +146,7 @@ class HardRouterFFN(nn.Module):
         super().__init__()
         d, f = c.hidden_size, c.ffn_size
         self.norm_image, self.norm_text = nn.LayerNorm(d, eps=c.norm_eps), nn.LayerNorm(d, eps=c.norm_eps)
-        self.ffn_image, self.ffn_text = Mlp(d, f), Mlp(d, f)
+        self.ffn_image, self.ffn_text = Mlp(d, f, c.ffn_act), Mlp(d, f, c.ffn_act)
 
     def forward(self, x: Tensor, n_image: int, valid: Tensor) -> Tensor:
         parts = []
@@ -151,7 +167,8 @@ class SoftRouterFFN(nn.Module):
         self.norm = nn.LayerNorm(d, eps=c.norm_eps)
         self.gate = nn.Linear(d, c.num_experts, bias=False)
         self.modality_bias = nn.Parameter(torch.zeros(2, d)) if c.modality_routing else None
-        self.experts = nn.ModuleList(Mlp(d, c.ffn_size) for _ in range(c.num_experts))
+        self.bias_to_experts = c.modality_bias_to_experts
+        self.experts = nn.ModuleList(Mlp(d, c.ffn_size, c.ffn_act) for _ in range(c.num_experts))
 
     def forward(self, x: Tensor, n_image: int, valid: Tensor) -> Tensor:
         h = self.norm(x)
@@ -165,6 +182,8 @@ class SoftRouterFFN(nn.Module):
         if self.top_k == 2:
             top = top / top.sum(-1, keepdim=True).clamp(min=torch.finfo(top.dtype).eps)
         weights = torch.zeros_like(probs).scatter(-1, idx, top)  # (B, N, E), k non-zeros per token
+        if self.bias_to_experts:
+            h = r
         out = torch.zeros_like(h)
         for e, expert in enumerate(self.experts):
             sel = (weights[..., e] > 0) & valid
@@ -205,6 +224,8 @@ class EVEHFModel(PreTrainedModel):
         self.word_embed = nn.Embedding(c.vocab_size, d)
         self.text_pos_embed = nn.Parameter(torch.zeros(1, c.max_text_len, d))
         self.type_embed = nn.Embedding(2, d)
+        self.text_embed_norm = nn.LayerNorm(d, eps=c.norm_eps) if c.text_embed_norm else None
+        self.embed_norm = nn.LayerNorm(d, eps=c.norm_eps) if c.embed_norm else None
         self.blocks = nn.ModuleList(Block(c, i in set(c.soft_blocks)) for i in range(c.num_layers))
         self.norm = nn.LayerNorm(d, eps=c.norm_eps)
         self.register_buffer("relative_position_index", relative_position_index(grid), persistent=True)
@@ -230,10 +251,15 @@ class EVEHFModel(PreTrainedModel):
             n_image = parts[0].shape[1]
         if input_ids is not None:
             L = input_ids.shape[1]
-            parts.append(self.word_embed(input_ids) + self.text_pos_embed[:, :L] + self.type_embed.weight[1])
+            words = self.word_embed(input_ids)
+            if self.text_embed_norm is not None:
+                words = self.text_embed_norm(words)
+            parts.append(words + self.text_pos_embed[:, :L] + self.type_embed.weight[1])
         if not parts:
             raise ValueError("EVE needs pixel_values, input_ids or both")
         x = torch.cat(parts, dim=1)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         pad_bias = None
         if input_ids is not None and attention_mask is not None:

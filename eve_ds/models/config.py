@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from eve_ds.utils.config import ConfigError, check
 
+FFN_ACTS = ("gelu", "quick_gelu")
+
 
 @dataclass
 class EVEConfig:
@@ -37,6 +39,16 @@ class EVEConfig:
     drop_path_rate: float = 0.1
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    # Options of the official EVE release's model (defaults: off, today's numerics). `text_embed_norm`: a
+    # LayerNorm on the word embeddings before positions and types are added, followed by dropout
+    # `text_embed_dropout` in training; `embed_norm`: a LayerNorm on the whole input sequence before block 0.
+    text_embed_norm: bool = False
+    text_embed_dropout: float = 0.0
+    embed_norm: bool = False
+    ffn_act: str = "gelu"  # every FFN and expert: "gelu" (exact) | "quick_gelu" (x * sigmoid(1.702 x))
+    # How an image position table is resampled to another grid when weights are loaded: timm's bicubic
+    # with antialiasing (true) or plain bicubic interpolation (false, the official release's).
+    pos_resample_antialias: bool = True
 
     # Soft router (modality-aware MoE) on the top blocks; the others use the hard router.
     soft_router_blocks: list[int] | None = None  # 0-based; None -> the top `num_soft_blocks` blocks
@@ -47,6 +59,8 @@ class EVEConfig:
     drop_tokens: bool = False  # the paper's best-effort routing: no token is ever dropped
     capacity_factor: float = 1.0  # only used when drop_tokens is True
     modality_routing: bool = True  # router logits = W (x + b_m), paper eq. 6
+    # The experts see x + b_m too (the official release's MoE), not only the router; needs modality_routing.
+    modality_bias_to_experts: bool = False
     top2_second_expert_sampling: bool = False  # DeepSpeed's Gumbel-noise 2nd expert; off = plain top-2
     # [ours] how the local experts run: "stacked" = two batched matmuls over all experts (one launch each),
     # "loop" = DeepSpeed's Experts, one FFN call per expert. Same parameters and checkpoint names.
@@ -104,6 +118,26 @@ class EVEConfig:
         check(0 <= self.num_soft_blocks <= n, "model.num_soft_blocks", self.num_soft_blocks, f"in [0, {n}]")
         for b in self.soft_blocks:
             check(0 <= b < n, "model.soft_router_blocks", self.soft_router_blocks, f"entries in [0, {n - 1}]")
+        self._validate_moe()
+        check(self.pos_embed in ("learned", "sincos"), "model.pos_embed", self.pos_embed, "learned | sincos")
+        check(self.ffn_act in FFN_ACTS, "model.ffn_act", self.ffn_act, " | ".join(FFN_ACTS))
+        check(
+            not self.modality_bias_to_experts or self.modality_routing,
+            "model.modality_bias_to_experts",
+            self.modality_bias_to_experts,
+            "false unless model.modality_routing is true (b_m exists only with modality routing)",
+        )
+        check(
+            0.0 <= self.text_embed_dropout < 1.0,
+            "model.text_embed_dropout",
+            self.text_embed_dropout,
+            "in [0, 1)",
+        )
+        check(self.max_text_len >= 3, "model.max_text_len", self.max_text_len, ">= 3 ([CLS] x [SEP])")
+        check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", self.drop_path_rate, "in [0, 1)")
+
+    def _validate_moe(self) -> None:
+        """The soft-router blocks: experts, routing, expert parallelism, dispatch."""
         check(self.num_experts >= 1, "model.num_experts", self.num_experts, ">= 1")
         check(self.top_k in (1, 2), "model.top_k", self.top_k, "1 or 2 (what DeepSpeed's MoE supports)")
         check(self.top_k <= self.num_experts, "model.top_k", self.top_k, f"<= num_experts={self.num_experts}")
@@ -127,14 +161,17 @@ class EVEConfig:
             check(not self.drop_tokens, "model.drop_tokens", self.drop_tokens, f"false with {grouped}")
             check(self.ep_size == 1, "model.ep_size", self.ep_size, f"1 with {grouped}")
             check(
+                not self.modality_bias_to_experts,
+                "model.modality_bias_to_experts",
+                self.modality_bias_to_experts,
+                f"false with {grouped}",
+            )
+            check(
                 not self.top2_second_expert_sampling,
                 "model.top2_second_expert_sampling",
                 self.top2_second_expert_sampling,
                 f"false with {grouped}",
             )
-        check(self.pos_embed in ("learned", "sincos"), "model.pos_embed", self.pos_embed, "learned | sincos")
-        check(self.max_text_len >= 3, "model.max_text_len", self.max_text_len, ">= 3 ([CLS] x [SEP])")
-        check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", self.drop_path_rate, "in [0, 1)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

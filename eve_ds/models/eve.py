@@ -70,6 +70,11 @@ class EVEModel(nn.Module):
         self.word_embed = nn.Embedding(cfg.vocab_size, d, padding_idx=cfg.pad_token_id)
         self.text_pos_embed = nn.Parameter(torch.zeros(1, cfg.max_text_len, d))
         self.type_embed = nn.Embedding(2, d)  # 0: image, 1: text
+        # Optional norms of the official release's model (model.text_embed_norm / embed_norm); absent by
+        # default so that the state dict and the numerics stay those of the paper's model.
+        self.text_embed_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.text_embed_norm else None
+        self.text_embed_drop = nn.Dropout(cfg.text_embed_dropout) if cfg.text_embed_dropout > 0 else None
+        self.embed_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.embed_norm else None
         dpr = torch.linspace(0, cfg.drop_path_rate, cfg.num_layers, device="cpu").tolist()
         soft = set(cfg.soft_blocks)
         self.blocks = nn.ModuleList(Block(cfg, i in soft, dpr[i]) for i in range(cfg.num_layers))
@@ -136,11 +141,16 @@ class EVEModel(nn.Module):
         return torch.cat([cls, x], dim=1) + self.type_embed.weight[0]
 
     def embed_text(self, text_ids: Tensor) -> Tensor:
-        """text_ids: (B, L) starting with [CLS] -> (B, L, D)."""
+        """text_ids: (B, L) starting with [CLS] -> (B, L, D) = word [-> LN -> dropout] + position + type."""
         L = text_ids.shape[1]
         if self.cfg.max_text_len < L:
             raise ValueError(f"text length {L} > max_text_len={self.cfg.max_text_len}")
-        return self.word_embed(text_ids) + self.text_pos_embed[:, :L] + self.type_embed.weight[1]
+        words = self.word_embed(text_ids)
+        if self.text_embed_norm is not None:
+            words = self.text_embed_norm(words)
+        if self.text_embed_drop is not None:
+            words = self.text_embed_drop(words)
+        return words + self.text_pos_embed[:, :L] + self.type_embed.weight[1]
 
     # -- encoder ------------------------------------------------------------------------------------------
 
@@ -167,6 +177,8 @@ class EVEModel(nn.Module):
         if not parts:
             raise ValueError("EVEModel needs an image, a text or both")
         x = torch.cat(parts, dim=1)
+        if self.embed_norm is not None:  # per token: the same on [image; text] as on each part alone
+            x = self.embed_norm(x)
         B, N = x.shape[:2]
         valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
         key_padding = None

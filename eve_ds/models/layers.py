@@ -10,7 +10,7 @@ from timm.layers import DropPath, Mlp, gen_relative_position_index, trunc_normal
 from torch import Tensor, nn
 
 from eve_ds.models.config import EVEConfig
-from eve_ds.models.moe import IMAGE, TEXT, ModalityMoE
+from eve_ds.models.moe import ACT_LAYERS, IMAGE, TEXT, ModalityMoE
 from eve_ds.models.moe_dispatch import grouped_moe
 
 
@@ -131,8 +131,8 @@ class HardRouterFFN(nn.Module):
         d, f = cfg.hidden_size, cfg.ffn_size
         self.norm_image = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.norm_text = nn.LayerNorm(d, eps=cfg.norm_eps)
-        self.ffn_image = Mlp(d, f, act_layer=nn.GELU)
-        self.ffn_text = Mlp(d, f, act_layer=nn.GELU)
+        self.ffn_image = Mlp(d, f, act_layer=ACT_LAYERS[cfg.ffn_act])
+        self.ffn_text = Mlp(d, f, act_layer=ACT_LAYERS[cfg.ffn_act])
 
     def forward(self, x: Tensor, tokens: Tokens) -> tuple[Tensor, Tensor | None, Tensor | None]:
         # The image part is always first, so the split is a slice, not a gather.
@@ -162,6 +162,8 @@ class SoftRouterFFN(nn.Module):
             cfg.modality_routing,
             cfg.top2_second_expert_sampling,
             cfg.expert_impl,
+            cfg.ffn_act,
+            cfg.modality_bias_to_experts,
         )
         self.dispatch = cfg.moe_dispatch
 

@@ -1,7 +1,8 @@
 """Soft router: DeepSpeed's MoE with modality routing (paper eq. 6-7).
 
 The router of a soft-router block sees ``x + b_m`` (``b_m`` a learned vector per modality), the experts see
-``x``. Everything else — top-k gating, no-drop capacity, all-to-all across the expert-parallel group, the
+``x`` (or ``x + b_m`` too, ``bias_to_experts``: the official release's MoE adds b_m to the layer's input,
+so its experts see it as well). Everything else — top-k gating, no-drop capacity, all-to-all across the expert-parallel group, the
 load-balancing loss — is DeepSpeed's own code.
 """
 
@@ -12,10 +13,20 @@ import torch.nn.functional as F
 from deepspeed.moe.experts import Experts
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import TopKGate
-from timm.layers import Mlp
+from timm.layers import Mlp, QuickGELU
+from timm.layers.activations import quick_gelu
 from torch import Tensor, nn
 
 IMAGE, TEXT = 0, 1
+# model.ffn_act -> the FFN activation module (every hard-router FFN and expert) and its function.
+ACT_LAYERS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
+def _act_function(act: nn.Module):
+    """The function of an FFN activation module that StackedExperts can batch, or None."""
+    if isinstance(act, nn.GELU) and act.approximate == "none":
+        return F.gelu
+    return quick_gelu if isinstance(act, QuickGELU) else None
 
 
 class ModalityTopKGate(TopKGate):
@@ -23,11 +34,16 @@ class ModalityTopKGate(TopKGate):
 
     ``modality`` (T,) must be set by the owning layer right before each call; the gate also keeps the
     routes of its last call (``last_indices``: (k, T) global expert ids) for the expert-load statistics.
+    With ``bias_in_input`` the owning layer has already added ``b_m`` to the input (the experts see it
+    too), so the gate must not add it again.
     """
 
-    def __init__(self, model_dim: int, num_experts: int, modality_routing: bool, **kwargs) -> None:
+    def __init__(
+        self, model_dim: int, num_experts: int, modality_routing: bool, bias_in_input: bool = False, **kwargs
+    ) -> None:
         super().__init__(model_dim, num_experts, **kwargs)
         self.modality_bias = nn.Parameter(torch.zeros(2, model_dim)) if modality_routing else None
+        self.bias_in_input = bias_in_input
         self.modality: Tensor | None = None
         self.last_indices: Tensor | None = None
 
@@ -38,7 +54,7 @@ class ModalityTopKGate(TopKGate):
         sparse_routes: bool = False,
         use_tutel: bool = False,
     ):
-        if self.modality_bias is not None:
+        if self.modality_bias is not None and not self.bias_in_input:
             if self.modality is None or self.modality.shape[0] != input.shape[0]:
                 raise RuntimeError("ModalityTopKGate: modality ids must be set for every routed token")
             input = input + self.modality_bias[self.modality].to(input.dtype)
@@ -56,16 +72,20 @@ class ModalityTopKGate(TopKGate):
 class StackedExperts(Experts):
     """DeepSpeed's ``Experts`` (same modules, parameters and checkpoint names) computed as two batched
     matmuls over all local experts instead of a Python loop of 2 x E small ones: E times fewer kernel
-    launches in the forward and the backward pass. The experts must be plain GELU ``Mlp``s without
-    dropout (what :class:`ModalityMoE` builds)."""
+    launches in the forward and the backward pass. The experts must be plain ``Mlp``s with an exact GELU
+    or a quick GELU and without dropout (what :class:`ModalityMoE` builds)."""
 
     def __init__(self, expert: Mlp, num_local_experts: int, expert_group_name: str | None) -> None:
-        plain = isinstance(expert.act, nn.GELU) and expert.act.approximate == "none"
+        act = _act_function(expert.act)
+        plain = act is not None
         for m in (expert.drop1, expert.norm, expert.drop2):
             plain &= isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and m.p == 0)
         if not plain:
-            raise ValueError(f"StackedExperts needs GELU Mlp experts without dropout or norm, got {expert}")
+            raise ValueError(
+                f"StackedExperts needs GELU / quick GELU Mlp experts without dropout or norm, got {expert}"
+            )
         super().__init__(expert, num_local_experts, expert_group_name)
+        self.act = act  # a function, not a module: nothing is added to the state dict
 
     def forward(self, inputs: Tensor) -> Tensor:
         """inputs: (G, E, C, D), G = expert-parallel groups, E = local experts -> (G, E, C, D)."""
@@ -74,7 +94,7 @@ class StackedExperts(Experts):
         x = inputs.transpose(0, 1).reshape(E, G * C, D)
         w1 = torch.stack([e.fc1.weight for e in experts])  # (E, F, D)
         b1 = torch.stack([e.fc1.bias for e in experts])  # (E, F)
-        h = F.gelu(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))  # (E, G*C, F)
+        h = self.act(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))  # (E, G*C, F)
         w2 = torch.stack([e.fc2.weight for e in experts])  # (E, D, F)
         b2 = torch.stack([e.fc2.bias for e in experts])  # (E, D)
         out = torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2))  # (E, G*C, D)
@@ -96,8 +116,10 @@ class ModalityMoE(MoE):
         modality_routing: bool,
         second_expert_sampling: bool,
         expert_impl: str = "stacked",
+        ffn_act: str = "gelu",
+        bias_to_experts: bool = False,
     ) -> None:
-        expert = Mlp(hidden_size, ffn_size, act_layer=nn.GELU)
+        expert = Mlp(hidden_size, ffn_size, act_layer=ACT_LAYERS[ffn_act])
         super().__init__(
             hidden_size,
             expert,
@@ -114,6 +136,7 @@ class ModalityMoE(MoE):
             hidden_size,
             num_experts,
             modality_routing,
+            bias_to_experts,
             k=top_k,
             capacity_factor=capacity_factor,
             eval_capacity_factor=capacity_factor,
@@ -140,6 +163,8 @@ class ModalityMoE(MoE):
 
     def forward(self, x: Tensor, modality: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x: (T, D) tokens, modality: (T,) in {IMAGE, TEXT} -> (out (T, D), l_aux, routes (k, T))."""
+        if self.gate.bias_in_input:  # router and experts both see x + b_m
+            x = x + self.gate.modality_bias[modality].to(x.dtype)
         self.gate.modality = modality
         try:
             out, l_aux, _ = super().forward(x)

@@ -80,6 +80,9 @@ class ObjectiveConfig:
     # Constructor options of the objectives' heads, by objective name, that a task's data decides (e.g.
     # {"vqa": {"num_answers": 3129}}): derived by `train.config.resolve` from `Task.objective_options`.
     heads: dict[str, dict] = field(default_factory=dict)
+    # LayerNorm ε of the VQA and NLVR2-concat heads; None = model.norm_eps. The official release's heads use
+    # PyTorch's default 1e-5 (set by `eve-convert import-official` when it maps them).
+    head_norm_eps: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> ObjectiveConfig:

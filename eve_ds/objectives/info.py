@@ -46,6 +46,9 @@ def count_parameters(model) -> dict:
     ]
     if getattr(enc, "mask_token", None) is not None:
         embed_params.append(enc.mask_token)
+    for norm in (enc.text_embed_norm, enc.embed_norm):  # model.text_embed_norm / embed_norm
+        if norm is not None:
+            embed_params.extend(norm.parameters())
     embeddings = _numel(embed_params)
     experts = active = 0
     for block in enc.blocks:
@@ -102,6 +105,11 @@ def describe(name: str, overrides: dict | None = None) -> dict:
         "experts_per_rank": cfg.num_experts // cfg.ep_size,
         "drop_tokens": cfg.drop_tokens,
         "modality_routing": cfg.modality_routing,
+        "modality_bias_to_experts": cfg.modality_bias_to_experts,
+        "ffn_act": cfg.ffn_act,
+        "text_embed_norm": cfg.text_embed_norm,
+        "embed_norm": cfg.embed_norm,
+        "pos_resample_antialias": cfg.pos_resample_antialias,
         "image_size": cfg.image_size,
         "patch_size": cfg.patch_size,
         "num_patches": cfg.num_patches,

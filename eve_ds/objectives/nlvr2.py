@@ -95,7 +95,7 @@ class NLVR2Classification(nn.Module):
         if head == "biattn":
             self.head = BiAttentionHead(d, model_cfg.num_heads)
         else:
-            self.head = ConcatHead(d, model_cfg.norm_eps, model_cfg.init_std)
+            self.head = ConcatHead(d, obj_cfg.head_norm_eps or model_cfg.norm_eps, model_cfg.init_std)
 
     def forward(self, encoder: EVEModel, batch: dict, generator: torch.Generator | None) -> dict:
         image, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]

@@ -27,7 +27,7 @@ class VQAClassification(nn.Module):
         d = model_cfg.hidden_size
         self.head = nn.Sequential(
             nn.Linear(d, 2 * d),
-            nn.LayerNorm(2 * d, eps=model_cfg.norm_eps),
+            nn.LayerNorm(2 * d, eps=obj_cfg.head_norm_eps or model_cfg.norm_eps),
             nn.GELU(),
             nn.Linear(2 * d, num_answers),
         )

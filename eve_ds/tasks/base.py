@@ -48,6 +48,8 @@ class TaskContext:
     data: DataConfig | None = None  # the image-text corpora (pre-training)
     global_batch_size: int = 1  # for the corpus mixture's steps per epoch (pre-training)
     eval_batches: int = 0  # per rank and validation; 0 = all (pre-training)
+    image_mean: list[float] | None = None  # data.image_mean / image_std; None = ImageNet's
+    image_std: list[float] | None = None
 
 
 class Task:

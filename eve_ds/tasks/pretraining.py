@@ -130,6 +130,7 @@ class PretrainTask(Task):
             seed=self.ctx.seed,
             max_batches=self.ctx.eval_batches,
             probe=probe,
+            image_norm=(self.ctx.image_mean, self.ctx.image_std),
         )
 
 
@@ -143,13 +144,21 @@ def evaluate(
     seed: int = 1234,
     max_batches: int = 0,
     probe: AttributeProbe | None = None,
+    image_norm: tuple[list[float] | None, list[float] | None] = (None, None),
 ) -> dict[str, float]:
     """Mean of every scalar the objectives report over `loader` (all ranks together when distributed),
     `num_samples`, and the probe's metrics with `probe`."""
     was_training = model.training
     model.eval()
     sums = _sum_batches(
-        model, loader, device=device, dtype=dtype, seed=seed, max_batches=max_batches, probe=probe
+        model,
+        loader,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        max_batches=max_batches,
+        probe=probe,
+        image_norm=image_norm,
     )
     model.train(was_training)
     totals = _all_reduce_sums(sums, device)
@@ -162,7 +171,7 @@ def evaluate(
     return metrics
 
 
-def _sum_batches(model, loader, *, device, dtype, seed, max_batches, probe) -> dict[str, float]:
+def _sum_batches(model, loader, *, device, dtype, seed, max_batches, probe, image_norm) -> dict[str, float]:
     """Per-key sums over the batches of this rank: sample counts, scalars x batch size, probe counters."""
     rank, _ = rank_and_world()
     sums: dict[str, float] = defaultdict(float, {"n": 0.0, **(probe.zero() if probe else {})})
@@ -173,7 +182,7 @@ def _sum_batches(model, loader, *, device, dtype, seed, max_batches, probe) -> d
             if max_batches and i >= max_batches:
                 break
             bar.update(1)
-            batch = batch_to_device(batch, device, dtype)
+            batch = batch_to_device(batch, device, dtype, *image_norm)  # image_norm: (mean, std)
             b = batch["image"].shape[0]
 
             def run(x: dict, i: int = i) -> dict:  # a fresh generator: the same masks on every call

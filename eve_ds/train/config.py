@@ -364,6 +364,8 @@ def task_context(cfg: RunConfig, tokenizer) -> TaskContext:
         data=cfg.data,
         global_batch_size=cfg.train.global_batch_size,
         eval_batches=cfg.train.eval_batches,
+        image_mean=cfg.data.image_mean,
+        image_std=cfg.data.image_std,
     )
 
 

@@ -69,7 +69,7 @@ def evaluate_checkpoint(checkpoint: str, request: EvalRequest, device: str = "au
 def run_config(config: dict) -> RunConfig | None:
     """The checkpoint's run config (resolved, as it ran), or None for an export that has none."""
     run = config.get("run")
-    return from_dict(run) if run else None
+    return from_dict(run) if run and "train" in run else None  # an import records only its data section
 
 
 def follow_run(request: EvalRequest, run: RunConfig | None) -> EvalRequest:
@@ -126,6 +126,8 @@ def checkpoint_task(model, config: dict, request: EvalRequest, run: RunConfig | 
                 train=[], synthetic=request.synthetic, tokenizer=data.get("tokenizer") or "bert-base-uncased"
             ),
             eval_batches=request.max_batches,
+            image_mean=data.get("image_mean"),
+            image_std=data.get("image_std"),
         )
     task = build_task(cfg, ctx)
     task.load_assets(config.get("task") or {})

@@ -155,7 +155,7 @@ def task_problems(cfg: RunConfig) -> list[str]:
 def init_shape_problems(cfg: RunConfig) -> list[str]:
     """Load the init checkpoint on the CPU and compare every tensor's shape with the model's."""
     from eve_ds.convert import ConvertError
-    from eve_ds.convert.beit import init_weight_problems, source_weights
+    from eve_ds.convert.beit import init_weight_problems, option_problems, source_weights
     from eve_ds.convert.resolution import adapt_resolution
     from eve_ds.objectives import PretrainingModel
 
@@ -168,6 +168,7 @@ def init_shape_problems(cfg: RunConfig) -> list[str]:
         return [f"train.init_from: {e}"]
     adapt_resolution(sd, own)
     problems, _ = init_weight_problems(sd, own, report["source"])
+    problems += option_problems(model_cfg, report.get("model") or {})
     return [f"train.init_from={cfg.train.init_from!r}: {p}" for p in problems]
 
 

@@ -35,8 +35,13 @@ RUN_ENTRIES = {
     "wandb_id.txt",
     CHANGES_FILE,
 }
-# Keys that change no number of the run: bookkeeping, where it runs, when this job stops.
+# Keys that change no number of the run: bookkeeping, where and how it is laid out (the checkpoint
+# loader handles a new world or expert-parallel size: see `convert.resume_options`), when this job stops.
 FREE = (
+    "model.ep_size",
+    "train.micro_batch_size",  # with train.global_batch_size fixed: derived from the world size
+    "train.grad_accum_steps",
+    "train.device",
     "train.stop_after",
     "train.keep_last",
     "train.dist_timeout_s",

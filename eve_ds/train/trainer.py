@@ -233,7 +233,8 @@ class Trainer:
             self.state["batches_consumed"] += 1
         self.state["skipped_samples"] += int(batch.get("num_skipped", 0))
         self.batch_shape = self.family.batch_shape(batch)  # for the FLOP count (MFU)
-        out = self.engine(batch_to_device(batch, self.device, self.dtype))
+        data = self.cfg.data
+        out = self.engine(batch_to_device(batch, self.device, self.dtype, data.image_mean, data.image_std))
         bad = all_reduce_max(0.0 if bool(torch.isfinite(out["loss"])) else 1.0, self.device)
         if bad:
             return None

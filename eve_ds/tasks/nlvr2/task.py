@@ -115,7 +115,9 @@ def predict(
         if batch is None:  # every item of the batch was unreadable
             continue
         inputs = {
-            "image": normalize_image(batch["image"].to(device), dtype),  # (B, 2, 3, S, S)
+            "image": normalize_image(
+                batch["image"].to(device), dtype, ctx.image_mean, ctx.image_std
+            ),  # (B, 2, 3, S, S)
             "text_ids": batch["text_ids"].to(device),
             "text_mask": batch["text_mask"].to(device),
         }

@@ -259,7 +259,7 @@ class _Evaluator:
         )
 
     def _pixels(self, image: Tensor) -> Tensor:
-        return normalize_image(image.to(self.device), self.dtype)
+        return normalize_image(image.to(self.device), self.dtype, self.ctx.image_mean, self.ctx.image_std)
 
     def embed_images(self, images: list[RetrievalImage], skip_bad: bool) -> tuple[Tensor, list[int]]:
         """-> (features (N_img, E) float32 on the device, every rank's; sorted unreadable indices)."""

@@ -170,7 +170,7 @@ def predict(
         if not batch["question_id"]:
             continue
         inputs = {
-            "image": normalize_image(batch["image"].to(device), dtype),
+            "image": normalize_image(batch["image"].to(device), dtype, ctx.image_mean, ctx.image_std),
             "text_ids": batch["text_ids"].to(device),
             "text_mask": batch["text_mask"].to(device),
         }
