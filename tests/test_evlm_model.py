@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import timm
@@ -310,3 +311,19 @@ def test_bad_input_raises_a_clear_error():
     kind = torch.tensor([[1, 1]])
     with pytest.raises(ValueError, match="media_slot values \\[5\\]"):
         media_intervals(kind, torch.zeros_like(kind), torch.tensor([[5, 5]]), torch.full((1, 2), -1))
+
+
+def test_eve_info_prints_the_evlm_counts(capsys):
+    from eve_ds.cli.info import main
+    from eve_ds.models.evlm.config import get_config
+    from eve_ds.models.evlm.counts import param_counts
+
+    assert main(["evlm_14b_moe", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    want = param_counts(get_config("evlm_14b_moe"))
+    assert out["total_params"] == want["total_params"] > out["active_params_per_token"]
+    assert out["trainable_params"] == want["trainable_params"] and set(out["trainable_params"]) >= {
+        "stage1",
+        "stage2",
+        "stage3",
+    }

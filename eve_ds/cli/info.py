@@ -10,6 +10,9 @@ import argparse
 import json
 import sys
 
+from eve_ds.models.evlm.config import FLAVORS as EVLM_FLAVORS
+from eve_ds.models.evlm.config import get_config as evlm_config
+from eve_ds.models.evlm.counts import param_counts as evlm_param_counts
 from eve_ds.objectives.info import describe
 from eve_ds.utils.config import parse_override
 
@@ -78,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("name", help="model flavor: eve_tiny, eve_base or eve_large")
+    parser.add_argument(
+        "name",
+        help="model flavor: eve_tiny, eve_base, eve_large, or an EVLM flavor (evlm_tiny, evlm_14b, ...)",
+    )
     parser.add_argument(
         "overrides",
         nargs="*",
@@ -87,11 +93,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_intermixed_args(argv)
+    if args.name in EVLM_FLAVORS:
+        return evlm_info(args, parser)
     try:
         info = describe(args.name, parse_overrides(args.overrides))
     except ValueError as e:
         parser.error(str(e))
     print(json.dumps(info, indent=2) if args.json else format_table(info))
+    return 0
+
+
+def evlm_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """EVLM: total parameters, trainable per stage, active per token (counted from the layouts, not built)."""
+    try:
+        counts = evlm_param_counts(evlm_config(args.name, **parse_overrides(args.overrides)))
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))
+    if args.json:
+        print(json.dumps({"name": args.name, **counts}, indent=2))
+        return 0
+    rows = [("total", counts["total_params"]), ("active per token", counts["active_params_per_token"])]
+    rows += [(f"trainable, {stage}", n) for stage, n in counts["trainable_params"].items()]
+    rows += [(f"  {part}", n) for part, n in counts["parts"].items()]
+    print(f"{args.name}\n" + "\n".join(f"{k:<24}  {_millions(n)}" for k, n in rows))
     return 0
 
 
