@@ -18,12 +18,14 @@ def run_training(
     in_process: bool = False,
     threads: int | None = None,
     log: str | Path | None = None,
+    module: str = "eve_ds.cli.pretrain",
 ) -> None:
     """`eve-pretrain --config CONFIG --run-dir RUN_DIR OVERRIDES...` (fine-tuning configs included).
 
     A fresh process by default, with its output in `log` (default: RUN_DIR.log next to the run) and
     OMP_NUM_THREADS=`threads` when given; `in_process`: the Trainer in this process (no interpreter
-    start-up; the trainer installs signal handlers, so only from the main thread). Raises RuntimeError
+    start-up; the trainer installs signal handlers, so only from the main thread). `module`: another entry
+    point that takes eve-pretrain's arguments (a research variant of the trainer). Raises RuntimeError
     when the training fails, with the log's tail."""
     run_dir = Path(run_dir)
     if in_process:
@@ -34,7 +36,7 @@ def run_training(
         if rc != 0:
             raise RuntimeError(f"training {config} in {run_dir} ({overrides}) exited with {rc}")
         return
-    cmd = [sys.executable, "-m", "eve_ds.cli.pretrain", "--config", config, "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", module, "--config", config, "--run-dir", str(run_dir)]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = Path(log) if log else run_dir.parent / f"{run_dir.name}.log"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
+from eve_ds.train.launch import run_training
 from eve_ds.train.run_dir import RunDir
+from eve_ds.utils.markdown import table
 
+DEFAULT_CONFIG = "eve_tiny_synthetic"  # what eve-pretrain runs with no --config
 PREVIOUS = [
     "model.init_std=0.02",
     "model.pos_embed=learned",
@@ -85,8 +86,7 @@ def collect(run_dir: Path) -> dict | None:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| row | overrides | step | attribute words | colour | size | shape | relation | pairs/s |\n"
-    head += "|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    header = ["row", "overrides", "step", "attribute words", *CATEGORIES, "pairs/s"]
     lines = []
     for r in rows:
         if not r.get("evals"):
@@ -94,13 +94,9 @@ def markdown(rows: list[dict]) -> str:
         e = r["evals"][-1]
         cells = [f"{e[c]:.2f} ({e[c + '_shuffled']:.2f})" for c in CATEGORIES]
         overrides = ", ".join(f"`{o}`" if o != CONV else "conv stem" for o in r["overrides"]) or "—"
-        lines.append(
-            f"| {r['row']} | {overrides} | {e['step']:,} | {e['attr_word_acc']:.3f} "
-            f"({e['attr_word_acc_shuffled_images']:.3f}) | "
-            + " | ".join(cells)
-            + f" | {r['pairs_per_s_median']} |"
-        )
-    return head + "\n".join(lines) + "\n"
+        words = f"{e['attr_word_acc']:.3f} ({e['attr_word_acc_shuffled_images']:.3f})"
+        lines.append([r["row"], overrides, f"{e['step']:,}", words, *cells, str(r["pairs_per_s_median"])])
+    return table(header, lines, align="llrrrrrrr") + "\n"
 
 
 def main() -> None:
@@ -121,8 +117,8 @@ def main() -> None:
         cmd = command(base, overrides, run_dir)
         if not args.collect_only and not RunDir(run_dir).is_finished():
             print("+", " ".join(cmd), flush=True)
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+            module = cmd[2]  # the trainer, or the conv-stem variant of it
+            run_training(DEFAULT_CONFIG, run_dir, cmd[5:], threads=args.threads, module=module)
         result = collect(run_dir) or {}
         rows.append(
             {"row": name, "base": base, "overrides": overrides, "command": " ".join(cmd[1:]), **result}
