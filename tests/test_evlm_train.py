@@ -93,6 +93,10 @@ def test_caption_rows_label_only_the_caption_and_the_task_checks_the_model(cache
     assert words[-1] == "<eos>" and caption.startswith("a ") and "caption:" not in words
     assert batch["image"].shape == (3, 3, 64, 64) and batch["image"].dtype == torch.uint8
     assert (batch["lo"][0, batch["valid"][0]] == 0).all()  # every token of the row reads its image
+    family = family_of(cfg)  # the MFU's FLOP count (used on GPUs only): LM + xattn per token, ViT per image
+    assert family.batch_shape(batch) == (batch["input_ids"].shape[1], 1)
+    small_row = family.flops_per_sample(cfg, (10, 1))
+    assert family.flops_per_sample(cfg, (20, 1)) > small_row > family.flops_per_sample(cfg, (10, 0)) > 0
     bad = build_task(TaskConfig(name="evlm_synthetic", synthetic=True), ctx)
     ctx.model = load_config("evlm_tiny_synthetic", ["model.media_token_id=5"]).model
     with pytest.raises(ValueError, match=r"model\.media_token_id=5"):
