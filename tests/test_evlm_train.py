@@ -17,7 +17,7 @@ from eve_ds.tasks.base import TaskContext, build_task
 from eve_ds.tasks.config import TaskConfig
 from eve_ds.tasks.evlm_synthetic.data import MEDIA, VOCAB, collate
 from eve_ds.train.config import ConfigError, from_dict, load_config, save_config
-from eve_ds.train.family import family_of
+from eve_ds.train.family import family_of, source_record
 from eve_ds.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,6 +101,17 @@ def test_caption_rows_label_only_the_caption_and_the_task_checks_the_model(cache
     ctx.model = load_config("evlm_tiny_synthetic", ["model.media_token_id=5"]).model
     with pytest.raises(ValueError, match=r"model\.media_token_id=5"):
         bad.prepare()
+
+
+def test_checkpoints_record_the_frozen_sources_with_the_hash_of_their_config(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
+    rec = source_record(str(tmp_path))
+    assert rec["path"] == str(tmp_path) and len(rec["config_sha256"]) == 64
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3"}')
+    assert source_record(str(tmp_path))["config_sha256"] != rec["config_sha256"]
+    assert source_record("") is None
+    cfg = load_config("evlm_tiny_synthetic", [f"model.lm_path={tmp_path}"])
+    assert family_of(cfg).checkpoint_config(cfg)["sources"]["lm"] == source_record(str(tmp_path))
 
 
 # -- training -------------------------------------------------------------------------------------------------
