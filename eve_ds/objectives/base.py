@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from eve_ds.models.config import EVEConfig
 from eve_ds.models.eve import EncoderOutput, EVEModel
+from eve_ds.models.evlm.config import EVLMConfig
 from eve_ds.models.weights import load_state_dict_strict, read_native_export
 from eve_ds.utils.config import check
 
@@ -133,7 +134,7 @@ class PretrainingModel(nn.Module):
     """
 
     def __init__(
-        self, model_cfg: EVEConfig, obj_cfg: ObjectiveConfig, backbone: nn.Module | None = None
+        self, model_cfg: EVEConfig | EVLMConfig, obj_cfg: ObjectiveConfig, backbone: nn.Module | None = None
     ) -> None:
         """`backbone`: the model the objectives run, kept as `encoder` (default: an `EVEModel` of
         `model_cfg`; another model family passes its own, e.g. an `EVLMModel`, whose output has the same
