@@ -251,18 +251,21 @@ def test_head_options_come_from_objective_heads_and_old_saved_keys_still_load():
 
 def test_every_flavor_belongs_to_one_model_family():
     from eve_ds.models.config import FLAVORS
-    from eve_ds.train.config import load_config
-    from eve_ds.train.family import FAMILIES, EVEFamily, ModelFamily, family_of, register_family
+    from eve_ds.train.config import MODEL_FLAVORS, load_config
+    from eve_ds.train.family import FAMILIES, EVEFamily, EVLMFamily, ModelFamily, family_of, register_family
 
     assert family_of(load_config("eve_tiny_synthetic")).name == "eve"
     assert {f.name for f in FAMILIES.values() for fl in FLAVORS if fl in f.flavors} == {"eve"}
+    for flavor in MODEL_FLAVORS:  # every flavor a config can name has exactly one family
+        assert sum(flavor in f.flavors for f in FAMILIES.values()) == 1, flavor
 
     class Clash(ModelFamily):
         name, flavors = "clash", ("eve_tiny",)
 
     with pytest.raises(ValueError, match="already belong to 'eve'"):
         register_family(Clash())
-    assert set(FAMILIES) == {"eve"} and isinstance(FAMILIES["eve"], EVEFamily)
+    assert set(FAMILIES) == {"eve", "evlm"} and isinstance(FAMILIES["eve"], EVEFamily)
+    assert isinstance(FAMILIES["evlm"], EVLMFamily)
 
 
 def test_pixel_decoder_output_and_mask():

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from eve_ds.models.config import EVEConfig
 from eve_ds.models.eve import EncoderOutput, EVEModel
+from eve_ds.models.evlm.config import EVLMConfig
 from eve_ds.models.weights import load_state_dict_strict, read_native_export
 from eve_ds.utils.config import check
 
@@ -132,12 +133,21 @@ class PretrainingModel(nn.Module):
     call, `aux_loss_reduction`).
     """
 
-    def __init__(self, model_cfg: EVEConfig, obj_cfg: ObjectiveConfig) -> None:
+    def __init__(
+        self, model_cfg: EVEConfig | EVLMConfig, obj_cfg: ObjectiveConfig, backbone: nn.Module | None = None
+    ) -> None:
+        """`backbone`: the model the objectives run, kept as `encoder` (default: an `EVEModel` of
+        `model_cfg`; another model family passes its own, e.g. an `EVLMModel`, whose output has the same
+        `aux_loss` / `expert_counts` fields)."""
         super().__init__()
         obj_cfg.validate()
         self.model_cfg, self.obj_cfg = model_cfg, obj_cfg
-        mask_token = any(getattr(OBJECTIVES[n], "uses_image_mask_token", False) for n in obj_cfg.objectives)
-        self.encoder = EVEModel(model_cfg, image_mask_token=mask_token)
+        if backbone is None:
+            mask_token = any(
+                getattr(OBJECTIVES[n], "uses_image_mask_token", False) for n in obj_cfg.objectives
+            )
+            backbone = EVEModel(model_cfg, image_mask_token=mask_token)
+        self.encoder = backbone
         self.objectives = nn.ModuleDict(
             {n: OBJECTIVES[n](model_cfg, obj_cfg, **obj_cfg.heads.get(n, {})) for n in obj_cfg.objectives}
         )

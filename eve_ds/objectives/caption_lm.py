@@ -36,6 +36,9 @@ class CaptionLM(nn.Module):
         super().__init__()
 
     def forward(self, backbone: EVLMModel, batch: dict, generator: torch.Generator | None = None) -> dict:
+        if "image" in batch and "images" not in batch:
+            # The trainer normalises a batch's images under the data pipeline's key, `image` (N, 3, H, W).
+            batch = {**batch, "images": batch["image"]}
         out = backbone(batch)
         targets = next_token_targets(batch["labels"], batch.get("position_ids"))
         keep = targets != -100

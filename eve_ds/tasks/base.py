@@ -50,6 +50,7 @@ class TaskContext:
     eval_batches: int = 0  # per rank and validation; 0 = all (pre-training)
     image_mean: list[float] | None = None  # data.image_mean / image_std; None = ImageNet's
     image_std: list[float] | None = None
+    model: object | None = None  # the run's model config (a task that lays rows out for its media tokens)
 
 
 class Task:
@@ -273,6 +274,7 @@ TASK_MODULES = {
     "vqa": "vqa.task",
     "retrieval": "retrieval.task",
     "nlvr2": "nlvr2.task",
+    "evlm_synthetic": "evlm_synthetic.task",
 }
 
 

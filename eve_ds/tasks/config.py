@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 from eve_ds.utils.config import check
 
-TASK_NAMES = ("msm", "vqa", "retrieval", "nlvr2")
+TASK_NAMES = ("msm", "vqa", "retrieval", "nlvr2", "evlm_synthetic")
 
 
 @dataclass
 class TaskConfig:
-    name: str = "msm"  # msm (pre-training) | vqa | retrieval | nlvr2
+    name: str = "msm"  # msm (pre-training) | vqa | retrieval | nlvr2 | evlm_synthetic (EVLM captions)
     # The dataset's files as distributed (see docs/finetuning.md for each layout); `${VAR}` is expanded.
     data_root: str | None = None
     # Generate the task's synthetic set (shapes scenes, official layout) into data.cache_dir when missing

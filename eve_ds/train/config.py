@@ -3,8 +3,9 @@
     cfg = load_config("eve_base_4m", ["optim.lr=2e-4", "model.ep_size=8"])
 
 Every key is checked on load: an unknown key is reported with the nearest valid ones, a bad value with
-the allowed values or range. ``model`` takes a ``flavor`` (eve_tiny / eve_base / eve_large) whose
-defaults the other model keys override.
+the allowed values or range. ``model`` takes a ``flavor`` whose defaults the other model keys override;
+the flavor also picks the model family's config class (`MODEL_FLAVORS`: eve_tiny / eve_base / eve_large
+build an `EVEConfig`, evlm_tiny / evlm_14b and their MoE variants an `EVLMConfig`).
 
 What the run derives from the loaded config (micro-batch, accumulation, warm-up steps, step count, the
 task's head options) is computed once, by `resolve`, into a new RunConfig: that is what runs and what the
@@ -29,6 +30,9 @@ import yaml
 
 from eve_ds.data.config import DataConfig
 from eve_ds.models.config import FLAVORS, EVEConfig, get_config
+from eve_ds.models.evlm.config import FLAVORS as EVLM_FLAVORS
+from eve_ds.models.evlm.config import EVLMConfig
+from eve_ds.models.evlm.config import get_config as get_evlm_config
 from eve_ds.objectives import ObjectiveConfig
 from eve_ds.objectives.base import upgrade_saved_objective
 from eve_ds.tasks.base import Task, TaskContext
@@ -42,6 +46,13 @@ logger = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PACKAGE_DIR / "configs"  # run configs, package data
 DS_CONFIG_DIR = ds_config_dir()  # DeepSpeed configs: top-level ds_configs/, package data in a wheel
+
+# Flavor -> (its family's model config class, the factory that applies overrides to the flavor's defaults).
+# The class decides which `model.*` keys a config may set; `train/family.py` maps the flavor to the rest.
+MODEL_FLAVORS: dict[str, tuple[type, Any]] = {
+    **{name: (EVEConfig, get_config) for name in FLAVORS},
+    **{name: (EVLMConfig, get_evlm_config) for name in EVLM_FLAVORS},
+}
 
 
 @dataclass
@@ -99,7 +110,7 @@ class WandbConfig:
 
 @dataclass
 class RunConfig:
-    model: EVEConfig = field(default_factory=EVEConfig)
+    model: EVEConfig | EVLMConfig = field(default_factory=EVEConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -209,13 +220,14 @@ def from_dict(raw: dict) -> RunConfig:
     raw = dict(raw)
     model = dict(raw.pop("model", None) or {})
     flavor = model.pop("flavor", raw.pop("model_flavor", "eve_base"))
-    if flavor not in FLAVORS:
-        raise ConfigError(f"model.flavor={flavor!r} is invalid: expected one of {sorted(FLAVORS)}")
-    _reject_unknown(model, EVEConfig, "model", extra=("flavor",))
-    hints = typing.get_type_hints(EVEConfig)
+    if flavor not in MODEL_FLAVORS:
+        raise ConfigError(f"model.flavor={flavor!r} is invalid: expected one of {sorted(MODEL_FLAVORS)}")
+    model_cls, factory = MODEL_FLAVORS[flavor]
+    _reject_unknown(model, model_cls, "model", extra=("flavor",))
+    hints = typing.get_type_hints(model_cls)
     model = {k: _coerce(hints[k], v, f"model.{k}") for k, v in model.items()}
     try:
-        model_cfg = get_config(flavor, **model)
+        model_cfg = factory(flavor, **model)
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from e
     sections = {
@@ -357,7 +369,8 @@ def task_context(cfg: RunConfig, tokenizer) -> TaskContext:
         tokenizer=tokenizer,
         cache_dir=cfg.data.cache_dir,
         image_size=cfg.model.image_size,
-        max_text_len=cfg.model.max_text_len,
+        # EVLM's LM has rotary positions, hence no text-length limit of its own (0: the task decides).
+        max_text_len=getattr(cfg.model, "max_text_len", 0),
         seed=cfg.train.seed,
         num_workers=cfg.data.num_workers,
         hflip=cfg.data.hflip,
@@ -366,6 +379,7 @@ def task_context(cfg: RunConfig, tokenizer) -> TaskContext:
         eval_batches=cfg.train.eval_batches,
         image_mean=cfg.data.image_mean,
         image_std=cfg.data.image_std,
+        model=cfg.model,
     )
 
 

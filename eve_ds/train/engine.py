@@ -84,12 +84,14 @@ NO_DECAY_NAMES = (
     "text_pos_embed",
     "relative_position_bias_table",
     "modality_bias",
+    "media_tokens",  # EVLM's learned image tokens (a table, like the [CLS] and mask tokens)
 )
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
     """BEiT / MAE: no decay for biases, norm weights and other 1-d parameters (layer scale γ), the [CLS]
-    and mask tokens, position tables, relative-position bias tables and the router's modality biases.
+    and mask tokens, EVLM's media tokens, position tables, relative-position bias tables and the router's
+    modality biases.
     Every weight matrix decays, the patch projection and the word embedding included (as in BEiT, MAE
     and BERT)."""
     return param.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES

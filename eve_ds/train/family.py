@@ -9,7 +9,9 @@ flavors, so saved configs need no key of their own and mean what they meant.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from dataclasses import asdict
 from types import MappingProxyType
 
@@ -17,9 +19,11 @@ from torch import nn
 
 from eve_ds.convert import load_init_weights
 from eve_ds.models.config import FLAVORS
+from eve_ds.models.evlm.config import FLAVORS as EVLM_FLAVORS
+from eve_ds.models.evlm.counts import param_counts
 from eve_ds.objectives import PretrainingModel
 from eve_ds.objectives.flops import TextShape, flops_per_pair
-from eve_ds.train.config import RunConfig
+from eve_ds.train.config import ConfigError, RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +36,8 @@ class ModelFamily:
     flavors: tuple[str, ...] = ()
     # Extra arguments of DeepSpeed's `engine.save_checkpoint` (e.g. leaving out frozen parameters).
     save_kwargs: MappingProxyType = MappingProxyType({})
+    # Extra arguments of `engine.load_checkpoint` when a run resumes (e.g. accepting the left-out ones).
+    load_kwargs: MappingProxyType = MappingProxyType({})
 
     def build_model(self, cfg: RunConfig) -> nn.Module:
         """The backbone with the run's objectives (forward(batch, generator) -> dict with `loss`), before
@@ -92,6 +98,75 @@ class EVEFamily(ModelFamily):
         return flops_per_pair(cfg.model, cfg.objective, shape, cfg.train.micro_batch_size)
 
 
+class EVLMFamily(ModelFamily):
+    """EVLM: a frozen causal LM reading a ViT through gated cross-attention (`models/evlm/`), trained with
+    `caption_lm`. Only the stage's trainable parameters are checkpointed: the frozen LM and tower are
+    rebuilt from their files (or, without files, from `train.seed`, as the first run built them)."""
+
+    name = "evlm"
+    flavors = tuple(EVLM_FLAVORS)
+    save_kwargs = MappingProxyType({"exclude_frozen_parameters": True})
+    # The left-out frozen weights are absent from the module file; the model already holds them.
+    load_kwargs = MappingProxyType({"load_module_strict": False})
+
+    def build_model(self, cfg: RunConfig) -> PretrainingModel:
+        from eve_ds.models.evlm.model import EVLMModel  # transformers: only for runs of this family
+
+        if cfg.model.moe:
+            raise ConfigError(
+                f"model.flavor={cfg.model_flavor}: training EVLM-MoE (upcycling at load, expert-load "
+                "logging) is not wired into the trainer yet; use evlm_tiny or evlm_14b"
+            )
+        backbone = EVLMModel(cfg.model)  # freezes all but the trainable set of model.stage
+        backbone.set_grad_checkpointing(cfg.train.grad_checkpointing)
+        return PretrainingModel(cfg.model, cfg.objective, backbone=backbone)
+
+    def init_weights(self, model: PretrainingModel, cfg: RunConfig, ep_rank: int, resuming: bool) -> None:
+        if cfg.train.init_from and not resuming:
+            raise ConfigError(
+                "train.init_from: starting an EVLM stage from an earlier one is not wired yet; the LM and "
+                "the tower load from model.lm_path and model.vision_path"
+            )
+
+    def checkpoint_config(self, cfg: RunConfig) -> dict:
+        m = cfg.model
+        return {
+            "family": self.name,
+            "model": m.to_dict(),
+            "objective": asdict(cfg.objective),
+            "run": cfg.to_dict(),
+            # The frozen weights are not in the checkpoint: say where they come from, and which version.
+            "sources": {"lm": source_record(m.lm_path), "vision": source_record(m.vision_path)},
+        }
+
+    def batch_shape(self, batch: dict) -> tuple[int, int]:
+        """(row length S, images per row): what the LM and the tower each process per sample."""
+        rows = batch["input_ids"].shape[0]
+        return int(batch["input_ids"].shape[1]), batch["image"].shape[0] // max(1, rows)
+
+    def flops_per_sample(self, cfg: RunConfig, shape: tuple[int, int]) -> float:
+        """2 FLOPs per parameter and token forward, x 3 for training (the frozen parts' backward still
+        computes activation gradients, only their weight gradients are saved: an over-count of < 1/3
+        there). Cross-attention scores are left out: at the tiny and 224 px scales they are small."""
+        seq, images = shape
+        parts = param_counts(cfg.model)["parts"]
+        tokens_per_image = (cfg.model.image_size // cfg.model.vision_patch) ** 2 + 1
+        return 6.0 * ((parts["lm"] + parts["xattn"]) * seq + parts["vision"] * tokens_per_image * images)
+
+
+def source_record(path: str) -> dict | None:
+    """A frozen part's source: its path and the sha256 of its `config.json` (a directory) or of the file
+    itself when it is a small one (a weights file is not hashed: gigabytes at every save)."""
+    if not path:
+        return None
+    config = os.path.join(path, "config.json") if os.path.isdir(path) else None
+    digest = None
+    if config and os.path.isfile(config):
+        with open(config, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+    return {"path": os.path.abspath(path), "config_sha256": digest}
+
+
 FAMILIES: dict[str, ModelFamily] = {}
 
 
@@ -106,6 +181,7 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 
 register_family(EVEFamily())
+register_family(EVLMFamily())
 
 
 def family_of(cfg: RunConfig) -> ModelFamily:

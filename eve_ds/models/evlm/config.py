@@ -67,6 +67,8 @@ class EVLMConfig:
     media_token: str = "<|evlm_media|>"
     media_token_id: int = -1  # -1: looked up as `media_token` in the tokenizer of lm_path
     init_std: float = 0.02
+    # The freeze policy the model is built with (`EVLMModel.trainable_parameters`): one of STAGES.
+    stage: str = "stage1"
     # EVLM-MoE ([paper] N copies x M slices, top-k, + a world expert; [ours] tanh(beta) gate at 0).
     moe: bool = False
     moe_copies: int = 4
@@ -98,6 +100,7 @@ class EVLMConfig:
 
     def validate(self) -> None:
         check(self.vision in ("timm", "eve"), "model.vision", self.vision, "timm | eve")
+        check(self.stage in STAGES, "model.stage", self.stage, " | ".join(STAGES))
         check(self.level_map in ("block", "cycle"), "model.level_map", self.level_map, "block | cycle")
         check(self.xattn_ffn in ("swiglu", "gelu"), "model.xattn_ffn", self.xattn_ffn, "swiglu | gelu")
         bad = [i for i in self.feature_layers if not 0 <= i < self.vision_depth]

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from eve_ds.models.evlm.config import STAGES, VISION_TRAINABLE_FROM, EVLMConfig
+from eve_ds.models.evlm.config import VISION_TRAINABLE_FROM, EVLMConfig
 from eve_ds.models.evlm.moe_xattn import WorldMoE, upcycle
 from eve_ds.models.evlm.vision import build_vision, set_trainable_from
 from eve_ds.models.evlm.wrap import XAttnDecoderLayer, layer_levels, wrap_decoder_layers
@@ -93,7 +93,7 @@ class EVLMModel(nn.Module):
         trunc_normal_(self.media_tokens, std=cfg.init_std)
         levels = layer_levels(lm_cfg.num_hidden_layers, len(cfg.feature_layers), cfg.level_map)
         self.layers = wrap_decoder_layers(self.lm, self._xattn, levels)
-        self.trainable_parameters(STAGES[0])
+        self.trainable_parameters(cfg.stage)
 
     def _xattn(self, i: int) -> GatedXAttn:
         cfg, h = self.cfg, self.cfg.lm_hidden
