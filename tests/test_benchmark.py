@@ -61,6 +61,14 @@ def test_quick_cpu_smoke(tmp_path):
     assert g[("mlm", "itc", "itm")] < g[("mlm", "itc", "itm", "mim_pixel")]
     text = md.read_text()
     assert "| MLM + MIM (pixel) (MSM, EVE) | 4 (fixed) |" in text and "224 / 2.14" in text
+    # a CPU table holds what was measured: no hours on GPUs extrapolated from it, no MFU
+    header = next(line for line in text.splitlines() if line.startswith("| Pre-training tasks"))
+    assert (
+        header
+        == "| Pre-training tasks | Batch | Pairs/s | × MSM time | GFLOPs / pair | Paper: batch / hours |"
+    )
+    assert "GPUs" not in text.split("\n\n")[0] and "hours/epoch" not in text
+    assert f"- command: `eve-bench --model eve_tiny --device cpu --quick --json {out}" in text
     # rows of separate runs (one per GPU job) merge into one table with the ratios recomputed
     part = {**d, "rows": [r for r in d["rows"] if r["task_set"] != ["mlm", "mim_pixel"]]}
     (tmp_path / "b.json").write_text(json.dumps(part))
@@ -70,6 +78,23 @@ def test_quick_cpu_smoke(tmp_path):
     m = json.loads(merged.read_text())
     assert [r["task_set"] for r in m["rows"]] == DEFAULT_TASK_SETS
     assert [r["ratio_to_msm"] for r in m["rows"]] == pytest.approx([r["ratio_to_msm"] for r in d["rows"]])
+
+
+def test_quick_needs_no_json_and_errors_are_one_line(tmp_path, capsys):
+    """--json is optional: the table is printed either way; usage names the command; a bad --merge input
+    is one line, exit 2."""
+    argv = ["--model", "eve_tiny", "--device", "cpu", "--quick", "--task-sets", "mlm", "--threads", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| MLM | 4 (fixed) |" in out and f"- command: `eve-bench {' '.join(argv)}`" in out
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: eve-bench ")
+    missing = tmp_path / "missing.json"
+    assert main(["--merge", str(missing)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eve-bench: error: --merge: ") and str(missing) in err[0]
 
 
 def test_flops_match_a_hand_count_for_mlm_on_eve_tiny():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -43,6 +44,7 @@ from eve_ds.tasks.vqa.synthetic import (
     question_type,
     synthetic_image,
 )
+from eve_ds.utils.errors import UserError
 
 RED, BLUE = (230, 40, 40), (40, 100, 250)
 
@@ -249,6 +251,22 @@ def test_read_vqa_counts_and_fields(official):
         read_vqa(official, "testdev")
 
 
+def test_missing_images_name_the_folder_and_the_flag(official):
+    """A root without the split's image folder is refused naming the folder and where the root is set, even
+    where missing images would be skipped (training); a missing image names the flag, not a keyword."""
+    with pytest.raises(UserError, match=r"does not exist \(to leave such questions out: ") as e:
+        read_vqa(official, "train")
+    assert "--skip-bad-images" in str(e.value) and "task.skip_bad_eval_images" in str(e.value)
+    assert "skip_missing" not in str(e.value) and isinstance(e.value, FileNotFoundError)
+    shutil.rmtree(os.path.join(official, "val2014"))
+    for kw in ({}, {"skip_missing": True}, {"missing_ok": True}):
+        with pytest.raises(UserError) as e:
+            read_vqa(official, "val", **kw)
+        folder = os.path.join(official, "val2014")
+        assert str(e.value).startswith(f"image folder not found ({folder}); the val split's COCO images")
+        assert "task.data_root" in str(e.value) and "--data-root" in str(e.value)
+
+
 def test_malformed_files_name_file_and_field(official):
     qfile = f"{official}/v2_OpenEnded_mscoco_val2014_questions.json"
     afile = f"{official}/v2_mscoco_val2014_annotations.json"
@@ -307,7 +325,7 @@ def test_split_minival_is_deterministic_and_holds_whole_images():
     _, other_seed = split_minival(examples, 5, seed=4)
     assert {ex.image_id for ex in other_seed} != {ex.image_id for ex in mini}
     assert split_minival(examples, 0, seed=3) == (examples, [])
-    with pytest.raises(ValueError, match="num_images=21"):
+    with pytest.raises(VQADataError, match=r"task.minival_images=21: the val split has 20 image\(s\)"):
         split_minival(examples, 21, seed=3)
 
 

@@ -108,6 +108,17 @@ def test_evalai_file_answers_every_question_even_without_its_image(tmp_path, cac
     assert all(isinstance(a["answer"], str) and a["answer"] for a in answers)
     assert out["num_unreadable"] == 5  # the 5 questions of that image, answered with the top answer
 
+    val, _ = read_vqa(str(root), "val")
+    os.remove(val[0].image_path)  # and one val image: an error naming the flag, or left out and counted
+    argv = ["--checkpoint", str(run), "--task", "vqa", "--data-root", str(root), "--split", "val", "--json"]
+    capsys.readouterr()
+    assert evaluate(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eve-evaluate: error: ") and "--skip-bad-images" in err[0]
+    assert evaluate([*argv, "--skip-bad-images"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["num_missing"] == 5 and scored["num_questions"] == 12 * 5 - 5
+
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path, cache):

@@ -71,10 +71,14 @@ def device_info(device: str) -> dict:
 
 
 def notes(bc: BenchConfig) -> list[str]:
-    n = [
-        f"FLOPs: {FORMULA}.",
-        f"hours/epoch = corpus_size / (pairs/s per GPU x num_gpus) / 3600 with corpus_size={bc.corpus_size:,}, "
-        f"num_gpus={bc.num_gpus}: measured on one device, linear data-parallel scaling assumed.",
+    n = [f"FLOPs: {FORMULA}."]
+    if bc.device == "cuda":  # a CPU's pairs/s says nothing about hours on GPUs: no such column then
+        n.append(
+            f"hours/epoch = corpus_size / (pairs/s per GPU x num_gpus) / 3600 with "
+            f"corpus_size={bc.corpus_size:,}, num_gpus={bc.num_gpus}: measured on one device, linear "
+            "data-parallel scaling assumed."
+        )
+    n += [
         "ratio_to_msm = pairs/s of MSM (MLM + MIM-pixel) / pairs/s of the row (= time-per-epoch ratio).",
         "mim_token targets come from a fixed random-codebook tokenizer (cost stand-in only; a trained "
         "tokenizer's forward pass, e.g. VQ-KD's frozen ViT, would add to it); block masks are drawn up front.",
@@ -94,19 +98,19 @@ def notes(bc: BenchConfig) -> list[str]:
     return n
 
 
-def _row_cells(r: RowResult) -> list[str]:
+def _row_cells(r: RowResult, gpu: bool) -> list[str]:
     ratio = f"{r.ratio_to_msm:.2f}" if r.ratio_to_msm is not None else "–"
     mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "–"
     paper = f"{r.paper['max_batch_per_gpu']} / {r.paper['hours_per_epoch']}" if r.paper else "–"
     batch = f"{r.max_micro_batch}" + ("" if r.batch_source == "search" else " (fixed)")
+    measured = [f"{r.pairs_per_s:,.1f}", f"{r.hours_per_epoch:,.2f}"] if gpu else [f"{r.pairs_per_s:,.1f}"]
     return [
         task_label(r.task_set),
         batch,
-        f"{r.pairs_per_s:,.1f}",
-        f"{r.hours_per_epoch:,.2f}",
+        *measured,
         ratio,
         f"{r.gflops_per_pair:,.1f}",
-        mfu,
+        *([mfu] if gpu else []),
         paper,
     ]
 
@@ -121,18 +125,21 @@ HEADER = (
     "MFU",
     "Paper: batch / hours",
 )
+# A CPU run: only what it measured (no hours on GPUs extrapolated from it, no MFU, which is per GPU).
+CPU_HEADER = ("Pre-training tasks", "Batch", "Pairs/s", "× MSM time", "GFLOPs / pair", "Paper: batch / hours")
 
 
 def to_markdown(bc: BenchConfig, rows: list[RowResult], meta: dict) -> str:
     dev = meta["device"]["name"]
+    gpu = bc.device == "cuda"
     head = (
         f"Pre-training throughput, `{bc.model}` on {dev} ({bc.device}), data={bc.data}, "
-        f"ZeRO-{bc.zero_stage}, text {bc.text_len}/{bc.model_config().max_text_len} tokens; "
-        f"hours per epoch of {bc.corpus_size / 1e6:g}M pairs on {bc.num_gpus} GPUs.\n"
+        f"ZeRO-{bc.zero_stage}, text {bc.text_len}/{bc.model_config().max_text_len} tokens"
+        + (f"; hours per epoch of {bc.corpus_size / 1e6:g}M pairs on {bc.num_gpus} GPUs.\n" if gpu else ".\n")
     )
     lines = [
         head,
-        table(HEADER, (_row_cells(r) for r in rows)),
+        table(HEADER if gpu else CPU_HEADER, (_row_cells(r, gpu) for r in rows)),
         "",
         *[f"- {n}" for n in notes(bc)],
         f"- git {meta['git_revision']}{' (dirty tree)' if meta['git_dirty'] else ''}, "
@@ -168,8 +175,9 @@ def to_json(bc: BenchConfig, rows: list[RowResult], meta: dict, paper_ratios: di
     }
 
 
-def meta_info(bc: BenchConfig, argv: list[str] | None) -> dict:
-    cmd = "python tools/benchmark_pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:])
+def meta_info(bc: BenchConfig, argv: list[str] | None, prog: str = "eve-bench") -> dict:
+    """Device, versions, git revision and `command`: `prog` and its arguments, as the footer shows it."""
+    cmd = f"{prog} " + " ".join(argv if argv is not None else sys.argv[1:])
     commit, dirty = git_revision()
     return {
         "device": device_info(bc.device),

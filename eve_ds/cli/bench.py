@@ -1,11 +1,11 @@
 """`eve-bench` (or `python tools/benchmark_pretrain.py`): pre-training throughput per task set (the paper's
 Table 1).
 
-    python tools/benchmark_pretrain.py --model eve_tiny --quick --json /tmp/t1.json      # CI smoke test
-    python tools/benchmark_pretrain.py --model eve_tiny --json benchmarks/results/table1-cpu.json \\
+    eve-bench --model eve_tiny --quick                                         # smoke test: prints the table
+    eve-bench --model eve_tiny --json benchmarks/results/table1-cpu.json \\
         --markdown benchmarks/results/table1-cpu.md
-    python tools/benchmark_pretrain.py --model eve_base --device cuda --json results/table1-h100.json \\
-        --markdown results/table1-h100.md                                                 # max batch searched
+    eve-bench --model eve_base --device cuda --json results/table1-h100.json \\
+        --markdown results/table1-h100.md                                     # max batch searched
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -23,15 +24,23 @@ from eve_ds.bench.throughput import DEFAULT_TASK_SETS, BenchConfig, RowResult, r
 from eve_ds.models.config import FLAVORS
 from eve_ds.repro import paper
 from eve_ds.train.distributed import resolve_device
+from eve_ds.utils.errors import UserError, cli_main
+from eve_ds.utils.io import atomic_write_text
 from eve_ds.utils.task_sets import format_task_sets, parse_task_sets
 
 logger = logging.getLogger("eve_ds.bench")
 
 
+def prog_name() -> str:
+    """The command that ran, for usage and the table's footer: the script when run as one."""
+    script = os.path.basename(sys.argv[0] if sys.argv else "")
+    return f"python tools/{script}" if script == "benchmark_pretrain.py" else "eve-bench"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     doc = __doc__ or ""
     p = argparse.ArgumentParser(
-        prog="eve-bench",
+        prog=prog_name(),
         description=doc.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=doc.split("\n\n", 1)[1],
@@ -105,7 +114,7 @@ def add_run_args(p: argparse.ArgumentParser, d: BenchConfig) -> None:
         help="measure nothing: combine the rows of earlier runs (e.g. one per 10-minute GPU job) "
         "into one table; ratios are recomputed against the MSM row",
     )
-    p.add_argument("--json", required=True, type=Path, help="write the JSON record here")
+    p.add_argument("--json", type=Path, default=None, help="also write the JSON record here")
     p.add_argument("--markdown", type=Path, default=None, help="also write the markdown table here")
 
 
@@ -113,7 +122,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     try:
         device = resolve_device(args.device or "auto")
     except RuntimeError as e:
-        raise SystemExit(f"eve-bench: {e}") from e
+        raise UserError(f"--device: {e}") from e
     bc = BenchConfig(
         model=args.model,
         device=device,
@@ -143,20 +152,23 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
 def write(args: argparse.Namespace, bc: BenchConfig, rows: list[RowResult], meta: dict) -> None:
     md = to_markdown(bc, rows, meta)
     print(md)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(to_json(bc, rows, meta, paper.TABLE1_RATIOS), indent=2) + "\n")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        record = to_json(bc, rows, meta, paper.TABLE1_RATIOS)
+        atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(md)
+        atomic_write_text(args.markdown, md)
 
 
+@cli_main("eve-bench")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.merge:
         try:
             write(args, *merge(args.merge))
-        except ValueError as e:
-            raise SystemExit(f"eve-bench --merge: {e}") from e
+        except (ValueError, OSError) as e:
+            raise UserError(f"--merge: {e}") from e
         return 0
     if not logging.getLogger().handlers:
         logging.basicConfig(
@@ -174,20 +186,21 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed(bc.device, timeout_s=600)
 
     def progress(i: int, r: RowResult) -> None:
+        hours = f"  {r.hours_per_epoch:7.2f} h/epoch" if bc.device == "cuda" else ""  # GPUs only
         logger.info(
-            "[%d/%d] %-36s batch %4d  %9.1f pairs/s  %7.2f h/epoch  %7.1f GFLOPs/pair%s",
+            "[%d/%d] %-36s batch %4d  %9.1f pairs/s%s  %7.1f GFLOPs/pair%s",
             i + 1,
             len(bc.task_sets),
             task_label(r.task_set),
             r.max_micro_batch,
             r.pairs_per_s,
-            r.hours_per_epoch,
+            hours,
             r.gflops_per_pair,
             f"  MFU {100 * r.mfu:.1f}%" if r.mfu else "",
         )
 
     rows = run_benchmark(bc, progress, paper.table1_row)
-    write(args, bc, rows, meta_info(bc, argv))
+    write(args, bc, rows, meta_info(bc, argv, prog_name()))
     return 0
 
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from eve_ds.convert.ds_checkpoint import ConvertError
+from eve_ds.utils.errors import cli_main
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -103,17 +102,14 @@ def run(args: argparse.Namespace) -> None:
         )
 
 
+@cli_main("eve-convert", user_errors=(FileExistsError,))  # ConvertError is a UserError; DST in the way
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not logging.getLogger().handlers:  # leave a caller's (or pytest's) logging alone
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
         )
-    try:
-        run(args)
-    except (ConvertError, FileExistsError) as e:
-        print(f"eve-convert {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
+    run(args)
     print(f"wrote {args.dst}")
     return 0
 

@@ -30,8 +30,21 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from eve_ds.data.config import DataConfig
 from eve_ds.data.transforms import _LEFT_RIGHT, crop_resize
 from eve_ds.tasks.config import TaskConfig
+from eve_ds.utils.errors import UserError
 
 log = logging.getLogger(__name__)
+
+# Where a task's files are named in a config and on the command line, for the hints of its data errors.
+DATA_ROOT_HINT = "task.data_root, eve-evaluate --data-root"
+SKIP_BAD_HINT = "task.skip_bad_eval_images=true, eve-evaluate --skip-bad-images"
+
+
+class TaskDataError(UserError, ValueError):
+    """A task's data that cannot be used as it is; the message names the file, key or value."""
+
+
+class MissingDataFile(UserError, FileNotFoundError):
+    """A file or folder of a task's dataset that is not there; the message names it."""
 
 
 @dataclass
@@ -169,7 +182,7 @@ class EpochBatchSampler(Sampler):
 
     def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int, start_batch: int = 0):
         if n < batch_size * world_size:
-            raise ValueError(
+            raise TaskDataError(
                 f"{n} training examples are fewer than one global batch ({batch_size} x {world_size} ranks)"
             )
         self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
@@ -239,10 +252,10 @@ class EpochFlipDataset(Dataset):
 
 
 def read_json_file(path: str, key: str, error_cls: type[Exception]) -> list:
-    """The list under `key` of the JSON object in `path`. A missing file raises FileNotFoundError, any
+    """The list under `key` of the JSON object in `path`. A missing file raises MissingDataFile (a FileNotFoundError), any
     other reason the file cannot be used `error_cls`; both messages name the file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist")
+        raise MissingDataFile(f"{path} does not exist (check {DATA_ROOT_HINT})")
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)

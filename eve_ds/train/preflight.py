@@ -58,9 +58,11 @@ def unset_variables(cfg: RunConfig) -> list[str]:
 
 
 def start_problems(cfg: RunConfig) -> list[str]:
-    """What stops a run before it starts anything (the trainer checks these first)."""
+    """What stops a run before it starts anything (the trainer checks these first): among them the corpora
+    the training loader would refuse, so that such a run writes nothing into its directory."""
     problem = init_problem(cfg)
-    return unset_variables(cfg) + ([problem] if problem else [])
+    data = check_corpora(cfg, strict=False)[1] if cfg.task.name == "msm" else []
+    return unset_variables(cfg) + data + ([problem] if problem else [])
 
 
 def world_size_from_env() -> int:
@@ -99,10 +101,13 @@ def layout_problems(cfg: RunConfig, world: int) -> list[str]:
     return problems
 
 
-def check_corpora(cfg: RunConfig) -> tuple[list[Corpus], list[str]]:
+def check_corpora(cfg: RunConfig, strict: bool = True) -> tuple[list[Corpus], list[str]]:
     """The training corpora as the stream will see them (counts from manifests, no image read) and every
     problem: unreadable manifests, shards left out of a brace range, local shard files that do not exist,
-    a corpus whose shards hold no sample (the loader would refuse it at start-up)."""
+    a corpus whose shards hold no sample (the loader would refuse it at start-up).
+
+    `strict=False`: only what the loader refuses (no shard file at all, an empty corpus by its manifest),
+    without sizing manifest-less corpora (the loader counts those itself) or looking at data.val."""
     d = cfg.data
     if d.synthetic:  # generated at start-up: its size is known from the config
         counts = [d.synthetic_num_train]
@@ -117,13 +122,20 @@ def check_corpora(cfg: RunConfig) -> tuple[list[Corpus], list[str]]:
             problems.append(f"data.train[{c.name}].shards: {e}")
             continue
         missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
-        if missing:
+        if urls and len(missing) == len(urls):
+            problems.append(
+                f"data.train[{c.name}]: no shard exists ({c.shards}); check its shards: path, or make the "
+                "shards with eve-make-shards"
+            )
+        elif missing and strict:  # the loader skips a missing shard of several, with a warning
             problems.append(
                 f"data.train[{c.name}]: {len(missing)} of {len(urls)} shard files missing, e.g. {missing[:3]}"
             )
         present = [u for u in urls if u not in missing]
         if not present:
             continue  # reported above
+        if manifest is None and not strict:
+            continue
         if manifest is not None:
             by_name = {s["name"]: s["num_samples"] for s in read_manifest(manifest)["shards"]}
             counts = [by_name.get(os.path.basename(u), 0) for u in present]
@@ -139,7 +151,7 @@ def check_corpora(cfg: RunConfig) -> tuple[list[Corpus], list[str]]:
                 f"({manifest or c.shards}); see skipped.jsonl next to the manifest for why, then remake them"
             )
         corpora.append(Corpus(c.name, present, counts, c.weight))
-    if d.val and "$" not in d.val and "{" not in d.val and not os.path.exists(d.val):
+    if strict and d.val and "$" not in d.val and "{" not in d.val and not os.path.exists(d.val):
         problems.append(f"data.val={d.val!r}: no such file")
     return corpora, problems
 

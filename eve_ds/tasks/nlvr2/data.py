@@ -21,14 +21,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from eve_ds.tasks.base import EpochFlipDataset, load_image
+from eve_ds.tasks.base import DATA_ROOT_HINT, SKIP_BAD_HINT, EpochFlipDataset, MissingDataFile, load_image
+from eve_ds.utils.errors import UserError
 
 TRAIN_SPLIT = "train"
 _IDENTIFIER = re.compile(r"^(.+)-(\d+)$")
 _KINDS = {int: "an integer", str: "a string"}
 
 
-class NLVR2DataError(ValueError):
+class NLVR2DataError(UserError, ValueError):
     """A malformed line of an NLVR2 JSON Lines file; the message names the file, line and field."""
 
 
@@ -105,7 +106,9 @@ def read_nlvr2(root: str, split: str, *, skip_missing: bool = False) -> tuple[li
     """
     path = os.path.join(root, f"{split}.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"NLVR2 split file {path} does not exist (expected {root}/{split}.json)")
+        raise MissingDataFile(
+            f"NLVR2 split file {path} does not exist (expected {root}/{split}.json; check {DATA_ROOT_HINT})"
+        )
     examples, missing = [], 0
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -114,9 +117,9 @@ def read_nlvr2(root: str, split: str, *, skip_missing: bool = False) -> tuple[li
             ex = parse_line(line, f"{path} line {lineno}", root, split)
             absent = [p for p in (ex.left_path, ex.right_path) if not os.path.exists(p)]
             if absent and split != TRAIN_SPLIT and not skip_missing:
-                raise FileNotFoundError(
+                raise MissingDataFile(
                     f"{path} line {lineno}: image {absent[0]} of {ex.identifier!r} does not exist "
-                    "(pass skip_missing=True to skip such pairs)"
+                    f"(to skip such pairs: {SKIP_BAD_HINT})"
                 )
             if absent:
                 missing += 1

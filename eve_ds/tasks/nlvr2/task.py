@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from eve_ds.tasks.base import Task, TaskContext, register_task
-from eve_ds.tasks.nlvr2.data import NLVR2Dataset, NLVR2Example, nlvr2_collate, read_nlvr2
+from eve_ds.tasks.nlvr2.data import NLVR2DataError, NLVR2Dataset, NLVR2Example, nlvr2_collate, read_nlvr2
 from eve_ds.tasks.nlvr2.eval import accuracy, template_accuracy, write_predictions
 from eve_ds.tasks.nlvr2.synthetic import ensure_synthetic_nlvr2
 from eve_ds.utils.image import normalize_image
@@ -47,7 +47,7 @@ class NLVR2Task(Task):
         root = self.root()
         self.train_examples, self.counts = read_nlvr2(root, "train")
         if not self.train_examples:
-            raise ValueError(f"{root}/train.json: no training example has both images ({self.counts})")
+            raise NLVR2DataError(f"{root}/train.json: no training example has both images ({self.counts})")
         log.info("NLVR2 from %s: %s (pairs with a missing image are skipped)", root, self.counts)
 
     def objective_options(self) -> dict:
@@ -79,7 +79,7 @@ class NLVR2Task(Task):
         unreadable = [e for e in examples if preds[e.identifier] is None]
         if unreadable and not skip:
             e = unreadable[0]
-            raise ValueError(
+            raise NLVR2DataError(
                 f"NLVR2 {split}: {len(unreadable)} example(s) with an image that cannot be decoded, e.g. "
                 f"{e.identifier!r} ({e.left_path}, {e.right_path}); set task.skip_bad_eval_images=true "
                 "(eve-evaluate --skip-bad-images) to skip them"

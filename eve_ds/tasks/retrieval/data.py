@@ -26,7 +26,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from eve_ds.data.transforms import collate, crop_resize
-from eve_ds.tasks.base import EpochFlipDataset, read_json_file
+from eve_ds.tasks.base import SKIP_BAD_HINT, EpochFlipDataset, read_json_file
+from eve_ds.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 
 
-class RetrievalDataError(ValueError):
+class RetrievalDataError(UserError, ValueError):
     """A retrieval annotation file or image that cannot be used; the message names it."""
 
 
@@ -132,7 +133,7 @@ def read_karpathy(
             if split != "train" and not skip_bad_test_images:
                 raise RetrievalDataError(
                     f"{where}: image file {image_path} of the {split} split is missing "
-                    "(pass skip_bad_test_images=True to evaluate without it)"
+                    f"(to evaluate without it: {SKIP_BAD_HINT})"
                 )
             counts["missing_image"] += 1
         elif not captions:

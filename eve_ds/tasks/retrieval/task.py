@@ -74,7 +74,9 @@ class RetrievalTask(Task):
         root = self.root()
         self.train_images, self.counts = read_karpathy(root, self.cfg.dataset, "train")
         if not self.train_images:
-            raise ValueError(f"{root}: no training image of {self.cfg.dataset} is usable ({self.counts})")
+            raise RetrievalDataError(
+                f"{root}: no training image of {self.cfg.dataset} is usable ({self.counts})"
+            )
         log.info("%s retrieval from %s: training on %s", self.cfg.dataset, root, self.counts)
 
     def train_dataset(self):
@@ -110,7 +112,9 @@ class RetrievalTask(Task):
             )
         images = self.read(split)
         if not images:
-            raise ValueError(f"{self.root()}: the {self.cfg.dataset} {split} split has no image to evaluate")
+            raise RetrievalDataError(
+                f"{self.root()}: the {self.cfg.dataset} {split} split has no image to evaluate"
+            )
         scores = retrieval_scores(
             model,
             images,

@@ -23,8 +23,16 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from eve_ds.tasks.base import EpochFlipDataset, load_image, read_json_file
+from eve_ds.tasks.base import (
+    DATA_ROOT_HINT,
+    SKIP_BAD_HINT,
+    EpochFlipDataset,
+    MissingDataFile,
+    load_image,
+    read_json_file,
+)
 from eve_ds.tasks.vqa.eval import normalize_answer, soft_score
+from eve_ds.utils.errors import UserError
 from eve_ds.utils.io import atomic_write_json
 
 # split -> (file subtype, image folder)
@@ -38,7 +46,7 @@ ANNOTATED_SPLITS = ("train", "val")
 _KINDS = {int: "an integer", str: "a string", list: "a list", dict: "an object"}
 
 
-class VQADataError(ValueError):
+class VQADataError(UserError, ValueError):
     """A malformed VQA file; the message names the file, the record and the field."""
 
 
@@ -142,7 +150,8 @@ def read_vqa(
     A question with a missing image is an error by default (naming the first missing file); with
     `skip_missing` it is left out and counted (training splits; evaluation only where a smaller set is
     acceptable); with `missing_ok` it is kept with `image_ok=False` and counted, for test splits, whose
-    results file must answer every question (`VQADataset` yields it as a bad item).
+    results file must answer every question (`VQADataset` yields it as a bad item). A split's image folder
+    that does not exist at all is an error either way: the data root is not the one meant.
     """
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: expected one of {list(SPLITS)}")
@@ -150,6 +159,12 @@ def read_vqa(
         raise ValueError("pass at most one of skip_missing and missing_ok")
     annotations = _read_annotations(annotations_path(root, split)) if split in ANNOTATED_SPLITS else None
     parsed = _parse_questions(questions_path(root, split), root, split, annotations)
+    folder = os.path.join(root, SPLITS[split][1])
+    if parsed and not os.path.isdir(folder):
+        raise MissingDataFile(
+            f"image folder not found ({folder}); the {split} split's COCO images belong there "
+            f"(check {DATA_ROOT_HINT})"
+        )
     exists: dict[int, bool] = {}  # per image: ~5 questions share each
     examples, missing = [], 0
     for ex in parsed:
@@ -162,9 +177,9 @@ def read_vqa(
         if missing_ok:
             examples.append(replace(ex, image_ok=False))
         elif not skip_missing:
-            raise FileNotFoundError(
+            raise MissingDataFile(
                 f"{questions_path(root, split)}: image {ex.image_path} of question {ex.question_id} does not "
-                "exist (pass skip_missing=True to leave such questions out, or missing_ok=True to keep them)"
+                f"exist (to leave such questions out: {SKIP_BAD_HINT})"
             )
     counts = {"questions": len(parsed), "examples": len(examples), "missing_image": missing}
     counts["images"] = len({ex.image_id for ex in examples})
@@ -179,7 +194,10 @@ def split_minival(
     keep the examples' order."""
     image_ids = sorted({ex.image_id for ex in examples})
     if not 0 <= num_images <= len(image_ids):
-        raise ValueError(f"num_images={num_images}: expected 0 to {len(image_ids)} (the images there are)")
+        raise VQADataError(
+            f"task.minival_images={num_images}: the val split has {len(image_ids)} image(s) with their file "
+            f"to hold out from; set task.minival_images to at most {len(image_ids)}"
+        )
     held = set(random.Random(seed).sample(image_ids, num_images))
     return [ex for ex in examples if ex.image_id not in held], [ex for ex in examples if ex.image_id in held]
 

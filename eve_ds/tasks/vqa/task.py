@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from eve_ds.tasks.base import Task, register_task
-from eve_ds.tasks.vqa.data import AnswerVocab, VQADataset, read_vqa, split_minival, vqa_collate
+from eve_ds.tasks.vqa.data import AnswerVocab, VQADataError, VQADataset, read_vqa, split_minival, vqa_collate
 from eve_ds.tasks.vqa.eval import score_predictions, write_results
 from eve_ds.tasks.vqa.synthetic import ensure_synthetic_vqa
 from eve_ds.utils.image import normalize_image
@@ -87,7 +87,7 @@ class VQATask(Task):
 
     def load_assets(self, assets: dict) -> None:
         if "answer_vocab" not in assets:
-            raise ValueError(
+            raise VQADataError(
                 "the checkpoint has no VQA answer vocabulary: it was not fine-tuned with task.name=vqa"
             )
         self.vocab = AnswerVocab.from_json(assets["answer_vocab"])
@@ -97,24 +97,38 @@ class VQATask(Task):
         val, _ = read_vqa(self.root(), "val", skip_missing=True)
         return split_minival(val, self.cfg.minival_images, seed=0)[1]
 
-    def read(self, split: str):
-        """Every question of a split; for test splits also those whose image is missing (they still need an
-        answer in the submission file)."""
+    def read(self, split: str) -> tuple[list, int]:
+        """(questions, how many were left out): every question of a split, but those whose image is
+        missing with `task.skip_bad_eval_images`; for test splits also those (they still need an answer in
+        the submission file)."""
         skip = self.cfg.skip_bad_eval_images
         test = split in TEST_SPLITS
-        return read_vqa(self.root(), split, skip_missing=skip and not test, missing_ok=test)[0]
+        examples, counts = read_vqa(self.root(), split, skip_missing=skip and not test, missing_ok=test)
+        return examples, 0 if test else counts["missing_image"]
 
     def evaluate(self, model, split: str, *, device: str, dtype: torch.dtype, batch_size: int) -> dict:
-        examples = self.minival if split == "minival" else self.read(split)
-        return self.score(model, examples, split, device=device, dtype=dtype, batch_size=batch_size)
+        examples, left_out = (self.minival, 0) if split == "minival" else self.read(split)
+        metrics = self.score(model, examples, split, device=device, dtype=dtype, batch_size=batch_size)
+        return self.count_missing(metrics, left_out)
 
     def evaluate_split(
         self, model, split: str, *, device: str, batch_size: int, predictions: str | None = None
     ) -> dict:
-        examples = self.read_minival() if split == "minival" else self.read(split)
-        return self.score(
+        examples, left_out = (self.read_minival(), 0) if split == "minival" else self.read(split)
+        metrics = self.score(
             model, examples, split, device=device, batch_size=batch_size, predictions=predictions
         )
+        return self.count_missing(metrics, left_out)
+
+    @staticmethod
+    def count_missing(metrics: dict, left_out: int) -> dict:
+        """`num_missing`: the questions without a prediction, those left out for a missing image included
+        (the score is over the rest)."""
+        if left_out:
+            log.warning("%d question(s) left out: their image file is missing", left_out)
+        if "vqa_score" in metrics:
+            metrics["num_missing"] = metrics.get("num_missing", 0) + left_out
+        return metrics
 
     def score(
         self,
