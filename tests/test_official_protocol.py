@@ -1,6 +1,6 @@
 """The official fine-tuning protocol as options: the whole-image geometry, the seeded augmentations, the head
-LR multipliers, AdamW β2 and clipping, and the paper configs that set them (the tiny configs keep the
-centre square and no augmentation)."""
+LR multipliers, AdamW β2 and clipping, ITM's global negatives, and the paper configs that set them (the
+tiny configs keep the centre square, no augmentation and local negatives)."""
 
 from __future__ import annotations
 
@@ -149,12 +149,14 @@ def test_paper_configs_set_the_official_protocol(name):
     mult, augment, clip = PAPER[name]
     assert (cfg.task.head_lr_mult, cfg.task.image_augment, cfg.optim.grad_clip) == (mult, augment, clip)
     assert cfg.task.image_geometry == "official" and cfg.optim.betas == [0.9, 0.98]
+    assert cfg.objective.itm_negatives == ("global" if name.startswith("retrieval") else "local")
 
 
 @pytest.mark.parametrize("name", ["vqa_tiny_synthetic", "retrieval_tiny_synthetic", "nlvr2_tiny_synthetic"])
 def test_tiny_configs_keep_the_centre_square_and_no_augmentation(name):
     cfg = load_config(name)
     assert (cfg.task.image_geometry, cfg.task.image_augment) == ("square_crop", "none")
+    assert cfg.objective.itm_negatives == "local"
 
 
 @pytest.mark.parametrize("name", ["nlvr2_eve_base", "retrieval_flickr_eve_base"])
