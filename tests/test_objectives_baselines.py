@@ -160,6 +160,68 @@ def test_itm_accuracy_and_loss_of_a_constant_classifier(says_match, accuracy):
     assert out["itm_loss"].item() == pytest.approx(expected, rel=1e-6)
 
 
+def _itm_run(negatives: str, batch: dict) -> tuple[dict, dict]:
+    torch.manual_seed(0)
+    cfg = get_config("eve_tiny")
+    model = PretrainingModel(cfg, ObjectiveConfig(objectives=["itc", "itm"], itm_negatives=negatives))
+    out = model(dict(batch), torch.Generator().manual_seed(3))
+    out["itm_loss"].backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("image_id", [None, [0, 0, 1, 2, 2, 3]])
+def test_itm_global_negatives_equal_local_ones_at_world_size_one(image_id):
+    batch = make_batch(get_config("eve_tiny"), 6)
+    if image_id is not None:
+        batch["image_id"] = torch.tensor(image_id)
+    local, local_grads = _itm_run("local", batch)
+    glob, glob_grads = _itm_run("global", batch)
+    assert torch.equal(local["itm_loss"], glob["itm_loss"]) and torch.equal(local["itm_acc"], glob["itm_acc"])
+    assert local_grads.keys() == glob_grads.keys()
+    # The same negatives fused (the loss is bit-equal); the gradients up to the CPU's threaded reductions.
+    for k, grad in local_grads.items():
+        torch.testing.assert_close(glob_grads[k], grad, rtol=1e-6, atol=1e-9)
+
+
+def _itm_global_rank(rank: int, world: int, port: int, result: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        cfg = dense_tiny()
+        full = make_batch(cfg, 4)
+        full["image_id"] = torch.tensor([7, 7, 8, 8])  # each rank's two pairs: captions of one image
+        local = {k: v[rank * 2 : rank * 2 + 2] for k, v in full.items()}
+        for negatives in ("local", "global"):
+            model = PretrainingModel(cfg, ObjectiveConfig(objectives=["itc", "itm"], itm_negatives=negatives))
+            seen = []
+            model.encoder.register_forward_hook(lambda m, args, out, seen=seen: seen.append(args))
+            model(dict(local), torch.Generator().manual_seed(rank))
+            image, ids = seen[-1][0], seen[-1][1]  # the fusion pass
+            other = 1 - rank
+            theirs = {tuple(t.tolist()) for t in full["text_ids"][other * 2 : other * 2 + 2]}
+            result[rank, negatives] = (
+                image.shape[0],
+                all(tuple(t.tolist()) in theirs for t in ids[2:4]),  # the negative texts: the other rank's
+            )
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_itm_global_negatives_come_from_the_other_rank():
+    """Each rank holds two captions of one image: locally there is no negative (positives only), over the
+    gathered batch every row gets one from the other rank."""
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        result = manager.dict()
+        mp.start_processes(_itm_global_rank, args=(2, free_port(), result), nprocs=2, start_method="spawn")
+        result = dict(result)
+    for rank in (0, 1):
+        assert result[rank, "local"][0] == 2  # the two positives only
+        assert result[rank, "global"] == (6, True)  # + 2 (image, negative text) + 2 (negative image, text)
+
+
 # -- MIM with visual tokens ------------------------------------------------------------------------------
 
 

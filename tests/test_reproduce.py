@@ -222,11 +222,21 @@ def fake_root(root: Path, size: str = "base") -> Path:
 def test_report_rows_paper_numbers_and_differences(tmp_path):
     report = chain_report.build_report(fake_root(tmp_path))
     rows = {(r["task"], r["metric"], r["split"]): r for r in report["rows"]}
-    assert len(rows) == len(report["rows"]) == 4 + 2 * len(chain_report.RECALLS)
+    assert len(rows) == len(report["rows"]) == 5 + 2 * len(chain_report.RECALLS)
+    assert report["paper_row"] == "Table 2, row EVE-Base (Ours) [4M]"
     assert rows["vqa", "vqa_score", "minival"]["value"] == 77.12  # percent
     test_dev = rows["vqa", "vqa_score", "test-dev"]  # scored by EvalAI, not here
     assert (test_dev["value"], test_dev["paper"], test_dev["diff"]) == (None, 78.0, None)
     assert "EvalAI" in test_dev["note"]
+    assert rows["vqa", "vqa_score", "test-std"]["paper"] == 78.02
+    assert rows["vqa", "vqa_score", "test-std"]["paper_models"] == {
+        "base/4m": 78.02,
+        "large/4m": 79.2,
+        "large/16m": 80.18,
+    }
+    assert rows["vqa", "vqa_score", "minival"]["paper_models"] == dict.fromkeys(
+        ("base/4m", "large/4m", "large/16m")
+    )
     assert rows["nlvr2", "nlvr2_acc", "dev"] == {
         "task": "nlvr2",
         "metric": "nlvr2_acc",
@@ -234,6 +244,7 @@ def test_report_rows_paper_numbers_and_differences(tmp_path):
         "value": 80.0,
         "paper": 83.34,
         "diff": -3.34,
+        "paper_models": {"base/4m": 83.34, "large/4m": 84.03, "large/16m": 85.63},
     }
     assert rows["nlvr2", "nlvr2_acc", "test-P"]["diff"] == pytest.approx(81.0 - 83.93)
     assert rows["retrieval_coco", "tr_r1", "test"] == {
@@ -243,8 +254,12 @@ def test_report_rows_paper_numbers_and_differences(tmp_path):
         "value": 50.0,
         "paper": 79.6,
         "diff": -29.6,
+        "paper_models": {"base/4m": 79.6, "large/4m": 82.5, "large/16m": 83.5},
     }
-    assert rows["retrieval_coco", "tr_r5", "test"]["paper"] is None  # not known here: never guessed
+    # The paper gives no EVE R@5 / R@10 / r_mean, for any model.
+    for m in ("tr_r5", "tr_r10", "ir_r5", "ir_r10", "r_mean"):
+        r = rows["retrieval_coco", m, "test"]
+        assert r["paper"] is None and r["paper_models"] == dict.fromkeys(("base/4m", "large/4m", "large/16m"))
     assert rows["retrieval_flickr30k", "ir_r1", "test"] == {
         "task": "retrieval_flickr30k",
         "metric": "ir_r1",
@@ -252,7 +267,28 @@ def test_report_rows_paper_numbers_and_differences(tmp_path):
         "value": None,
         "paper": 84.1,
         "diff": None,
+        "paper_models": {"base/4m": 84.1, "large/4m": 86.3, "large/16m": 87.9},
     }
+
+
+@pytest.mark.parametrize(
+    ("size", "corpus", "where", "cells"),
+    [
+        ("large", "4m", "Table 4, row EVE-Large (Ours) [4M]", (79.25, 79.2, 84.69, 65.2, 96.3)),
+        ("large", "16m", "Table 4, row EVE-Large (Ours) [16M]", (80.17, 80.18, 86.22, 66.7, 98.0)),
+    ],
+)
+def test_report_paper_numbers_of_the_large_models(tmp_path, size, corpus, where, cells):
+    report = chain_report.build_report(fake_root(tmp_path), size, corpus)
+    rows = {(r["task"], r["metric"], r["split"]): r["paper"] for r in report["rows"]}
+    keys = [
+        ("vqa", "vqa_score", "test-dev"),
+        ("vqa", "vqa_score", "test-std"),
+        ("nlvr2", "nlvr2_acc", "test-P"),
+        ("retrieval_coco", "ir_r1", "test"),
+        ("retrieval_flickr30k", "tr_r1", "test"),
+    ]
+    assert report["paper_row"] == where and tuple(rows[k] for k in keys) == cells
 
 
 def test_report_stages_hours_and_throughput(tmp_path):
@@ -287,14 +323,17 @@ def test_report_stages_hours_and_throughput(tmp_path):
 def test_tiny_report_has_no_paper_column(tmp_path):
     report = chain_report.build_report(fake_root(tmp_path, size="tiny"))
     assert all(r["paper"] is None and r["diff"] is None for r in report["rows"])
+    assert report["paper_row"] is None
     assert any(r["value"] is not None for r in report["rows"])
 
 
 def test_eve_report_writes_files_and_records_the_evalai_score(tmp_path, capsys):
     root = fake_root(tmp_path)
-    assert report_main([str(root), "--vqa-test-dev", "77.5"]) == 0
+    assert report_main([str(root), "--vqa-test-dev", "77.5", "--vqa-test-std", "77.75"]) == 0
     out = capsys.readouterr().out
-    assert "| vqa | vqa_score | test-dev | 77.50 | 78.00 | -0.50 |" in out
+    assert "| vqa | vqa_score | test-dev | 77.50 | 78.00 | -0.50 | 78.00 | 79.25 | 80.17 |" in out
+    assert "| vqa | vqa_score | test-std | 77.75 | 78.02 | -0.27 | 78.02 | 79.20 | 80.18 |" in out
+    assert "Table 2, row EVE-Base (Ours) [4M]" in out
     saved = json.loads((root / "report.json").read_text())
     assert (root / "report.md").read_text() == chain_report.markdown(saved)
     assert saved["rows"][0]["value"] == 77.5 and saved["rows"][0]["diff"] == -0.5

@@ -3,6 +3,7 @@ slurm/reproduce.sh.
 
 eve-report RUN_ROOT                          # RUN_ROOT/report.md + report.json, from whatever has run
 eve-report RUN_ROOT --vqa-test-dev 77.9      # record the EvalAI test-dev score of the predictions file
+eve-report RUN_ROOT --vqa-test-std 78.0      # and the test-std score (predictions for the whole test split)
 eve-reproduce --size tiny --run-root DIR --wait [STAGE:]KEY=VALUE ...
 python -m eve_ds.cli.reproduce run-stage RUN_ROOT STAGE   # inside a stage's job (export, evaluate, report)
 """
@@ -32,11 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--corpus", choices=chain_plan.CORPORA, default=None)
     p.add_argument("--vqa-test-dev", type=float, help="the EvalAI test-dev score (percent) to record")
+    p.add_argument("--vqa-test-std", type=float, help="the EvalAI test-std score (percent) to record")
     p.add_argument("--json", action="store_true", help="print report.json instead of the markdown")
     args = p.parse_args(argv)
     root = Path(args.run_root).resolve()
     if args.vqa_test_dev is not None:
         atomic_write_json(root / report.EVALAI_FILE, {"overall": args.vqa_test_dev})
+    if args.vqa_test_std is not None:
+        atomic_write_json(root / report.EVALAI_STD_FILE, {"overall": args.vqa_test_std})
     try:
         result = report.write_report(root, args.size, args.corpus)
     except (FileNotFoundError, chain_plan.PlanError) as e:

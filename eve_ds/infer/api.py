@@ -71,6 +71,8 @@ class Predictor:
         self.model = model.to(self.device, self.dtype).eval()
         self.config, self.source = config, source
         self.ctx = pre.context(config, model.model_cfg)
+        # Images are read as the checkpoint's evaluation read them (task.image_geometry).
+        self.geometry = pre.task_config(config, self.task).image_geometry
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu"):
@@ -120,7 +122,9 @@ class VQAPredictor(Predictor):
         k = min(top_k, len(self.vocab))
         for a in range(0, len(images), batch_size):
             with pre.as_paths(images[a : a + batch_size]) as paths:
-                batch, _ = pre.vqa_batch(paths, questions[a : a + batch_size], self.vocab, self.ctx)
+                batch, _ = pre.vqa_batch(
+                    paths, questions[a : a + batch_size], self.vocab, self.ctx, self.geometry
+                )
             if batch is None:
                 continue
             top = self.logits(batch).topk(k, dim=1)
@@ -148,7 +152,11 @@ class Retriever(Predictor):
             raise ValueError("rank needs at least one image and one text")
         k = k or pre.task_config(self.config, "retrieval").rerank_k
         with pre.as_paths(images) as paths:
-            bad = [i for i, p in enumerate(paths) if pre.load_pixels(p, self.ctx.image_size) is None]
+            bad = [
+                i
+                for i, p in enumerate(paths)
+                if pre.load_pixels(p, self.ctx.image_size, self.geometry) is None
+            ]
             if bad and not skip_unreadable:
                 raise UnreadableImageError([pre.image_name(images[i], i) for i in bad])
             keep = [i for i in range(len(paths)) if i not in set(bad)]
@@ -163,6 +171,7 @@ class Retriever(Predictor):
                 device=self.device,
                 dtype=self.dtype,
                 batch_size=batch_size,
+                geometry=self.geometry,
             )
         i2t_order, t2i_order = best_first(s.i2t, s.itc), best_first(s.t2i, s.itc.t())
         return Ranking(
@@ -214,7 +223,7 @@ class NLVR2Judge(Predictor):
             part = slice(a, a + batch_size)
             with pre.as_paths(list(lefts[part]) + list(rights[part])) as paths:
                 n = len(paths) // 2
-                batch, _ = pre.nlvr2_batch(paths[:n], paths[n:], statements[part], self.ctx)
+                batch, _ = pre.nlvr2_batch(paths[:n], paths[n:], statements[part], self.ctx, self.geometry)
             if batch is None:
                 continue
             res = self.model.objectives["nlvr2"](self.model.encoder, self.text_inputs(batch), None)
@@ -234,7 +243,7 @@ class Embedder(Predictor):
         image = ids = mask = None
         if images:
             with pre.as_paths(images) as paths:
-                arrays = [pre.load_pixels(p, self.ctx.image_size) for p in paths]
+                arrays = [pre.load_pixels(p, self.ctx.image_size, self.geometry) for p in paths]
             bad = [i for i, a in enumerate(arrays) if a is None]
             if bad:
                 raise UnreadableImageError([pre.image_name(images[i], i) for i in bad])

@@ -71,9 +71,9 @@ def as_paths(images: Sequence[ImageInput]) -> Iterator[list[str]]:
         yield paths
 
 
-def load_pixels(path: str, image_size: int) -> np.ndarray | None:
-    """(S, S, 3) uint8 as evaluation decodes it (shorter side to S, centre square), None if unreadable."""
-    return load_image(path, image_size)
+def load_pixels(path: str, image_size: int, geometry: str = "square_crop") -> np.ndarray | None:
+    """(S, S, 3) uint8 as evaluation decodes it (task.image_geometry `geometry`), None if unreadable."""
+    return load_image(path, image_size, geometry)
 
 
 def task_config(config: dict, name: str) -> TaskConfig:
@@ -101,10 +101,16 @@ def answer_vocab(config: dict, ctx: TaskContext) -> AnswerVocab:
     return task.vocab
 
 
-def vqa_batch(paths: Sequence[str], questions: Sequence[str], vocab: AnswerVocab, ctx: TaskContext):
+def vqa_batch(
+    paths: Sequence[str],
+    questions: Sequence[str],
+    vocab: AnswerVocab,
+    ctx: TaskContext,
+    geometry: str = "square_crop",
+):
     """-> (vqa_collate's batch of the readable pairs or None, positions of the unreadable ones)."""
     examples = [VQAExample(i, i, p, " ".join(q.split())) for i, (p, q) in enumerate(zip(paths, questions))]
-    dataset = VQADataset(examples, vocab, ctx.image_size, train=False)
+    dataset = VQADataset(examples, vocab, ctx.image_size, train=False, geometry=geometry)
     batch = vqa_collate(
         [dataset[i] for i in range(len(dataset))], ctx.tokenizer, max_text_len=ctx.max_text_len
     )
@@ -112,20 +118,35 @@ def vqa_batch(paths: Sequence[str], questions: Sequence[str], vocab: AnswerVocab
     return batch, bad
 
 
-def nlvr2_batch(lefts: Sequence[str], rights: Sequence[str], statements: Sequence[str], ctx: TaskContext):
+def nlvr2_batch(
+    lefts: Sequence[str],
+    rights: Sequence[str],
+    statements: Sequence[str],
+    ctx: TaskContext,
+    geometry: str = "square_crop",
+):
     """-> (nlvr2_collate's batch of the readable pairs or None, positions of the unreadable ones)."""
     examples = [
         NLVR2Example(str(i), " ".join(s.split()), 0, left, right)
         for i, (left, right, s) in enumerate(zip(lefts, rights, statements))
     ]
-    dataset = NLVR2Dataset(examples, ctx.image_size, train=False)
+    dataset = NLVR2Dataset(examples, ctx.image_size, train=False, geometry=geometry)
     items = [dataset[i] for i in range(len(dataset))]
     batch = nlvr2_collate(items, ctx.tokenizer, max_text_len=ctx.max_text_len)
     return batch, [i for i, it in enumerate(items) if it is None]
 
 
 def retrieval_scores_of(
-    model, paths: Sequence[str], texts: Sequence[str], ctx: TaskContext, *, k: int, device, dtype, batch_size
+    model,
+    paths: Sequence[str],
+    texts: Sequence[str],
+    ctx: TaskContext,
+    *,
+    k: int,
+    device,
+    dtype,
+    batch_size,
+    geometry: str = "square_crop",
 ) -> RetrievalScores:
     """The retrieval evaluation's ITC scores and ITM re-ranking of every (image, text) pair.
 
@@ -135,7 +156,15 @@ def retrieval_scores_of(
     """
     images = [RetrievalImage(i, p, tuple(texts) if i == 0 else ()) for i, p in enumerate(paths)]
     return retrieval_scores(
-        model, images, ctx, k=k, device=device, dtype=dtype, batch_size=batch_size, skip_bad=False
+        model,
+        images,
+        ctx,
+        k=k,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        skip_bad=False,
+        geometry=geometry,
     )
 
 

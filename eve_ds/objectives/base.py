@@ -72,6 +72,9 @@ class ObjectiveConfig:
     # Baselines for the Table 1 benchmark (ITC / ITM / MIM with visual-token targets).
     itc_embed_dim: int = 256
     itc_init_temperature: float = 0.07
+    # Where ITM draws its hard negatives: local (this rank's micro-batch) [ours] | global (the batch of every
+    # data-parallel rank, same image id masked) [official code, as ALBEF].
+    itm_negatives: str = "local"
     mim_token_vocab_size: int = 8192
     mim_token_mask_ratio: float = 0.4  # BEiT: 40% of the patches replaced by the mask token
     mim_token_masking: str = "block"  # block (BEiT's block-wise) | random
@@ -121,6 +124,12 @@ class ObjectiveConfig:
             "objective.aux_loss_reduction",
             self.aux_loss_reduction,
             "mean or sum",
+        )
+        check(
+            self.itm_negatives in ("local", "global"),
+            "objective.itm_negatives",
+            self.itm_negatives,
+            "local or global",
         )
         extra = sorted(set(self.heads) - set(self.objectives))
         check(not extra, "objective.heads", self.heads, f"options of listed objectives only (not {extra})")

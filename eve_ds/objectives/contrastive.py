@@ -9,7 +9,12 @@ Image-text retrieval fine-tunes the same two objectives (`eve_ds/tasks/retrieval
 `image_id` (B,): several captions of one image may share a batch, and, as in ALBEF, every pair with the
 same image id is then a positive -- ITC's targets spread over all of a row's positives, and ITM never draws
 a caption of the same image as a hard negative. Without `image_id` (pre-training pairs, Table 1) each pair
-is its own only positive, exactly as before.
+is its own only positive.
+
+ITM's hard negatives come from the local micro-batch (`objective.itm_negatives=local`) or, as in ALBEF and
+the official EVE code, from the global batch of every data-parallel rank (`global`): ITC's similarities of
+the local rows to every rank's features, and the inputs (pixels, text ids) of the picked candidates
+gathered without gradient -- EVE fuses raw pairs, so a negative of another rank is fused here again.
 """
 
 from __future__ import annotations
@@ -43,13 +48,20 @@ def gather_features(x: Tensor, group: dist.ProcessGroup | None = None) -> tuple[
 
 
 def gather_ids(ids: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
-    """ids: (B,) local image ids -> (world * B,) of every rank of `group`, in rank order (the order of
-    `gather_features`). No gradient flows through ids."""
+    """ids: (B, ...) local tensor (image ids, pixels, text ids) -> (world * B, ...) of every rank of
+    `group`, in rank order (the order of `gather_features`). No gradient flows through the gather."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return ids
     parts = [torch.empty_like(ids) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, ids.contiguous(), group=group)
+    dist.all_gather(parts, ids.detach().contiguous(), group=group)
     return torch.cat(parts)
+
+
+def own_pairs(b: int, g: int, offset: int, device: torch.device) -> Tensor:
+    """(b, g) bool: local row i matches global column offset + i only (pairs without image ids)."""
+    pos = torch.zeros(b, g, dtype=torch.bool, device=device)
+    pos[torch.arange(b, device=device), offset + torch.arange(b, device=device)] = True
+    return pos
 
 
 def info_nce(
@@ -98,6 +110,7 @@ class ImageTextContrastive(nn.Module):
             init_weights(m, model_cfg.init_std)
         # Shape (1,), not (): DeepSpeed broadcasts parameters as byte views, which 0-d tensors cannot take.
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / obj_cfg.itc_init_temperature)))
+        self.itm_negatives = obj_cfg.itm_negatives
         # The data-parallel group to gather over; None = the default (world) group. Set from outside.
         self.process_group: dist.ProcessGroup | None = None
 
@@ -141,6 +154,10 @@ class ImageTextContrastive(nn.Module):
             batch["context"]["itc"] = {"sim_i2t": sim, "sim_t2i": sim.t()}
             if same is not None:
                 batch["context"]["itc"]["same_image"] = same
+            if self.itm_negatives == "global":
+                batch["context"]["itc"]["global"] = self._global_candidates(
+                    scale, img, txt, img_all, txt_all, offset, positives
+                )
         return {
             "itc_loss": loss,
             "itc_acc": acc,
@@ -148,12 +165,27 @@ class ImageTextContrastive(nn.Module):
             "encoder_outputs": calls,
         }
 
+    def _global_candidates(self, scale, img, txt, img_all, txt_all, offset, positives) -> dict:
+        """ITM's candidates over the global batch: similarities (B, G) of the local rows to every rank's
+        features, detached, and which of them are positives (same image id, or the pair itself)."""
+        with torch.no_grad():
+            if positives is None:
+                positives = own_pairs(img.shape[0], img_all.shape[0], offset, img.device)
+            return {
+                "sim_i2t": scale * img @ txt_all.t(),
+                # Written as the transpose of images x texts, as the local one is: bit-equal at world size 1.
+                "sim_t2i": (scale * img_all @ txt.t()).t(),
+                "positives": positives,
+                "group": self.process_group,
+            }
+
 
 def sample_hard_negatives(
     sim: Tensor, generator: torch.Generator | None = None, positives: Tensor | None = None
 ) -> Tensor:
-    """sim: (B, B) similarities of row i to candidate j; positives: (B, B) bool, the candidates that match
-    row i (default: j == i; with image ids, every caption of the same image). -> (B,) one index per row,
+    """sim: (B, G) similarities of row i to candidate j (G = B for the local batch, the global batch's
+    size for `itm_negatives=global`); positives: (B, G) bool, the candidates that match row i (default:
+    j == i; with image ids, every caption of the same image). -> (B,) one index per row,
     drawn with probability ∝ softmax(sim[i]) among its non-positives (ALBEF); -1 for a row whose every
     candidate is a positive (the batch holds nothing else to contrast it with). Needs B >= 2."""
     if sim.shape[0] < 2:
@@ -174,8 +206,8 @@ def sample_hard_negatives(
 class ImageTextMatching(nn.Module):
     """One fusion pass over up to 3B pairs: B positives, B (image, hard-negative text), B (hard-negative
     image, text); 2-way classifier on the text [CLS] output (hidden[:, n_image]). Requires ITC before it.
-    With image ids, a negative is never a pair of the same image; a row with no other image in the local
-    batch contributes its positive only."""
+    With image ids, a negative is never a pair of the same image; a row with no other image among the
+    candidates (the local or the global batch, `objective.itm_negatives`) contributes its positive only."""
 
     requires = ("itc",)
 
@@ -204,17 +236,22 @@ class ImageTextMatching(nn.Module):
         if itc is None:
             raise RuntimeError("itm reads ITC's similarities: list itc before itm in objective.objectives")
         image, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
-        same = itc.get("same_image")
-        neg_text = sample_hard_negatives(itc["sim_i2t"], generator, same)  # (B,) a text for each image
-        neg_image = sample_hard_negatives(itc["sim_t2i"], generator, same)  # (B,) an image for each text
+        same, has_ids = itc.get("same_image"), "same_image" in itc
+        sim_i2t, sim_t2i, cand = itc["sim_i2t"], itc["sim_t2i"], (image, ids, mask)
+        if "global" in itc:  # candidates from every rank: their inputs gathered, without gradient
+            g = itc["global"]
+            sim_i2t, sim_t2i, same = g["sim_i2t"], g["sim_t2i"], g["positives"]
+            cand = tuple(gather_ids(x, g["group"]) for x in cand)
+        neg_text = sample_hard_negatives(sim_i2t, generator, same)  # (B,) a text for each image
+        neg_image = sample_hard_negatives(sim_t2i, generator, same)  # (B,) an image for each text
         t, i = neg_text >= 0, neg_image >= 0  # the rows that have a negative
-        if same is None:  # all of them; a boolean index would make the GPU wait for its count
+        if not has_ids:  # all of them; a boolean index would make the GPU wait for its count
             t = i = slice(None)
         logits, enc = self.logits(
             encoder,
-            torch.cat([image, image[t], image[neg_image[i]]]),
-            torch.cat([ids, ids[neg_text[t]], ids[i]]),
-            torch.cat([mask, mask[neg_text[t]], mask[i]]),
+            torch.cat([image, image[t], cand[0][neg_image[i]]]),
+            torch.cat([ids, cand[1][neg_text[t]], ids[i]]),
+            torch.cat([mask, cand[2][neg_text[t]], mask[i]]),
         )  # (B + n_t + n_i, 2)
         n_neg = logits.shape[0] - image.shape[0]
         labels = torch.cat([torch.ones(image.shape[0]), torch.zeros(n_neg)]).long().to(logits.device)

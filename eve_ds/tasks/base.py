@@ -1,5 +1,6 @@
 """What a downstream task adds to the shared trainer, and what the tasks share: the base class, the exactly
-resumable loader of a task's examples, the epoch-seeded flips of its training images and its JSON reader.
+resumable loader of a task's examples, how their images are read and augmented (seeded per item and epoch)
+and its JSON reader.
 
 A task = a subpackage `eve_ds/tasks/<name>/` with a reader for the dataset's official files (`data`), a
 metric (`eval`), a synthetic set in the official layout (`synthetic`) and the `Task` subclass (`task`), plus
@@ -21,6 +22,7 @@ import os
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from eve_ds.data.config import DataConfig
-from eve_ds.data.transforms import _LEFT_RIGHT, crop_resize
+from eve_ds.data.transforms import _LEFT_RIGHT, crop_params, crop_resize
 from eve_ds.tasks.config import TaskConfig
 from eve_ds.utils.errors import UserError
 
@@ -224,18 +226,30 @@ class EpochItems(Dataset):
 
 class EpochFlipDataset(Dataset):
     """A training set whose images are flipped horizontally with probability `hflip`, never when one of
-    the item's texts (`flip_texts`) says "left" or "right" (a flip would make it false).
+    the item's texts (`flip_texts`) says "left" or "right" (a flip would make it false), and read with the
+    task's `geometry` and `augment` (`load_image`).
 
-    The flip of item i in epoch e is drawn from an RNG seeded by (seed, e, i), so an item looks the same
-    whichever worker loads it and each epoch has its own flips (`set_epoch`). Subclasses pass their items
-    (one per index) and say which texts an item has.
+    The flip and the augmentation of item i in epoch e are drawn from RNGs seeded by (seed, e, i), so an
+    item looks the same whichever worker loads it, a resumed run sees the images an uninterrupted one
+    would, and each epoch has its own draws (`set_epoch`). Subclasses pass their items (one per index),
+    set `image_size` and say which texts an item has.
     """
 
-    def __init__(self, items: list, *, train: bool, hflip: float = 0.0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        items: list,
+        *,
+        train: bool,
+        hflip: float = 0.0,
+        seed: int = 0,
+        geometry: str = "square_crop",
+        augment: str = "none",
+    ) -> None:
         self.items, self.train, self.hflip, self.seed, self.epoch = items, train, hflip, seed, 0
+        self.geometry, self.augment = geometry, augment
 
     def set_epoch(self, epoch: int) -> None:
-        """Give each epoch its own flips."""
+        """Give each epoch its own flips and augmentations."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -249,6 +263,19 @@ class EpochFlipDataset(Dataset):
         if not self.train or self.hflip <= 0 or any(_LEFT_RIGHT.search(t) for t in self.flip_texts(i)):
             return False
         return random.Random(self.seed * 1_000_003 + self.epoch * len(self) + i).random() < self.hflip
+
+    def image_seed(self, i: int, k: int = 0) -> int | None:
+        """The seed of image k of item i's random crop and augmentation this epoch; None when evaluating.
+        A stream apart from the flips' (SeedSequence of (seed, epoch, i, k))."""
+        if not self.train:
+            return None
+        return int(np.random.SeedSequence((self.seed, self.epoch, i, k)).generate_state(1)[0])
+
+    def load(self, path: str, i: int, k: int = 0) -> np.ndarray:
+        """Image k of item i as `decode_image` reads it for this dataset (raises when unreadable)."""
+        return decode_image(
+            path, self.image_size, self.geometry, augment=self.augment, seed=self.image_seed(i, k)
+        )
 
 
 def read_json_file(path: str, key: str, error_cls: type[Exception]) -> list:
@@ -269,13 +296,58 @@ def read_json_file(path: str, key: str, error_cls: type[Exception]) -> list:
     return obj[key]
 
 
-def load_image(path: str, image_size: int) -> np.ndarray | None:
-    """(S, S, 3) uint8: shorter side resized to S, centre square; None if the file cannot be decoded."""
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
+# How a downstream image becomes (S, S) (task.image_geometry): `square_crop` [ours] the shorter side resized to S and the centre
+# square kept, in training and evaluation (bilinear); `official` [official code] the whole image, resized
+# to S x S for evaluation and RandomResizedCrop(S, scale (0.5, 1), bicubic) of it for training.
+TRAIN_CROP_SCALE = (0.5, 1.0)  # [official code]
+TRAIN_CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's default, which the official code keeps
+
+
+@cache
+def _augmentation(name: str):
+    """task.image_augment, torchvision's: [official code] RandAugment(2, 7) for VQA and NLVR2,
+    ColorJitter(0.4, 0.4, 0.4) for retrieval."""
+    import torchvision.transforms as T  # only runs that augment pay for the import
+
+    if name == "randaugment":
+        return T.RandAugment(num_ops=2, magnitude=7)
+    return T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)
+
+
+def decode_image(
+    path: str,
+    image_size: int,
+    geometry: str = "square_crop",
+    *,
+    augment: str = "none",
+    seed: int | None = None,
+) -> np.ndarray:
+    """(S, S, 3) uint8 of the image at `path` with `geometry` (IMAGE_GEOMETRIES); `seed` None = evaluation
+    (nothing random), else training: the random crop (`official`) and `augment` drawn from it. Raises
+    PIL's errors when the file cannot be read or decoded."""
+    with Image.open(path) as img:
+        w, h = img.size
+        if geometry == "square_crop":
             side = min(w, h)
-            return np.asarray(crop_resize(img, ((w - side) // 2, (h - side) // 2, side, side), image_size))
+            out = crop_resize(img, ((w - side) // 2, (h - side) // 2, side, side), image_size)
+        elif seed is None:
+            out = img.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+        else:
+            left, top, cw, ch = crop_params(w, h, TRAIN_CROP_SCALE, TRAIN_CROP_RATIO, random.Random(seed))
+            box = (left, top, left + cw, top + ch)
+            out = img.convert("RGB").resize((image_size, image_size), Image.BICUBIC, box=box)
+    if seed is not None and augment != "none":
+        # torchvision draws from torch's global RNG: seed it per image, and leave the caller's untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out = _augmentation(augment)(out)
+    return np.asarray(out)
+
+
+def load_image(path: str, image_size: int, geometry: str = "square_crop", **kw) -> np.ndarray | None:
+    """`decode_image`, or None if the file cannot be decoded."""
+    try:
+        return decode_image(path, image_size, geometry, **kw)
     except Exception:  # missing, truncated, not an image, decompression bomb: all mean "unusable"
         return None
 

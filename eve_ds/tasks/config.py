@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from eve_ds.utils.config import check
 
 TASK_NAMES = ("msm", "vqa", "retrieval", "nlvr2", "evlm_synthetic")
+IMAGE_GEOMETRIES = ("square_crop", "official")  # task.image_geometry (read by tasks/base.py decode_image)
+IMAGE_AUGMENTS = ("none", "randaugment", "color_jitter")  # task.image_augment
 
 
 @dataclass
@@ -26,7 +28,17 @@ class TaskConfig:
     synthetic_num_val: int = 300
     synthetic_num_test: int = 300
     epochs: float = 10.0  # [paper] fine-tuning length; derives train.max_steps when that is null
-    head_lr_mult: float = 1.0  # LR multiplier of the new heads ([official] code: 10; the paper says nothing)
+    # LR multiplier of the new heads ([official] code: 10 VQA / COCO retrieval, 5 Flickr30K, 15 NLVR2; the
+    # paper says nothing)
+    head_lr_mult: float = 1.0
+    # How images become S x S (IMAGE_GEOMETRIES in tasks/base.py): square_crop [ours] the centre square, in
+    # training and evaluation; official [official] the whole image resized (evaluation) and
+    # RandomResizedCrop(S, scale (0.5, 1), bicubic) of it (training).
+    image_geometry: str = "square_crop"
+    # Training augmentation after the crop: none | randaugment [official, VQA and NLVR2: RandAugment(2, 7)]
+    # | color_jitter [official, retrieval: ColorJitter(0.4, 0.4, 0.4)], torchvision's, seeded per item and
+    # epoch.
+    image_augment: str = "none"
     eval_split: str = "minival"  # split evaluated during and at the end of training
     skip_bad_eval_images: bool = False  # evaluation: skip missing/unreadable images instead of failing
     # VQA v2
@@ -35,7 +47,7 @@ class TaskConfig:
     minival_images: int = 1000  # [ours] val images held out for model selection
     # Retrieval (COCO / Flickr30K, Karpathy splits)
     dataset: str = "coco"  # coco | flickr30k
-    rerank_k: int = 128  # [ours, ALBEF uses 128/256] ITC top-k re-scored by the ITM head
+    rerank_k: int = 128  # [paper] ITC top-k re-scored by the ITM head
     # NLVR2
     nlvr2_head: str = "biattn"  # biattn ([official] bi-attention head) | concat (MLP on both [CLS])
 
@@ -51,6 +63,8 @@ class TaskConfig:
         )
         check(self.epochs > 0, "task.epochs", self.epochs, "> 0")
         check(self.head_lr_mult > 0, "task.head_lr_mult", self.head_lr_mult, "> 0")
+        for key, allowed in (("image_geometry", IMAGE_GEOMETRIES), ("image_augment", IMAGE_AUGMENTS)):
+            check(getattr(self, key) in allowed, f"task.{key}", getattr(self, key), f"one of {list(allowed)}")
         check(self.answer_vocab_size >= 2, "task.answer_vocab_size", self.answer_vocab_size, ">= 2")
         check(self.minival_images >= 0, "task.minival_images", self.minival_images, ">= 0")
         check(self.dataset in ("coco", "flickr30k"), "task.dataset", self.dataset, "coco or flickr30k")

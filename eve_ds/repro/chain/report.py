@@ -1,5 +1,5 @@
-"""The chain's report: our numbers next to the paper's (Table 2 and Table 4), each stage's status, wall and
-GPU hours, and the pre-training's throughput -> RUN_ROOT/report.json + report.md."""
+"""The chain's report: our numbers next to the paper's (Table 2 for EVE-Base, Table 4 for EVE-Large), each
+stage's status, wall and GPU hours, and the pre-training's throughput -> RUN_ROOT/report.json + report.md."""
 
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ from eve_ds.utils.io import atomic_write_json, atomic_write_text
 from eve_ds.utils.markdown import table
 
 RECALLS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "r_mean")
-EVALAI_FILE = (
-    "eval/vqa_test-dev_evalai.json"  # {"overall": score in percent}, from `eve-report --vqa-test-dev`
-)
+# {"overall": score in percent}, from `eve-report --vqa-test-dev / --vqa-test-std`
+EVALAI_FILE = "eval/vqa_test-dev_evalai.json"
+EVALAI_STD_FILE = "eval/vqa_test-std_evalai.json"
+# The paper's three EVE models, in the report's columns.
+PAPER_MODELS: tuple[tuple[str, str], ...] = (("base", "4m"), ("large", "4m"), ("large", "16m"))
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,15 @@ class Row:
 
 ROWS: tuple[Row, ...] = (
     Row("vqa", "vqa_score", "test-dev", EVALAI_FILE, "overall", 1.0, "EvalAI score of the predictions file"),
+    Row(
+        "vqa",
+        "vqa_score",
+        "test-std",
+        EVALAI_STD_FILE,
+        "overall",
+        1.0,
+        "EvalAI test-std phase: predictions for the whole test split (--split test)",
+    ),
     Row("vqa", "vqa_score", "minival", "vqa/final_metrics.json", "vqa_score", 100.0),
     Row("nlvr2", "nlvr2_acc", "dev", "eval/nlvr2_dev.json", "nlvr2_acc", 100.0),
     Row("nlvr2", "nlvr2_acc", "test-P", "eval/nlvr2_test1.json", "nlvr2_acc", 100.0),
@@ -92,9 +103,11 @@ def _read_json(path: Path) -> dict | None:
 
 
 def rows(run_root: Path, size: str, corpus: str) -> list[dict]:
-    """One row per task, metric and split: ours (percent, None until its stage has run), the paper's
-    (None where it is not known, and for the tiny model) and the difference."""
-    known = paper.FINETUNED.get((size, corpus), {})
+    """One row per task, metric and split: ours (percent, None until its stage has run), the paper's for
+    this size and corpus (None where the paper gives none, and for the tiny model), the difference, and
+    the paper's cell for each of its three models."""
+    mine = paper.FINETUNED.get((size, corpus))
+    known = mine.values if mine else {}
     out = []
     for r in ROWS:
         data = _read_json(run_root / r.source) or {}
@@ -108,6 +121,10 @@ def rows(run_root: Path, size: str, corpus: str) -> list[dict]:
             "value": ours,
             "paper": ref,
             "diff": round(ours - ref, 2) if ours is not None and ref is not None else None,
+            "paper_models": {
+                f"{sz}/{c}": paper.FINETUNED[sz, c].values.get((r.task, r.metric, r.split))
+                for sz, c in PAPER_MODELS
+            },
         }
         if r.note:
             row["note"] = r.note
@@ -162,6 +179,7 @@ def build_report(run_root: Path, size: str | None = None, corpus: str | None = N
         read_plan(run_root) if size is None else {"size": size, "corpus": corpus or "4m", "overrides": []}
     )
     stages = plan(params["size"], params["corpus"], params["overrides"])
+    paper_row = paper.FINETUNED.get((params["size"], params["corpus"]))
     st = stage_rows(stages, run_root)
     gpu_hours = [s["gpu_hours"] for s in st if s["gpu_hours"] is not None]
     return {
@@ -169,6 +187,7 @@ def build_report(run_root: Path, size: str | None = None, corpus: str | None = N
         "corpus": params["corpus"],
         "run_root": str(run_root),
         "paper_source": paper.FINETUNED_SOURCE,
+        "paper_row": paper_row.where if paper_row else None,
         "rows": rows(run_root, params["size"], params["corpus"]),
         "stages": st,
         "gpu_hours": round(sum(gpu_hours), 4) if gpu_hours else None,
@@ -185,10 +204,15 @@ def markdown(report: dict) -> str:
     title = (
         "EVE-tiny, synthetic sets" if size == "tiny" else f"EVE-{size.capitalize()}, {corpus.upper()} corpus"
     )
+    models = [f"{sz}/{c}" for sz, c in PAPER_MODELS]
     numbers = table(
-        ("task", "metric", "split", "ours", "paper", "diff"),
-        ([r["task"], r["metric"], r["split"], r["value"], r["paper"], r["diff"]] for r in report["rows"]),
-        align="lllrrr",
+        ("task", "metric", "split", "ours", "paper", "diff", *(f"paper {m}" for m in models)),
+        (
+            [r["task"], r["metric"], r["split"], r["value"], r["paper"], r["diff"]]
+            + [r["paper_models"][m] for m in models]
+            for r in report["rows"]
+        ),
+        align="lllrrr" + "r" * len(models),
         digits=2,
         none="—",
     )
@@ -202,6 +226,7 @@ def markdown(report: dict) -> str:
         digits=3,
         none="—",
     )
+    paper_row = report.get("paper_row") or "none (no paper counterpart)"
     lines = [f"# Table 2 reproduction: {title}", "", f"Run root: `{report['run_root']}`", "", numbers]
     lines += ["", stages, "", f"GPU hours, all stages so far: {_fmt(report['gpu_hours'], 3)}."]
     pre = report["pretraining"]
@@ -212,9 +237,10 @@ def markdown(report: dict) -> str:
         )
     lines += [
         "",
-        f"Percent throughout. Paper: {report['paper_source']}; — where the paper's number is not known "
-        "here or not reported, and for the tiny model (no paper counterpart). VQA test-dev is scored by "
-        f"EvalAI: submit eval/vqa_test-dev_predictions.json, then `eve-report RUN_ROOT --vqa-test-dev SCORE`.",
+        f"Percent throughout. Paper: {report['paper_source']}; `paper` is {paper_row}. — where the paper "
+        "gives no number (it reports no EVE R@5 / R@10 and no minival) and for the tiny model (no paper "
+        "counterpart). VQA test-dev and test-std are scored by EvalAI: submit the predictions, then "
+        "`eve-report RUN_ROOT --vqa-test-dev SCORE --vqa-test-std SCORE`.",
         "",
     ]
     return "\n".join(lines)

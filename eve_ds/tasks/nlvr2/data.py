@@ -21,7 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from eve_ds.tasks.base import DATA_ROOT_HINT, SKIP_BAD_HINT, EpochFlipDataset, MissingDataFile, load_image
+from eve_ds.tasks.base import (
+    DATA_ROOT_HINT,
+    SKIP_BAD_HINT,
+    EpochFlipDataset,
+    MissingDataFile,
+)
 from eve_ds.utils.errors import UserError
 
 TRAIN_SPLIT = "train"
@@ -135,13 +140,21 @@ class NLVR2Dataset(EpochFlipDataset):
     Training flips BOTH images horizontally with probability `hflip`, keeping their order, but never
     when the sentence says "left" or "right": those words may refer to a position inside an image (a
     flip would change the truth) or to an image (a swap would), and telling which apart is guesswork.
-    The flips are `EpochFlipDataset`'s, seeded per item and epoch.
+    The flips, the geometry and the augmentation are `EpochFlipDataset`'s, seeded per item and epoch
+    (each of the two images its own crop and augmentation).
     """
 
     def __init__(
-        self, examples: list[NLVR2Example], image_size: int, train: bool, hflip: float = 0.0, seed: int = 0
+        self,
+        examples: list[NLVR2Example],
+        image_size: int,
+        train: bool,
+        hflip: float = 0.0,
+        seed: int = 0,
+        geometry: str = "square_crop",
+        augment: str = "none",
     ):
-        super().__init__(examples, train=train, hflip=hflip, seed=seed)
+        super().__init__(examples, train=train, hflip=hflip, seed=seed, geometry=geometry, augment=augment)
         self.examples, self.image_size = examples, image_size
 
     def flip_texts(self, i: int) -> tuple[str, ...]:
@@ -149,9 +162,9 @@ class NLVR2Dataset(EpochFlipDataset):
 
     def __getitem__(self, i: int) -> dict | None:
         ex = self.examples[i]
-        left = load_image(ex.left_path, self.image_size)
-        right = load_image(ex.right_path, self.image_size)
-        if left is None or right is None:
+        try:
+            left, right = self.load(ex.left_path, i, 0), self.load(ex.right_path, i, 1)
+        except Exception:  # missing, truncated, not an image, decompression bomb: all mean "unusable"
             return None
         image = np.stack([left, right])  # (2, S, S, 3)
         if self.flips(i):

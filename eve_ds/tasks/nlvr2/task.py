@@ -55,7 +55,13 @@ class NLVR2Task(Task):
 
     def train_dataset(self):
         ds = NLVR2Dataset(
-            self.train_examples, self.ctx.image_size, train=True, hflip=self.ctx.hflip, seed=self.ctx.seed
+            self.train_examples,
+            self.ctx.image_size,
+            train=True,
+            hflip=self.ctx.hflip,
+            seed=self.ctx.seed,
+            geometry=self.cfg.image_geometry,
+            augment=self.cfg.image_augment,
         )
         return ds, functools.partial(
             nlvr2_collate, tokenizer=self.ctx.tokenizer, max_text_len=self.ctx.max_text_len
@@ -75,7 +81,15 @@ class NLVR2Task(Task):
         synthetic set; `predictions`: write NLVR2's prediction file (identifier,True|False lines)."""
         root, skip = self.root(), self.cfg.skip_bad_eval_images
         examples, counts = read_nlvr2(root, split, skip_missing=skip)
-        preds = predict(model, examples, self.ctx, device=device, dtype=dtype, batch_size=batch_size)
+        preds = predict(
+            model,
+            examples,
+            self.ctx,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            geometry=self.cfg.image_geometry,
+        )
         unreadable = [e for e in examples if preds[e.identifier] is None]
         if unreadable and not skip:
             e = unreadable[0]
@@ -99,15 +113,23 @@ class NLVR2Task(Task):
 
 @torch.no_grad()
 def predict(
-    model, examples: list[NLVR2Example], ctx: TaskContext, *, device: str, dtype: torch.dtype, batch_size: int
+    model,
+    examples: list[NLVR2Example],
+    ctx: TaskContext,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    batch_size: int,
+    geometry: str = "square_crop",
 ) -> dict[str, int | None]:
-    """{identifier: 1 (True) | 0 (False), or None when an image could not be decoded}, over every rank."""
+    """{identifier: 1 (True) | 0 (False), or None when an image could not be decoded}, over every rank;
+    images read with task.image_geometry `geometry`."""
     was_training = model.training
     model.eval()
     # Padded so that every rank makes the same number of passes (expert parallelism: each MoE pass is
     # collective); a repeated statement gives the same prediction.
     mine = even_rank_slice(len(examples))
-    dataset = Subset(NLVR2Dataset(examples, ctx.image_size, train=False), mine)
+    dataset = Subset(NLVR2Dataset(examples, ctx.image_size, train=False, geometry=geometry), mine)
     collate = functools.partial(nlvr2_collate, tokenizer=ctx.tokenizer, max_text_len=ctx.max_text_len)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=ctx.num_workers)
     preds: dict[str, int | None] = {examples[i].identifier: None for i in mine}  # None until scored

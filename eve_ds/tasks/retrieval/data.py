@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from eve_ds.data.transforms import collate, crop_resize
-from eve_ds.tasks.base import SKIP_BAD_HINT, EpochFlipDataset, read_json_file
+from eve_ds.data.transforms import collate
+from eve_ds.tasks.base import SKIP_BAD_HINT, EpochFlipDataset, decode_image, read_json_file
 from eve_ds.utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -147,13 +147,10 @@ def read_karpathy(
     return images, counts
 
 
-def load_image(path: str, image_size: int) -> np.ndarray:
-    """(S, S, 3) uint8: the shorter side resized to S, the centre square kept. Raises OSError / ValueError
-    (PIL's errors) when the file cannot be read or decoded."""
-    with Image.open(path) as img:
-        w, h = img.size
-        side = min(w, h)
-        return np.array(crop_resize(img, ((w - side) // 2, (h - side) // 2, side, side), image_size))
+def load_image(path: str, image_size: int, geometry: str = "square_crop") -> np.ndarray:
+    """(S, S, 3) uint8 as evaluation reads it (`decode_image`). Raises OSError / ValueError (PIL's errors)
+    when the file cannot be read or decoded."""
+    return decode_image(path, image_size, geometry)
 
 
 class RetrievalTrainDataset(EpochFlipDataset):
@@ -161,15 +158,22 @@ class RetrievalTrainDataset(EpochFlipDataset):
     the image cannot be decoded (counted by `retrieval_train_collate`).
 
     With `train`, the image is flipped horizontally with probability `hflip` -- never when the caption
-    says left or right, which a flip would make false; the flips are `EpochFlipDataset`'s, seeded per item
-    and epoch.
+    says left or right, which a flip would make false; the flips, the geometry and the augmentation are
+    `EpochFlipDataset`'s, seeded per item and epoch.
     """
 
     def __init__(
-        self, images: list[RetrievalImage], image_size: int, train: bool, hflip: float = 0.0, seed: int = 0
+        self,
+        images: list[RetrievalImage],
+        image_size: int,
+        train: bool,
+        hflip: float = 0.0,
+        seed: int = 0,
+        geometry: str = "square_crop",
+        augment: str = "none",
     ) -> None:
         self.pairs = [(i, j) for i, im in enumerate(images) for j in range(len(im.captions))]
-        super().__init__(self.pairs, train=train, hflip=hflip, seed=seed)
+        super().__init__(self.pairs, train=train, hflip=hflip, seed=seed, geometry=geometry, augment=augment)
         self.images, self.image_size = images, image_size
 
     def flip_texts(self, index: int) -> tuple[str, ...]:
@@ -180,7 +184,7 @@ class RetrievalTrainDataset(EpochFlipDataset):
         i, j = self.pairs[index]
         example, text = self.images[i], self.images[i].captions[j]
         try:
-            pixels = load_image(example.image_path, self.image_size)
+            pixels = self.load(example.image_path, index)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             log.debug("unreadable image %s: %s", example.image_path, e)
             return None
@@ -215,8 +219,8 @@ class RetrievalImageDataset(Dataset):
     An unreadable image raises: dropping it would change the test set the recall is reported on.
     """
 
-    def __init__(self, images: list[RetrievalImage], image_size: int) -> None:
-        self.images, self.image_size = images, image_size
+    def __init__(self, images: list[RetrievalImage], image_size: int, geometry: str = "square_crop") -> None:
+        self.images, self.image_size, self.geometry = images, image_size, geometry
 
     def __len__(self) -> int:
         return len(self.images)
@@ -224,7 +228,7 @@ class RetrievalImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         path = self.images[index].image_path
         try:
-            return {"image": load_image(path, self.image_size), "index": index}
+            return {"image": load_image(path, self.image_size, self.geometry), "index": index}
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise RetrievalDataError(f"evaluation image {path} cannot be read: {e}") from None
 

@@ -81,7 +81,13 @@ class RetrievalTask(Task):
 
     def train_dataset(self):
         ds = RetrievalTrainDataset(
-            self.train_images, self.ctx.image_size, train=True, hflip=self.ctx.hflip, seed=self.ctx.seed
+            self.train_images,
+            self.ctx.image_size,
+            train=True,
+            hflip=self.ctx.hflip,
+            seed=self.ctx.seed,
+            geometry=self.cfg.image_geometry,
+            augment=self.cfg.image_augment,
         )
         return ds, functools.partial(
             retrieval_train_collate, tokenizer=self.ctx.tokenizer, max_text_len=self.ctx.max_text_len
@@ -124,6 +130,7 @@ class RetrievalTask(Task):
             dtype=dtype,
             batch_size=batch_size,
             skip_bad=self.cfg.skip_bad_eval_images,
+            geometry=self.cfg.image_geometry,
         )
         metrics = scores.metrics()
         if predictions and rank_and_world()[0] == 0:
@@ -170,13 +177,15 @@ def retrieval_scores(
     dtype: torch.dtype = torch.float32,
     batch_size: int = 32,
     skip_bad: bool = False,
+    geometry: str = "square_crop",
 ) -> RetrievalScores:
     """ITC scores of every (image, caption) pair and the ITM re-ranking of each row's top k, on every rank
-    (all ranks must call it: the features and the partial matrices are gathered)."""
+    (all ranks must call it: the features and the partial matrices are gathered); images read with
+    task.image_geometry `geometry`."""
     was_training = model.training
     model.eval()
     try:
-        ev = _Evaluator(model, ctx, device, dtype, batch_size)
+        ev = _Evaluator(model, ctx, device, dtype, batch_size, geometry)
         img_feats, bad = ev.embed_images(images, skip_bad)
         if bad:
             log.warning("%d unreadable evaluation image(s) skipped with their captions", len(bad))
@@ -216,8 +225,11 @@ def write_rankings(path: str, scores: RetrievalScores, top: int = 10) -> None:
 class _EvalImages(Dataset):
     """Items {"image": (S, S, 3) uint8 or None when unreadable and skipped, "index"} of `indices`."""
 
-    def __init__(self, images: list[RetrievalImage], image_size: int, indices: list[int], skip_bad: bool):
-        self.base, self.indices, self.skip_bad = RetrievalImageDataset(images, image_size), indices, skip_bad
+    def __init__(
+        self, images: list[RetrievalImage], image_size: int, indices: list[int], skip_bad: bool, geometry: str
+    ):
+        self.base = RetrievalImageDataset(images, image_size, geometry)
+        self.indices, self.skip_bad = indices, skip_bad
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -245,7 +257,9 @@ class _Evaluator:
     over ranks (model.ep_size > 1) each pass is collective (DeepSpeed's all-to-all), so a rank with fewer
     passes to make runs empty ones until every rank has made as many (`_even_out`)."""
 
-    def __init__(self, model, ctx: TaskContext, device: str, dtype: torch.dtype, batch_size: int) -> None:
+    def __init__(
+        self, model, ctx: TaskContext, device: str, dtype: torch.dtype, batch_size: int, geometry: str
+    ) -> None:
         self.encoder, self.ctx, self.device, self.dtype, self.batch_size = (
             model.encoder,
             ctx,
@@ -253,6 +267,7 @@ class _Evaluator:
             dtype,
             batch_size,
         )
+        self.geometry = geometry
         self.itc, self.itm = model.objectives["itc"], model.objectives["itm"]
         self.rank, self.world = rank_and_world()
         self.collective_passes = self.world > 1 and model.model_cfg.ep_size > 1
@@ -270,7 +285,7 @@ class _Evaluator:
         mine = list(rank_slice(len(images)))
         rows, feats, bad, passes = [], [], [], 0
         for batch, unreadable in self._loader(
-            _EvalImages(images, self.ctx.image_size, mine, skip_bad), _image_batch
+            _EvalImages(images, self.ctx.image_size, mine, skip_bad, self.geometry), _image_batch
         ):
             bad += unreadable
             if batch is not None:
@@ -307,7 +322,7 @@ class _Evaluator:
 
     def rerank(self, images, ids: Tensor, mask: Tensor, itc: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """This rank's rows of the re-ranked matrices, then every rank's: (i2t (N_img, N_txt), t2i)."""
-        store = _PixelStore(images, self.ctx, self._needed(itc, k))
+        store = _PixelStore(images, self.ctx, self._needed(itc, k), self.geometry)
         passes = 0
 
         def itm(img_idx: Tensor, txt_idx: Tensor) -> Tensor:  # (P,), (P,) -> (P,) ITM log-odds
@@ -350,11 +365,13 @@ class _PixelStore:
     """uint8 images (3, S, S) kept on the CPU for the fusion passes: those `needed` loaded up front by the
     DataLoader's workers, any other one when first asked for (5k COCO test images at 384 px: 2.2 GB)."""
 
-    def __init__(self, images: list[RetrievalImage], ctx: TaskContext, needed: list[int]) -> None:
-        self.dataset = RetrievalImageDataset(images, ctx.image_size)
+    def __init__(
+        self, images: list[RetrievalImage], ctx: TaskContext, needed: list[int], geometry: str
+    ) -> None:
+        self.dataset = RetrievalImageDataset(images, ctx.image_size, geometry)
         self.pixels: dict[int, Tensor] = {}
         loader = DataLoader(
-            _EvalImages(images, ctx.image_size, needed, skip_bad=False),
+            _EvalImages(images, ctx.image_size, needed, skip_bad=False, geometry=geometry),
             batch_size=64,
             collate_fn=retrieval_image_collate,
             num_workers=ctx.num_workers,

@@ -28,7 +28,6 @@ from eve_ds.tasks.base import (
     SKIP_BAD_HINT,
     EpochFlipDataset,
     MissingDataFile,
-    load_image,
     read_json_file,
 )
 from eve_ds.tasks.vqa.eval import normalize_answer, soft_score
@@ -275,8 +274,8 @@ class VQADataset(EpochFlipDataset):
     can report which questions went unanswered.
 
     Training flips the image horizontally with probability `hflip`, never when the question or any answer
-    says "left" or "right" (a flip would change the answer); the flips are `EpochFlipDataset`'s, seeded
-    per item and epoch.
+    says "left" or "right" (a flip would change the answer); the flips, the geometry and the augmentation
+    are `EpochFlipDataset`'s, seeded per item and epoch.
     """
 
     def __init__(
@@ -287,8 +286,10 @@ class VQADataset(EpochFlipDataset):
         train: bool,
         hflip: float = 0.0,
         seed: int = 0,
+        geometry: str = "square_crop",
+        augment: str = "none",
     ):
-        super().__init__(examples, train=train, hflip=hflip, seed=seed)
+        super().__init__(examples, train=train, hflip=hflip, seed=seed, geometry=geometry, augment=augment)
         self.examples, self.vocab, self.image_size = examples, vocab, image_size
 
     def flip_texts(self, i: int) -> tuple[str, ...]:
@@ -296,7 +297,10 @@ class VQADataset(EpochFlipDataset):
 
     def __getitem__(self, i: int) -> dict:
         ex = self.examples[i]
-        image = load_image(ex.image_path, self.image_size) if ex.image_ok else None
+        try:
+            image = self.load(ex.image_path, i) if ex.image_ok else None
+        except Exception:  # missing, truncated, not an image, decompression bomb: all mean "unusable"
+            image = None
         if image is None:
             return {"question_id": ex.question_id, "bad": True}
         if self.flips(i):

@@ -80,6 +80,8 @@ class VQATask(Task):
             train=True,
             hflip=self.ctx.hflip,
             seed=self.ctx.seed,
+            geometry=self.cfg.image_geometry,
+            augment=self.cfg.image_augment,
         )
         return ds, functools.partial(
             vqa_collate, tokenizer=self.ctx.tokenizer, max_text_len=self.ctx.max_text_len
@@ -142,7 +144,14 @@ class VQATask(Task):
         predictions: str | None = None,
     ) -> dict:
         preds = predict(
-            model, examples, self.vocab, self.ctx, device=device, dtype=dtype, batch_size=batch_size
+            model,
+            examples,
+            self.vocab,
+            self.ctx,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            geometry=self.cfg.image_geometry,
         )
         metrics = {"num_questions": len(examples)}
         if predictions:  # EvalAI rejects a file without every question: unreadable ones get the top answer
@@ -167,12 +176,22 @@ class VQATask(Task):
 
 @torch.no_grad()
 def predict(
-    model, examples, vocab: AnswerVocab, ctx, *, device: str, dtype: torch.dtype, batch_size: int
+    model,
+    examples,
+    vocab: AnswerVocab,
+    ctx,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    batch_size: int,
+    geometry: str = "square_crop",
 ) -> dict:
-    """{question_id: answer string, or None when its image could not be read}, over every rank."""
+    """{question_id: answer string, or None when its image could not be read}, over every rank; images
+    read with task.image_geometry `geometry`."""
     was_training = model.training
     model.eval()
-    dataset = Subset(VQADataset(examples, vocab, ctx.image_size, train=False), even_rank_slice(len(examples)))
+    images = VQADataset(examples, vocab, ctx.image_size, train=False, geometry=geometry)
+    dataset = Subset(images, even_rank_slice(len(examples)))
     collate = functools.partial(vqa_collate, tokenizer=ctx.tokenizer, max_text_len=ctx.max_text_len)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=ctx.num_workers)
     preds: dict[int, str | None] = {}
