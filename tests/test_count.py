@@ -1,6 +1,6 @@
 """The counting profiler (`eve_ds.bench.count`, `eve-profile --count`): it finds sync sites at their
 file:line (forward, backward, DeepSpeed's synchronize), counts deterministically, keeps the phases apart —
-and a regression guard on the number of would-be host syncs in eve_tiny's forward."""
+and regression guards on eve_tiny's would-be host syncs (forward, optimizer step) and step ops."""
 
 from __future__ import annotations
 
@@ -17,11 +17,14 @@ from eve_ds.models.config import get_config
 from eve_ds.objectives import ObjectiveConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-# Would-be host syncs in one eve_tiny MSM forward through the ZeRO-2 bf16 engine, as of this test's
-# writing: 2 x bool(valid.all()), 2 x nonzero (real tokens), 2 x int(C) and 2 x bincount in the soft router,
-# 2 x boolean MLM indexing, 1 x the throughput timer's synchronize. It must only go down: lower it when a
-# change removes a sync, never raise it.
-FORWARD_SYNCS_EVE_TINY = 11
+# One eve_tiny MSM training step through the ZeRO-2 bf16 engine, as of this test's writing. Forward syncs:
+# 2 x nonzero (real tokens), 2 x int(C) in the soft router, 2 x boolean MLM indexing.
+# Step: per parameter group (4) DeepSpeed's bool() of the clip norm and its torch.tensor(-1.0, device=)
+# for the norm's inf/nan mask; the step's non-view ops (the per-tensor overflow check is off). They must
+# only go down: lower them when a change removes a sync or ops, never raise them.
+FORWARD_SYNCS_EVE_TINY = 6
+STEP_SYNCS_EVE_TINY = 8
+STEP_OPS_EVE_TINY = 461
 
 
 def line_of(fn, text: str) -> int:
@@ -102,9 +105,34 @@ def test_engine_step_counts_are_deterministic_and_phases_apart(tiny_engine):
     sites = {p: {site for _, site in a[p].syncs} for p in a}
     assert any("eve_ds/models/layers.py" in s for s in sites["forward"])
     assert all("stage_1_and_2.py" not in s for s in sites["forward"] | sites["backward"])
-    assert any("stage_1_and_2.py:3248" in s for s in sites["step"])  # the overflow check's .item()
+    every = sites["forward"] | sites["backward"] | sites["step"]
+    assert all("stage_1_and_2.py:3248" not in s for s in every)  # no per-tensor overflow check's .item()
+    assert all("deepspeed/utils/timer.py" not in s for s in every)  # no throughput-timer synchronize()
     assert all(s.endswith("(backward)") for s in sites["backward"])
-    assert a["step"].compute_ops > a["forward"].compute_ops  # the per-tensor overflow check dominates
+    assert a["step"].compute_ops < a["forward"].compute_ops
+
+
+def test_nonfinite_gradients_skip_the_update_on_the_device(tiny_engine):
+    """bf16 without DeepSpeed's overflow check: a step whose gradients hold a NaN leaves every parameter as
+    it was, and the guard itself reads nothing to the host; the next finite step updates them."""
+    from eve_ds.train.engine import nonfinite
+
+    engine, batch = tiny_engine
+    params = dict(engine.module.named_parameters())
+    finite = count_engine_step(engine, batch)["step"].syncs
+    before = {n: p.detach().clone() for n, p in params.items()}
+    hook = next(iter(params.values())).register_hook(lambda g: torch.full_like(g, float("nan")))
+    try:
+        skipped = count_engine_step(engine, batch)["step"].syncs
+    finally:
+        hook.remove()
+    assert nonfinite(engine.get_global_grad_norm()).item() == 1.0
+    assert all(torch.equal(before[n], p) for n, p in params.items())
+    # Only DeepSpeed's clip of an invalid norm adds reads: torch.tensor(inf, device=) per group.
+    assert all("stage_1_and_2.py:3204" in site for _, site in skipped - finite) and finite <= skipped
+    train_step(engine, batch)
+    assert nonfinite(engine.get_global_grad_norm()).item() == 0.0
+    assert sum(not torch.equal(before[n], p) for n, p in params.items()) > len(params) // 2
 
 
 def test_eve_profile_count_json_and_forward_sync_guard(tmp_path, capsys):
@@ -120,5 +148,6 @@ def test_eve_profile_count_json_and_forward_sync_guard(tmp_path, capsys):
     assert d["meta"]["command"].startswith("eve-profile --model eve_tiny")
     forward_syncs = sum(n for _, n in d["forward"]["syncs"])
     assert forward_syncs == d["forward"]["num_syncs"] <= FORWARD_SYNCS_EVE_TINY
+    assert d["step"]["num_syncs"] <= STEP_SYNCS_EVE_TINY and d["step"]["ops"] <= STEP_OPS_EVE_TINY
     assert d["graph_breaks"] == d["blocks"]["soft"]["breaks"] and d["blocks"]["hard"]["breaks"] == 0
     assert "non-view ops" in capsys.readouterr().out

@@ -221,6 +221,31 @@ def test_forward_backward_every_flavor(name):
     assert gate.wg.weight.grad.abs().sum() > 0 and gate.modality_bias.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("B", [1, 2])  # B=1: no caption padded; B=2: the second one is
+def test_host_padding_flag_gives_the_same_losses_and_gradients_without_a_sync(B):
+    """`text_padded`, read by batch_to_device from the host copy of text_mask, replaces the encoder's
+    bool(valid.all()): the same losses and gradients, bit for bit, and no host read in eve.py."""
+    from eve_ds.bench.count import count_call
+    from eve_ds.data.transforms import batch_to_device
+
+    cfg = eve_tiny()
+    batch = make_batch(cfg, B=B, L=12)
+    flag = batch_to_device({"image": batch["image"], "text_mask": batch["text_mask"]}, "cpu")["text_padded"]
+    assert flag is (B == 2)
+    results = []
+    for b in (batch, {**batch, "text_padded": flag}):
+        model = build(cfg)
+        count, out = count_call(lambda b=b, model=model: model(b, gen()), record_forward_sites=True)
+        out["loss"].backward()
+        eve_reads = [site for (_, site) in count.syncs if site.startswith("eve_ds/models/eve.py")]
+        losses = {k: v for k, v in out.items() if k.endswith("_loss") or k == "loss"}
+        results.append((losses, {n: p.grad for n, p in model.named_parameters()}, eve_reads))
+    (loss_a, grad_a, reads_a), (loss_b, grad_b, reads_b) = results
+    assert loss_a.keys() == loss_b.keys() and all(torch.equal(loss_a[k], loss_b[k]) for k in loss_a)
+    assert all(torch.equal(grad_a[n], grad_b[n]) for n in grad_a)
+    assert len(reads_a) == 2 and reads_b == []  # one bool(valid.all()) per encoder pass (MLM, MIM) before
+
+
 def test_head_options_come_from_objective_heads_and_old_saved_keys_still_load():
     """The task's head options reach the heads' constructors through `objective.heads`; a checkpoint saved
     with the former flat keys (`vqa_num_answers`, `nlvr2_head`) rebuilds the same heads."""

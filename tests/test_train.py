@@ -190,6 +190,8 @@ def test_ds_config_merge_derives_accumulation_and_keeps_ds_files_to_zero_and_pre
     assert ds["gradient_accumulation_steps"] == 2048 // (128 * 16)
     assert ds["train_batch_size"] == 2048 and ds["zero_optimization"]["stage"] == 2
     assert ds["bf16"]["enabled"] and ds["zero_optimization"]["reduce_scatter"]
+    # No per-tensor overflow check and no throughput-timer syncs (tests/test_count.py counts the effect).
+    assert ds["bf16"]["check_grad_overflow"] is False and ds["timers"]["throughput"]["enabled"] is False
     # More GPUs than the micro-batch allows (8 nodes x 8 for EVE-Large): the micro-batch shrinks, the
     # global batch stays 2048.
     wide = merged(load_config("eve_large_4m", _data_env()), 64)

@@ -31,11 +31,15 @@ def batch_to_device(
 ) -> dict:
     """Every tensor of `batch` moved to `device`, the image normalised there (`normalize_image`) in `dtype`;
     the uint8 image stays available as `pixels` (pixel targets are computed from it in float32, not from
-    the bf16-rounded image). Other values (keys, counts) are kept as they are."""
+    the bf16-rounded image). Other values (keys, counts) are kept as they are. `text_padded`: whether any
+    text is padded, read here from the host copy so that the encoder need not read it from the device."""
+    mask = batch.get("text_mask")
     out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     if not out["image"].is_floating_point():
         out["pixels"] = out["image"]
     out["image"] = normalize_image(out["image"], dtype, mean, std)
+    if isinstance(mask, torch.Tensor) and mask.device.type == "cpu":
+        out["text_padded"] = not bool(mask.bool().all())
     return out
 
 

@@ -161,12 +161,15 @@ class EVEModel(nn.Module):
         text_mask: Tensor | None = None,
         keep_ids: Tensor | None = None,
         patch_mask: Tensor | None = None,
+        has_padding: bool | None = None,
     ) -> EncoderOutput:
         """Encode [image; text]; either part may be absent (image-only / text-only passes).
 
         image: (B, C, H, W); text_ids, text_mask: (B, L) with text_mask 1 on real tokens;
         keep_ids: (B, n) visible patch indices for the asymmetric MIM pass;
-        patch_mask: (B, P) bool, patches replaced by the learned mask token (MIM with token targets).
+        patch_mask: (B, P) bool, patches replaced by the learned mask token (MIM with token targets);
+        has_padding: whether text_mask has a 0 anywhere, when the caller knows it on the host (the data
+            path: `batch["text_padded"]`); None reads it from text_mask, a host sync on a GPU.
         """
         parts, n_image = [], 0
         if image is not None:
@@ -184,7 +187,9 @@ class EVEModel(nn.Module):
         key_padding = None
         if text_ids is not None and text_mask is not None:
             valid[:, n_image:] = text_mask.bool()
-            if not bool(valid.all()):
+            if has_padding is None:
+                has_padding = not bool(valid.all())
+            if has_padding:
                 key_padding = ~valid
         tokens = Tokens(n_image, keep_ids, key_padding, valid)
         aux = x.new_zeros((), dtype=torch.float32)

@@ -178,11 +178,13 @@ class SoftRouterFFN(nn.Module):
         routed, l_aux, routes = self.moe(h.index_select(0, index), modality)
         out = torch.zeros_like(h).index_copy(0, index, routed.to(h.dtype)).view(B, N, D)
         # Routes per (modality, expert); DeepSpeed marks routes over capacity (drop_tokens=True) with -1:
-        # they count in an extra bin that is dropped. bincount: no host synchronisation.
+        # they count in an extra bin that is dropped. A scatter_add_ into fixed bins, not bincount: bincount
+        # reads min/max to the host on CUDA. The counts are integers, exact in float32 below 2^24.
         E = self.moe.num_experts
         routes = routes.long()
-        bins = torch.where(routes >= 0, modality * E + routes, 2 * E)  # (k, T)
-        counts = torch.bincount(bins.reshape(-1), minlength=2 * E + 1)[: 2 * E].view(2, E).float()
+        bins = torch.where(routes >= 0, modality * E + routes, 2 * E).reshape(-1)  # (k * T,)
+        counts = torch.zeros(2 * E + 1, dtype=torch.float32, device=bins.device)
+        counts = counts.scatter_add_(0, bins, torch.ones_like(bins, dtype=counts.dtype))[: 2 * E].view(2, E)
         return out, l_aux, counts
 
 

@@ -44,7 +44,7 @@ class JointMaskedSignalModeling(nn.Module):
         keep_ids, ids_restore, patch_mask = mask_patches(
             B, P, self.cfg.joint_image_mask_ratio, image.device, generator
         )  # (B, n_keep), (B, P), (B, P) 1.0 where dropped
-        enc = encoder(image, ids, text_mask, keep_ids=keep_ids)
+        enc = encoder(image, ids, text_mask, keep_ids=keep_ids, has_padding=batch.get("text_padded"))
 
         logits = self.mlm.head(enc.text[mlm_mask]).float()  # (T, V), masked positions only
         target = text_ids[mlm_mask]

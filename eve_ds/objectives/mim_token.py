@@ -154,7 +154,13 @@ class TokenMaskedImageModeling(nn.Module):
             )  # (B, P)
         with torch.no_grad():
             target = self.tokenizer(image)[mask]  # (M,)
-        enc = encoder(image, batch["text_ids"], batch["text_mask"], patch_mask=mask)
+        enc = encoder(
+            image,
+            batch["text_ids"],
+            batch["text_mask"],
+            patch_mask=mask,
+            has_padding=batch.get("text_padded"),
+        )
         logits = self.head(enc.image[:, 1:][mask]).float()  # (M, V): masked patches only
         return {
             "mim_token_loss": F.cross_entropy(logits, target),

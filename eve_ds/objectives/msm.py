@@ -28,7 +28,7 @@ class MaskedLanguageModeling(nn.Module):
         ids, mlm_mask = mask_text(
             batch["text_ids"], batch["text_mask"], self.cfg.text_mask_ratio, self.cfg.mask_token_id, generator
         )
-        enc = encoder(batch["image"], ids, batch["text_mask"])
+        enc = encoder(batch["image"], ids, batch["text_mask"], has_padding=batch.get("text_padded"))
         # Logits only where a token was masked: the vocabulary projection dominates the head's cost.
         logits = self.head(enc.text[mlm_mask]).float()  # (T, V)
         target = batch["text_ids"][mlm_mask]
@@ -67,7 +67,13 @@ class MaskedImageModeling(nn.Module):
         keep_ids, ids_restore, mask = mask_patches(
             image.shape[0], self.model_cfg.num_patches, self.cfg.image_mask_ratio, image.device, generator
         )
-        enc = encoder(image, batch["text_ids"], batch["text_mask"], keep_ids=keep_ids)
+        enc = encoder(
+            image,
+            batch["text_ids"],
+            batch["text_mask"],
+            keep_ids=keep_ids,
+            has_padding=batch.get("text_padded"),
+        )
         pred = self.decoder(enc.image, ids_restore).float()  # (B, P, p*p*C)
         per_patch = (pred - self.target(batch)).pow(2).mean(-1)  # (B, P), float32
         return {

@@ -34,7 +34,9 @@ class VQAClassification(nn.Module):
         self.head.apply(lambda m: init_weights(m, model_cfg.init_std))
 
     def forward(self, encoder: EVEModel, batch: dict, generator: torch.Generator | None) -> dict:
-        enc = encoder(batch["image"], batch["text_ids"], batch["text_mask"])
+        enc = encoder(
+            batch["image"], batch["text_ids"], batch["text_mask"], has_padding=batch.get("text_padded")
+        )
         logits = self.head(enc.hidden[:, enc.n_image]).float()  # (B, A)
         out = {"vqa_logits": logits.detach(), "encoder_outputs": [enc]}
         targets = batch.get("targets")

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import deepspeed
 import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-from torch import nn
+from torch import Tensor, nn
 
 from eve_ds.train.config import DS_CONFIG_DIR, ConfigError, RunConfig
 
@@ -31,6 +32,7 @@ DS_ALLOWED_KEYS = {
     "zero_allow_untested_optimizer",
     "activation_checkpointing",
     "flops_profiler",
+    "timers",
 }
 
 
@@ -135,11 +137,37 @@ def lr_lambda(cfg: RunConfig):
     return f
 
 
+def nonfinite(norm: Tensor | float) -> Tensor:
+    """1.0 when a global gradient norm is inf, nan or DeepSpeed's -1 "invalid" sentinel, else 0.0 (0-d, on
+    the norm's device: nothing is read to the host)."""
+    norm = torch.as_tensor(norm)
+    return (~torch.isfinite(norm) | (norm < 0)).float().reshape(())
+
+
+class SkipNonFiniteAdamW(torch.optim.AdamW):
+    """torch's AdamW that leaves parameters, moments and step counts unchanged when this step's global
+    gradient norm is not finite, decided on the device.
+
+    With `bf16.check_grad_overflow=false` DeepSpeed's ZeRO optimizer no longer tests every gradient tensor
+    (a loop of ~12 ops per tensor ending in a host read) and applies whatever the gradients hold. The fused
+    kernels take a `found_inf` tensor and skip the update where it is 1 (torch/optim/adam.py, the
+    GradScaler protocol), so the skip needs no host read. `grad_norm` returns the ZeRO optimizer's global
+    norm, which it computes before calling this step for each parameter group."""
+
+    grad_norm: Callable[[], Tensor | float | None] | None = None
+
+    def step(self, closure=None):
+        norm = self.grad_norm() if self.grad_norm is not None else None
+        if norm is not None and self.defaults.get("fused"):
+            self.found_inf = nonfinite(norm)
+        return super().step(closure)
+
+
 def build_engine(cfg: RunConfig, model: nn.Module, world_size: int, device: str):
     """-> (engine, optimizer, lr_scheduler, merged DeepSpeed config)."""
     ds_config = build_ds_config(cfg, world_size)
     o = cfg.optim
-    optimizer = torch.optim.AdamW(
+    optimizer = SkipNonFiniteAdamW(
         param_groups(model, o.weight_decay, o.lr, cfg.task.head_lr_mult),
         lr=o.lr,
         betas=tuple(o.betas),
@@ -151,4 +179,7 @@ def build_engine(cfg: RunConfig, model: nn.Module, world_size: int, device: str)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    if engine.zero_optimization_stage() in (1, 2):
+        # ZeRO-1/2 set the norm before each inner step; other wrappers skip non-finite steps themselves.
+        engine.optimizer.optimizer.grad_norm = lambda: getattr(engine.optimizer, "_global_grad_norm", None)
     return engine, optimizer, scheduler, ds_config

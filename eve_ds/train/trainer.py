@@ -24,7 +24,7 @@ from eve_ds.train import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from eve_ds.train.checkpoint import CheckpointManager, latest_complete
 from eve_ds.train.config import ConfigError, RunConfig, resolve, save_config, task_context
 from eve_ds.train.distributed import all_reduce_max, barrier, init_distributed, resolve_device
-from eve_ds.train.engine import build_engine
+from eve_ds.train.engine import build_engine, nonfinite
 from eve_ds.train.family import family_of
 from eve_ds.train.metrics import MetricsWriter, setup_logging
 from eve_ds.train.mfu import peak_tflops
@@ -75,6 +75,7 @@ class Trainer:
             "batches_consumed": 0,
             "samples_seen": 0,
             "skipped_nonfinite": 0,
+            "skipped_updates": 0,
             "skipped_samples": 0,
             "world_size": self.world,
             "num_workers": cfg.data.num_workers,
@@ -83,6 +84,9 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
             atomic_write_json(self.run_dir / "ds_config.json", ds_config)
         self.metrics = MetricsWriter(self.run_dir, self.rank == 0, cfg.wandb, cfg.to_dict())
+        # Optimizer updates skipped for non-finite gradients since the last read: a device scalar, added to
+        # state["skipped_updates"] at log and checkpoint time only (`_read_skipped_updates`).
+        self.unread_skips: torch.Tensor | None = None
 
     def _check_layout(self) -> None:
         ep = self.cfg.model.ep_size
@@ -193,7 +197,14 @@ class Trainer:
         self.epoch_samples = self.task.epoch_samples(loader)
         return loader
 
+    def _read_skipped_updates(self) -> int:
+        if self.unread_skips is not None:
+            self.state["skipped_updates"] += int(self.unread_skips)
+            self.unread_skips = None
+        return self.state["skipped_updates"]
+
     def save(self) -> Path:
+        self._read_skipped_updates()
         eve_config = self.family.checkpoint_config(self.cfg)
         # e.g. the VQA answer vocabulary: travels with checkpoints and exports
         eve_config["task"] = {"name": self.cfg.task.name, **self.task.assets()}
@@ -262,6 +273,10 @@ class Trainer:
             consecutive = 0
             outs.append(out)
         self.state["step"] = int(self.engine.global_steps)
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:  # inf/nan: the update was skipped (on the device, or by DeepSpeed)
+            skipped = nonfinite(norm)
+            self.unread_skips = skipped if self.unread_skips is None else self.unread_skips + skipped
         self.state["samples_seen"] += self.cfg.train.global_batch_size
         # Every scalar an objective reports (losses, accuracies, task metrics) and the expert loads.
         keep = [k for k, v in outs[0].items() if is_scalar(v) or k.startswith("expert_load")]
@@ -283,6 +298,7 @@ class Trainer:
             samples_per_s=window_samples / max(window_s, 1e-9),
             skipped_samples=self.state["skipped_samples"],
             skipped_nonfinite=self.state["skipped_nonfinite"],
+            skipped_updates=self._read_skipped_updates(),
             epoch=self.state["samples_seen"] / max(1, self.epoch_samples),
         )
         if self.device == "cuda":
