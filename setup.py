@@ -67,6 +67,7 @@ setup(
             "eve-reproduce=eve_ds.cli.reproduce:reproduce_main",
             "eve-predict=eve_ds.cli.predict:main",
             "eve-explain=eve_ds.cli.explain:main",
+            "eve-bench-inference=eve_ds.cli.bench_inference:main",
         ]
     },
 )

@@ -107,9 +107,13 @@ def write_native(dst: Path, state_dict: dict[str, torch.Tensor], cfg: dict, dtyp
     }
     save_file(sd, dst / WEIGHTS, metadata={"format": "pt"})
     tokenizer = copy_tokenizer(cfg, dst)
-    meta = {k: v for k, v in cfg.items() if k not in ("format", "dtype", "tokenizer_files")}
+    # "weights_dtype", not "dtype": transformers reads config.json of a folder (AutoTokenizer does, to find
+    # the model type) and takes a "dtype" string as the name of a torch dtype. Older exports' "dtype" is
+    # dropped here and never read otherwise.
+    meta = {k: v for k, v in cfg.items() if k not in ("format", "dtype", "weights_dtype", "tokenizer_files")}
     atomic_write_json(
-        dst / "config.json", {**meta, "format": NATIVE_FORMAT, "dtype": dtype, "tokenizer_files": tokenizer}
+        dst / "config.json",
+        {**meta, "format": NATIVE_FORMAT, "weights_dtype": dtype, "tokenizer_files": tokenizer},
     )
 
 
@@ -129,6 +133,6 @@ def export(
             # transformers' modelling stack (seconds to import) only for an HF export
             from eve_ds.convert.hf_export import write_hf
 
-            write_hf(tmp, model.encoder, cfg, dtype)
+            write_hf(tmp, model, cfg, dtype)
     logger.info("exported %s -> %s (%s, %s)", src, dst, fmt, dtype)
     return Path(dst)

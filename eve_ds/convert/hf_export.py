@@ -1,9 +1,14 @@
-"""Hugging Face export: config.json (with auto_map), model.safetensors, modeling_eve.py, tokenizer files.
+"""Hugging Face export: config.json (with auto_map), model.safetensors, modeling_eve.py, tokenizer files
+and preprocessor_config.json (the image size and normalisation the model was trained with).
 
-AutoModel.from_pretrained(dir, trust_remote_code=True)  # torch + transformers only
+AutoModel.from_pretrained(dir, trust_remote_code=True)  # the encoder; torch + transformers only
+AutoModelForVisualQuestionAnswering.from_pretrained(dir, trust_remote_code=True)  # VQA fine-tunes
+AutoTokenizer.from_pretrained(dir); AutoImageProcessor.from_pretrained(dir)
 
 The classes of `eve_ds.hf.modeling_eve` are registered for the auto classes, so that `save_pretrained`
-writes the `auto_map` and copies the modeling file itself.
+writes the `auto_map` and copies the modeling file itself. A VQA fine-tune is saved as `EVEForVQA` (encoder
+weights under `eve.`, which `AutoModel` strips as the base model prefix) with its answers as `id2label`;
+the other heads (pre-training, retrieval, NLVR2) are not exported.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ import torch
 
 from eve_ds.convert.ds_checkpoint import ConvertError
 from eve_ds.convert.tokenizer import copy_tokenizer
-from eve_ds.hf.modeling_eve import EVEHFConfig, EVEHFModel
+from eve_ds.hf.modeling_eve import EVEForVQA, EVEHFConfig, EVEHFModel
 from eve_ds.models.eve import EVEModel
 from eve_ds.models.weights import mismatch_report
+from eve_ds.objectives import PretrainingModel
 
 RENAMES = [  # EVEModel key -> HF key
     (re.compile(r"^patch_embed\.proj\."), "patch_embed."),
@@ -29,6 +35,7 @@ RENAMES = [  # EVEModel key -> HF key
 
 EVEHFConfig.register_for_auto_class()
 EVEHFModel.register_for_auto_class("AutoModel")
+EVEForVQA.register_for_auto_class("AutoModelForVisualQuestionAnswering")
 
 
 def hf_state_dict(encoder: EVEModel) -> dict[str, torch.Tensor]:
@@ -75,17 +82,61 @@ def hf_config_kwargs(encoder: EVEModel) -> dict:
     )
 
 
-def write_hf(dst: Path, encoder: EVEModel, cfg: dict, dtype: str) -> None:
-    """Write the HF folder into the (staging) directory `dst`."""
-    config = EVEHFConfig(**hf_config_kwargs(encoder))
+def image_processor(encoder: EVEModel, cfg: dict):
+    """The evaluation's preprocessing as a transformers image processor: RGB, shorter side to S (bilinear),
+    centre S x S crop, /255, normalised with data.image_mean/std of the run (ImageNet's when unset)."""
+    from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from transformers import CLIPImageProcessor
+
+    data = (cfg.get("run") or {}).get("data") or {}
+    s = encoder.cfg.image_size
+    return CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": s},
+        resample=2,  # PIL.Image.BILINEAR, as `eve_ds.data.transforms.crop_resize`
+        do_center_crop=True,
+        crop_size={"height": s, "width": s},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(data.get("image_mean") or IMAGENET_DEFAULT_MEAN),
+        image_std=list(data.get("image_std") or IMAGENET_DEFAULT_STD),
+        do_convert_rgb=True,
+    )
+
+
+def hf_model(model: PretrainingModel, cfg: dict) -> tuple[EVEHFModel | EVEForVQA, dict[str, torch.Tensor]]:
+    """The HF model for the checkpoint's task (EVEForVQA for a VQA fine-tune, else the encoder) and its
+    state dict in HF names."""
+    config = EVEHFConfig(**hf_config_kwargs(model.encoder))
     config.eve = {k: cfg[k] for k in ("model", "objective") if k in cfg}
-    hf = EVEHFModel(config)
-    sd = hf_state_dict(encoder)
-    sd["relative_position_index"] = hf.relative_position_index
-    report = mismatch_report(hf.state_dict(), sd, "the EVE encoder")
+    sd = hf_state_dict(model.encoder)
+    if "vqa" not in model.objectives:
+        hf = EVEHFModel(config)
+        return hf, {**sd, "relative_position_index": hf.relative_position_index}
+    answers = ((cfg.get("task") or {}).get("answer_vocab") or {}).get("answers")  # AnswerVocab.to_json
+    n = model.objectives["vqa"].head[-1].out_features
+    if not isinstance(answers, list) or len(answers) != n:
+        raise ConvertError(f"a VQA checkpoint needs its answer vocabulary of {n} answers (config.json task)")
+    config.id2label = dict(enumerate(answers))
+    config.label2id = {a: i for i, a in enumerate(answers)}
+    config.head_norm_eps = model.obj_cfg.head_norm_eps
+    config.auto_map = {"AutoModel": "modeling_eve.EVEHFModel"}  # save_pretrained adds the VQA class
+    hf = EVEForVQA(config)
+    sd = {f"eve.{k}": v for k, v in sd.items()}
+    sd["eve.relative_position_index"] = hf.eve.relative_position_index
+    sd.update({f"vqa_head.{k}": v for k, v in model.objectives["vqa"].head.state_dict().items()})
+    return hf, sd
+
+
+def write_hf(dst: Path, model: PretrainingModel, cfg: dict, dtype: str) -> None:
+    """Write the HF folder into the (staging) directory `dst`."""
+    hf, sd = hf_model(model, cfg)
+    report = mismatch_report(hf.state_dict(), sd, "the EVE checkpoint")
     if report:
         raise ConvertError(f"HF key mapping incomplete: {report}")
     hf.load_state_dict(sd, strict=True)
     hf.to(torch.bfloat16 if dtype == "bf16" else torch.float32)  # floating-point tensors only
     hf.save_pretrained(dst)
+    image_processor(model.encoder, cfg).save_pretrained(dst)
     copy_tokenizer(cfg, dst)

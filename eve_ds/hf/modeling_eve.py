@@ -12,6 +12,11 @@ Self-contained: torch + transformers only. Same computation as ``eve_ds.models.E
     out = LN(x)        MLP activation: exact GELU, or quick GELU x·σ(1.702x) with ffn_act=quick_gelu
 
 Outputs: ``last_hidden_state`` (B, N, D) in the order [image cls; patches; text] and ``n_image``.
+
+``EVEForVQA`` (exports of VQA fine-tunes): the encoder under ``eve`` and the fine-tuned head on the text
+[CLS] output (hidden[:, n_image]): Linear(D, 2D), LayerNorm, GELU, Linear(2D, A) -> ``logits`` (B, A) over
+the answers of ``config.id2label``; the head was trained with binary cross-entropy, so sigmoid(logits) is
+each answer's score.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class EVEHFConfig(PretrainedConfig):
         embed_norm=False,
         ffn_act="gelu",
         modality_bias_to_experts=False,
+        head_norm_eps=None,
         **kwargs,
     ):
         self.image_size, self.patch_size, self.in_chans = image_size, patch_size, in_chans
@@ -72,6 +78,7 @@ class EVEHFConfig(PretrainedConfig):
         self.num_experts, self.moe_top_k, self.modality_routing = num_experts, moe_top_k, modality_routing
         self.text_embed_norm, self.embed_norm, self.ffn_act = text_embed_norm, embed_norm, ffn_act
         self.modality_bias_to_experts = modality_bias_to_experts
+        self.head_norm_eps = head_norm_eps  # LayerNorm ε of task heads; None = norm_eps
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
 
@@ -270,3 +277,42 @@ class EVEHFModel(PreTrainedModel):
         for block in self.blocks:
             x = block(x, n_image, pad_bias, valid, self.relative_position_index)
         return EVEHFOutput(last_hidden_state=self.norm(x), n_image=n_image)
+
+
+@dataclass
+class EVEVQAOutput(ModelOutput):
+    logits: Tensor | None = None
+    last_hidden_state: Tensor | None = None
+
+
+class EVEForVQA(PreTrainedModel):
+    config_class = EVEHFConfig
+    base_model_prefix = "eve"
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: EVEHFConfig) -> None:
+        super().__init__(config)
+        d = config.hidden_size
+        eps = config.head_norm_eps or config.norm_eps
+        self.eve = EVEHFModel(config)
+        self.vqa_head = nn.Sequential(
+            nn.Linear(d, 2 * d), nn.LayerNorm(2 * d, eps=eps), nn.GELU(), nn.Linear(2 * d, config.num_labels)
+        )
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        pass  # weights always come from model.safetensors
+
+    def forward(
+        self,
+        pixel_values: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        **kwargs,
+    ) -> EVEVQAOutput:
+        """pixel_values: (B, C, H, W); input_ids, attention_mask: (B, L) -> logits (B, A) float32."""
+        if input_ids is None:
+            raise ValueError("EVEForVQA needs the question's input_ids")
+        out = self.eve(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+        logits = self.vqa_head(out.last_hidden_state[:, out.n_image]).float()
+        return EVEVQAOutput(logits=logits, last_hidden_state=out.last_hidden_state)

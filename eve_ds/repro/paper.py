@@ -33,6 +33,25 @@ def table1_row(task_set: list[str] | tuple[str, ...]) -> dict | None:
     return {"max_batch_per_gpu": p[0], "hours_per_epoch": p[1], "gpus": TABLE1_GPUS} if p else None
 
 
+# -- Table 9: VQA inference time on the VQA v2 test set and parameters per token -----------------------
+
+TABLE9_HARDWARE = "8 x V100"
+# model -> (minutes for the VQA test set, parameters per token as the paper counts them)
+TABLE9: dict[str, tuple[float, int]] = {
+    "ALBEF": (35.3, 210_000_000),
+    "VLMo": (21.6, 180_000_000),
+    "EVE-Base": (24.8, 190_000_000),
+}
+
+
+def table9_rows() -> list[dict]:
+    """Table 9's rows as the inference benchmark prints them."""
+    return [
+        {"model": m, "minutes": t, "params_per_token": p, "hardware": TABLE9_HARDWARE}
+        for m, (t, p) in TABLE9.items()
+    ]
+
+
 # -- Tables 2 and 4: fine-tuned EVE on VQA v2, NLVR2, COCO and Flickr30K retrieval -------------------------
 
 Key = tuple[str, str, str]  # (task, metric, split), this project's naming
