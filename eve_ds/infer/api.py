@@ -82,7 +82,7 @@ class Predictor:
 
     def pixels(self, image: Tensor) -> Tensor:
         """uint8 (B, [2,] 3, S, S) from a collate -> normalised on the device, in the model's dtype."""
-        return normalize_image(image.to(self.device), self.dtype)
+        return normalize_image(image.to(self.device), self.dtype, self.ctx.image_mean, self.ctx.image_std)
 
     def text_inputs(self, batch: dict) -> dict:
         return {

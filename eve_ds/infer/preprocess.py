@@ -84,13 +84,15 @@ def task_config(config: dict, name: str) -> TaskConfig:
 
 def context(config: dict, model_cfg) -> TaskContext:
     """The TaskContext `eve-evaluate` builds for this checkpoint (tokenizer, image size, text length)."""
-    run = config.get("run") or {}
+    data = (config.get("run") or {}).get("data") or {}
     return TaskContext(
-        tokenizer=load_tokenizer(((run.get("data") or {}).get("tokenizer")) or "bert-base-uncased"),
+        tokenizer=load_tokenizer(data.get("tokenizer") or "bert-base-uncased"),
         cache_dir="",
         image_size=model_cfg.image_size,
         max_text_len=model_cfg.max_text_len,
         num_workers=0,
+        image_mean=data.get("image_mean"),  # None: ImageNet's, as the run normalised
+        image_std=data.get("image_std"),
     )
 
 
