@@ -71,3 +71,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logger():
+    """In-process runs call `setup_logging`, which puts handlers on the root logger: each test starts and
+    ends with the root logger as it was, so one test's console handler and level do not reach the next."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -388,7 +388,9 @@ def test_preemption_requeues_and_resumes_exactly(cluster, corpus, reference, tmp
     assert info["Restarts"] == "1" and len(logs) == 2, logs
 
     first, second = logs
-    stopped = re.search(r"stopped by a signal after step (\d+); exit code 85", first)
+    stopped = re.search(
+        r"stopped at step (\d+) \(checkpoint [^)]*\); run the same command to resume \(exit code 85\)", first
+    )
     assert stopped, first
     k = int(stopped.group(1))
     assert 2 <= k < MAX_STEPS  # a mid-run stop, not the end of the run

@@ -14,6 +14,23 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """A StreamHandler that writes to whatever `sys.stderr` is when a record is emitted, not to the stream
+    it was made with: once stderr is replaced (a test's capture, a redirect), a handler left on the root
+    logger by an earlier run never writes to a closed stream."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ / setStream assign it: always stderr
+        pass
+
+
 def setup_logging(rank: int, run_dir: Path | None = None) -> None:
     """INFO on rank 0 (console + RUN_DIR/train.log), warnings only on the other ranks."""
     level = logging.INFO if rank == 0 else logging.WARNING
@@ -22,7 +39,7 @@ def setup_logging(rank: int, run_dir: Path | None = None) -> None:
     root.setLevel(level)
     for h in list(root.handlers):
         root.removeHandler(h)
-    console = logging.StreamHandler(sys.stderr)
+    console = ConsoleHandler()
     console.setFormatter(fmt)
     root.addHandler(console)
     if run_dir is not None and rank == 0:
