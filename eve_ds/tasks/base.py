@@ -151,6 +151,16 @@ class Task:
         with `predictions`, the task's prediction file written there."""
         raise NotImplementedError
 
+    def train_image_options(self) -> dict:
+        """How a task's training set reads its images: flips, seed, geometry, augmentation."""
+        return {
+            "train": True,
+            "hflip": self.ctx.hflip,
+            "seed": self.ctx.seed,
+            "geometry": self.cfg.image_geometry,
+            "augment": self.cfg.image_augment,
+        }
+
     def train_loader(
         self,
         *,

@@ -57,11 +57,7 @@ class NLVR2Task(Task):
         ds = NLVR2Dataset(
             self.train_examples,
             self.ctx.image_size,
-            train=True,
-            hflip=self.ctx.hflip,
-            seed=self.ctx.seed,
-            geometry=self.cfg.image_geometry,
-            augment=self.cfg.image_augment,
+            **self.train_image_options(),
         )
         return ds, functools.partial(
             nlvr2_collate, tokenizer=self.ctx.tokenizer, max_text_len=self.ctx.max_text_len

@@ -83,11 +83,7 @@ class RetrievalTask(Task):
         ds = RetrievalTrainDataset(
             self.train_images,
             self.ctx.image_size,
-            train=True,
-            hflip=self.ctx.hflip,
-            seed=self.ctx.seed,
-            geometry=self.cfg.image_geometry,
-            augment=self.cfg.image_augment,
+            **self.train_image_options(),
         )
         return ds, functools.partial(
             retrieval_train_collate, tokenizer=self.ctx.tokenizer, max_text_len=self.ctx.max_text_len

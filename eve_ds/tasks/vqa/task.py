@@ -77,11 +77,7 @@ class VQATask(Task):
             self.train_examples,
             self.vocab,
             self.ctx.image_size,
-            train=True,
-            hflip=self.ctx.hflip,
-            seed=self.ctx.seed,
-            geometry=self.cfg.image_geometry,
-            augment=self.cfg.image_augment,
+            **self.train_image_options(),
         )
         return ds, functools.partial(
             vqa_collate, tokenizer=self.ctx.tokenizer, max_text_len=self.ctx.max_text_len
