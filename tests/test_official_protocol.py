@@ -4,11 +4,14 @@ tiny configs keep the centre square, no augmentation and local negatives)."""
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from eve_ds.data.augment import OFFICIAL_OPS, apply_op, official_rand_augment
 from eve_ds.models.config import get_config
 from eve_ds.objectives import ObjectiveConfig, PretrainingModel
 from eve_ds.tasks.base import decode_image
@@ -104,9 +107,10 @@ def test_augmentation_is_seeded_per_seed_epoch_and_item(tmp_path, augment):
         augment=augment,
     )
     assert not np.array_equal(other[0]["image"], epoch0[0])
-    # The same crop without the augmentation: the augmentation changed the pixels.
+    # The same crops without the augmentation: the augmentation changed the pixels (RandomAugment leaves
+    # about a third of the images as they are: each of its two operations applies with p = 0.5).
     plain = _pairs_dataset(path)
-    assert not np.array_equal(plain[0]["image"], epoch0[0])
+    assert sum(not np.array_equal(plain[i]["image"], a) for i, a in enumerate(epoch0)) >= 2
 
 
 def test_nlvr2_images_of_one_item_get_their_own_draws(tmp_path):
@@ -172,3 +176,48 @@ def test_the_paper_configs_head_multiplier_lands_in_the_param_groups(name):
     assert groups["no_decay_head"]["lr"] == pytest.approx(o.lr * PAPER[name][0])
     head = {id(p) for p in model.objectives.parameters()}
     assert {id(p) for p in groups["decay_head"]["params"] + groups["no_decay_head"]["params"]} == head
+
+
+def _scene(size: int = 32) -> Image.Image:
+    """A red square on a blue background: colours that torchvision's RandAugment would alter."""
+    arr = np.zeros((size, size, 3), np.uint8)
+    arr[...] = (20, 40, 200)
+    arr[8:20, 10:22] = (220, 30, 30)
+    return Image.fromarray(arr)
+
+
+@pytest.mark.parametrize("name", OFFICIAL_OPS)
+def test_official_randaugment_operations_never_change_a_colour(name):
+    """Every operation of the release's RandomAugment keeps hues: the red stays red, the blue blue (only
+    brightness, contrast stretches and grey fill move the values)."""
+    out = np.asarray(apply_op(_scene(), name, 7, random.Random(0))).astype(int)
+    red = (out[..., 0] > 2 * out[..., 2]) & (out[..., 0] > 2 * out[..., 1])
+    blue = out[..., 2] > 2 * out[..., 0]
+    grey = np.ptp(out, axis=-1) < 8  # the affine operations' fill
+    assert red.sum() > 0 and blue.sum() > 0
+    assert (red | blue | grey).mean() > 0.9  # bilinear edges are the rest
+
+
+def test_official_randaugment_magnitudes():
+    """ALBEF's level tables at M = 7: brightness x1.36; a shift of 7 pixels; shear 0.21."""
+    img = Image.fromarray(np.full((16, 16, 3), 100, np.uint8))
+    assert np.asarray(apply_op(img, "Brightness", 7, random.Random(0)))[0, 0, 0] == 136
+    ramp = np.zeros((8, 32, 3), np.uint8)
+    ramp[:, 12] = 255  # one bright column
+    moved = np.asarray(apply_op(Image.fromarray(ramp), "TranslateX", 7, random.Random(0)))
+    assert int(np.argmax(moved[0, :, 0])) in (12 - 7, 12 + 7)
+    with pytest.raises(ValueError, match="unknown augmentation operation 'Color'"):
+        apply_op(img, "Color", 7, random.Random(0))
+
+
+def test_official_randaugment_is_a_function_of_its_seed():
+    img = _scene()
+    a = official_rand_augment(img, random.Random(5))
+    b = official_rand_augment(img, random.Random(5))
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    # Two ops, each applied with p = 0.5: over many seeds some images stay unchanged (~25%), most do not.
+    same = sum(
+        np.array_equal(np.asarray(official_rand_augment(img, random.Random(s))), np.asarray(img))
+        for s in range(200)
+    )
+    assert 0.2 * 200 < same < 0.5 * 200  # p(unchanged) = 0.25 + p(identity-like draws)

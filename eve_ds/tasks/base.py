@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from eve_ds.data.augment import official_rand_augment
 from eve_ds.data.config import DataConfig
 from eve_ds.data.transforms import _LEFT_RIGHT, crop_params, crop_resize
 from eve_ds.tasks.config import TaskConfig
@@ -314,14 +315,22 @@ TRAIN_CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's default, which the official c
 
 
 @cache
-def _augmentation(name: str):
-    """task.image_augment, torchvision's: [official code] RandAugment(2, 7) for VQA and NLVR2,
-    ColorJitter(0.4, 0.4, 0.4) for retrieval."""
+def _color_jitter():
     import torchvision.transforms as T  # only runs that augment pay for the import
 
-    if name == "randaugment":
-        return T.RandAugment(num_ops=2, magnitude=7)
     return T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)
+
+
+def augment_image(img: Image.Image, name: str, seed: int) -> Image.Image:
+    """task.image_augment drawn from `seed`: `randaugment` [official code, VQA and NLVR2] the release's
+    RandomAugment(2, 7) (data/augment.py: geometric and tone operations only, no colour change),
+    `color_jitter` [official code, retrieval] torchvision's ColorJitter(0.4, 0.4, 0.4)."""
+    if name == "randaugment":
+        return official_rand_augment(img, random.Random(seed))
+    # torchvision draws from torch's global RNG: seed it per image, and leave the caller's untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _color_jitter()(img)
 
 
 def decode_image(
@@ -347,10 +356,7 @@ def decode_image(
             box = (left, top, left + cw, top + ch)
             out = img.convert("RGB").resize((image_size, image_size), Image.BICUBIC, box=box)
     if seed is not None and augment != "none":
-        # torchvision draws from torch's global RNG: seed it per image, and leave the caller's untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            out = _augmentation(augment)(out)
+        out = augment_image(out, augment, seed)
     return np.asarray(out)
 
 

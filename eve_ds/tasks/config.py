@@ -35,9 +35,9 @@ class TaskConfig:
     # training and evaluation; official [official] the whole image resized (evaluation) and
     # RandomResizedCrop(S, scale (0.5, 1), bicubic) of it (training).
     image_geometry: str = "square_crop"
-    # Training augmentation after the crop: none | randaugment [official, VQA and NLVR2: RandAugment(2, 7)]
-    # | color_jitter [official, retrieval: ColorJitter(0.4, 0.4, 0.4)], torchvision's, seeded per item and
-    # epoch.
+    # Training augmentation after the crop, seeded per item and epoch: none | randaugment [official, VQA and
+    # NLVR2: the release's RandomAugment(2, 7), geometric and tone operations only (data/augment.py)] |
+    # color_jitter [official, retrieval: torchvision's ColorJitter(0.4, 0.4, 0.4)].
     image_augment: str = "none"
     eval_split: str = "minival"  # split evaluated during and at the end of training
     skip_bad_eval_images: bool = False  # evaluation: skip missing/unreadable images instead of failing
