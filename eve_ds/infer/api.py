@@ -70,7 +70,7 @@ class Predictor:
         self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self.model = model.to(self.device, self.dtype).eval()
         self.config, self.source = config, source
-        self.ctx = pre.context(config, model.model_cfg)
+        self.ctx = pre.context(config, model.model_cfg, self.task)
         # Images are read as the checkpoint's evaluation read them (task.image_geometry).
         self.geometry = pre.task_config(config, self.task).image_geometry
 

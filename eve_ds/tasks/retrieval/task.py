@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 class RetrievalTask(Task):
     objectives = ("itc", "itm")
     metric = "r_mean"
+    official_text = ("caption", 30, 30)  # [official code] pre_caption, max words
 
     def make_synthetic(
         self, cache_dir: str, *, seed: int, counts: tuple[int, int, int], image_size: int
@@ -86,7 +87,7 @@ class RetrievalTask(Task):
             **self.train_image_options(),
         )
         return ds, functools.partial(
-            retrieval_train_collate, tokenizer=self.ctx.tokenizer, max_text_len=self.ctx.max_text_len
+            retrieval_train_collate, tokenizer=self.tokenizer(train=True), max_text_len=self.ctx.max_text_len
         )
 
     def read(self, split: str) -> list[RetrievalImage]:
@@ -120,7 +121,7 @@ class RetrievalTask(Task):
         scores = retrieval_scores(
             model,
             images,
-            self.ctx,
+            self.eval_context(),
             k=self.cfg.rerank_k,
             device=device,
             dtype=dtype,

@@ -26,6 +26,7 @@ TEST_SPLITS = ("test-dev", "test")
 class VQATask(Task):
     objectives = ("vqa",)
     metric = "vqa_score"
+    official_text = ("question", 30, 50)  # [official code] pre_question, max words
 
     def make_synthetic(
         self, cache_dir: str, *, seed: int, counts: tuple[int, int, int], image_size: int
@@ -80,7 +81,7 @@ class VQATask(Task):
             **self.train_image_options(),
         )
         return ds, functools.partial(
-            vqa_collate, tokenizer=self.ctx.tokenizer, max_text_len=self.ctx.max_text_len
+            vqa_collate, tokenizer=self.tokenizer(train=True), max_text_len=self.ctx.max_text_len
         )
 
     def load_assets(self, assets: dict) -> None:
@@ -143,7 +144,7 @@ class VQATask(Task):
             model,
             examples,
             self.vocab,
-            self.ctx,
+            self.eval_context(),
             device=device,
             dtype=dtype,
             batch_size=batch_size,
