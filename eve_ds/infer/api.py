@@ -42,8 +42,8 @@ class Answer:
 class Ranking:
     """image_to_text[i]: text positions best first; text_to_image[t]: image positions best first (input
     positions; unreadable images are left out and listed in `unreadable`). i2t (N_img, N_txt) and t2i
-    (N_txt, N_img): the re-ranked scores (ITM log-odds on each row's ITC top k, -1e9 elsewhere); itc
-    (N_img, N_txt): the cosine similarities."""
+    (N_txt, N_img): the re-ranked scores (objective.itm_rerank_score: ITM log-odds or match logit, on each
+    row's ITC top k, -1e9 elsewhere); itc (N_img, N_txt): the cosine similarities."""
 
     image_to_text: list[list[int]]
     text_to_image: list[list[int]]

@@ -140,8 +140,8 @@ class RetrievalTask(Task):
 @dataclass
 class RetrievalScores:
     """The score matrices of one evaluation: itc (N_img, N_txt) all pairs; i2t (N_img, N_txt) and t2i
-    (N_txt, N_img) re-ranked (ITM log-odds on each row's top k, LOW_SCORE elsewhere); text_to_image
-    (N_txt,); the images evaluated and how many were skipped as unreadable."""
+    (N_txt, N_img) re-ranked (objective.itm_rerank_score of each row's top k, LOW_SCORE elsewhere);
+    text_to_image (N_txt,); the images evaluated and how many were skipped as unreadable."""
 
     itc: Tensor
     i2t: Tensor
@@ -322,7 +322,7 @@ class _Evaluator:
         store = _PixelStore(images, self.ctx, self._needed(itc, k), self.geometry)
         passes = 0
 
-        def itm(img_idx: Tensor, txt_idx: Tensor) -> Tensor:  # (P,), (P,) -> (P,) ITM log-odds
+        def itm(img_idx: Tensor, txt_idx: Tensor) -> Tensor:  # (P,), (P,) -> (P,) ITM re-ranking scores
             nonlocal passes
             passes += 1
             image = self._pixels(store.get(img_idx.tolist()))
