@@ -132,6 +132,10 @@ class Task:
     def load_assets(self, assets: dict) -> None:
         """Take back what `assets` saved (from a checkpoint's or export's config["task"])."""
 
+    def take_init_assets(self, saved: dict, source: str) -> None:
+        """`train.init_from`: adopt what the initial weights' config (`saved`, its whole config dict)
+        fixes for this task, e.g. the answer order its VQA head was trained with. Default: nothing."""
+
     # task.text_preprocess=official: (TextRule kind, word limit in training, in evaluation) [official code]
     official_text: tuple[str, int, int] | None = None
 
