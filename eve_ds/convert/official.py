@@ -538,19 +538,23 @@ OBJECTIVE_RUN_KEYS = (
 
 
 def run_overrides(cfg: EVEConfig, obj: ObjectiveConfig, tokenizer: str | None) -> list[str]:
-    """The `key=value` items a run config needs to build this model (what differs from eve_base; the image
-    size and ep_size are the run's own choice: position tables are resampled, experts are sharded), its
-    heads' options, and with the release's tokenizer its text preprocessing."""
+    """The `key=value` items a run config needs to build this model, whatever its config's flavor:
+    model.flavor=eve_base, what differs from it and the release's options (OFFICIAL_DEFAULTS, which a
+    config may set otherwise, e.g. pos_embed); the image size and ep_size are the run's own choice
+    (position tables are resampled, experts are sharded). Then its heads' options, and with the release's
+    tokenizer its text preprocessing."""
     base = EVEConfig().to_dict()
     skip = ("image_size", "ep_size")
-    items = [f"model.{k}={json.dumps(v)}" for k, v in cfg.to_dict().items() if v != base[k] and k not in skip]
+    keep = [k for k, v in cfg.to_dict().items() if (v != base[k] or k in OFFICIAL_DEFAULTS) and k not in skip]
+    items = ["model.flavor=eve_base", *(f"model.{k}={json.dumps(getattr(cfg, k))}" for k in keep)]
     default = ObjectiveConfig()
     items += [
         f"objective.{k}={json.dumps(getattr(obj, k))}"
         for k in OBJECTIVE_RUN_KEYS
         if getattr(obj, k) != getattr(default, k)
     ]
-    items += [f"data.image_mean={OFFICIAL_MEAN_STD}", f"data.image_std={OFFICIAL_MEAN_STD}"]
+    mean_std = json.dumps(OFFICIAL_MEAN_STD, separators=(",", ":"))  # one shell word
+    items += [f"data.image_mean={mean_std}", f"data.image_std={mean_std}"]
     return items + ([f"data.tokenizer={tokenizer}", "task.text_preprocess=official"] if tokenizer else [])
 
 
