@@ -391,6 +391,7 @@ def test_heads_are_mapped(ckpts, imported):
     assert {"objective.itc_proj_bias=false", 'objective.itm_rerank_score="match_logit"'} <= set(over)
     assert "objective.itc_eval_final_norm=false" in over and "objective.itc_embed_dim=64" in over
     assert not any(o.startswith("task.text_preprocess") for o in over)  # only with the release's tokenizer
+    assert over[0] == "model.flavor=eve_base" and not any(c.isspace() for o in over for c in o)  # shell words
 
 
 def test_retrieval_heads_score_as_the_official_evaluation(ckpts, imported):

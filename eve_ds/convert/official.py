@@ -537,6 +537,11 @@ OBJECTIVE_RUN_KEYS = (
 )
 
 
+def _word(value) -> str:
+    """A value as JSON without spaces: one shell word (lists too)."""
+    return json.dumps(value, separators=(",", ":"))
+
+
 def run_overrides(cfg: EVEConfig, obj: ObjectiveConfig, tokenizer: str | None) -> list[str]:
     """The `key=value` items a run config needs to build this model, whatever its config's flavor:
     model.flavor=eve_base, what differs from it and the release's options (OFFICIAL_DEFAULTS, which a
@@ -546,15 +551,14 @@ def run_overrides(cfg: EVEConfig, obj: ObjectiveConfig, tokenizer: str | None) -
     base = EVEConfig().to_dict()
     skip = ("image_size", "ep_size")
     keep = [k for k, v in cfg.to_dict().items() if (v != base[k] or k in OFFICIAL_DEFAULTS) and k not in skip]
-    items = ["model.flavor=eve_base", *(f"model.{k}={json.dumps(getattr(cfg, k))}" for k in keep)]
+    items = ["model.flavor=eve_base", *(f"model.{k}={_word(getattr(cfg, k))}" for k in keep)]
     default = ObjectiveConfig()
     items += [
-        f"objective.{k}={json.dumps(getattr(obj, k))}"
+        f"objective.{k}={_word(getattr(obj, k))}"
         for k in OBJECTIVE_RUN_KEYS
         if getattr(obj, k) != getattr(default, k)
     ]
-    mean_std = json.dumps(OFFICIAL_MEAN_STD, separators=(",", ":"))  # one shell word
-    items += [f"data.image_mean={mean_std}", f"data.image_std={mean_std}"]
+    items += [f"data.image_mean={_word(OFFICIAL_MEAN_STD)}", f"data.image_std={_word(OFFICIAL_MEAN_STD)}"]
     return items + ([f"data.tokenizer={tokenizer}", "task.text_preprocess=official"] if tokenizer else [])
 
 

@@ -2,7 +2,7 @@
 
 The official fine-tuning code cleans every question and caption before its tokenizer sees it:
 
-- questions (VQA): lower-cased; the characters ``, . ' ! ? " ( ) * # : ;  ~`` removed; ``-`` and ``/``
+- questions (VQA): lower-cased; the characters ``, . ' ! ? " ( ) * # : ; ~`` removed; ``-`` and ``/``
   become spaces; trailing spaces dropped; then cut to the first `max_words` of its split on single
   spaces (a run of spaces counts empty words, and leading spaces stay -- the tokenizer ignores both);
 - captions (retrieval, NLVR2 statements): the same, with the back-quote removed too and ``<person>``
