@@ -89,6 +89,7 @@ def _finetune(task: str, root: Path, dst: Path, report: dict) -> Path:
     opts = {**RUN, **extra, "data.cache_dir": root / "cache", "train.init_from": dst}
     argv = ["--config", config, "--run-dir", str(run), *report["run_overrides"]]
     assert finetune([*argv, *[f"{k}={v}" for k, v in opts.items()]]) == 0
+    assert json.loads((run / "final_metrics.json").read_text())["step"] == 3
     return run
 
 
@@ -121,12 +122,23 @@ def test_import_finetune_evaluate_vqa(tmp_path, tokenizer_dir, capsys, one_threa
     capsys.readouterr()
     assert evaluate(["--checkpoint", str(run), "--task", "vqa", "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert metrics["num_questions"] > 0 and 0.0 <= metrics["vqa_score"] <= 100.0
+    assert metrics["num_questions"] > 0 and 0.0 <= metrics["vqa_score"] <= 1.0
     # the import itself evaluates too (its tokenizer, answer list and text rule from its config)
     data = next((tmp_path / "cache").glob("synthetic-vqa-*"))
     argv = ["--checkpoint", str(dst), "--task", "vqa", "--data-root", str(data), "--split", "val", "--json"]
     assert evaluate(argv) == 0
-    assert 0.0 <= json.loads(capsys.readouterr().out)["vqa_score"] <= 100.0
+    assert 0.0 <= json.loads(capsys.readouterr().out)["vqa_score"] <= 1.0
+    # what eve-evaluate built for both: the VQA task with the official evaluation text rule
+    from eve_ds.data.text import TextRule
+    from eve_ds.train.evaluation import EvalRequest, checkpoint_task, run_config
+
+    for path in (dst, run):
+        model, config = load_pretraining_model(path)
+        task = checkpoint_task(
+            model, config, EvalRequest(task="vqa", data_root=str(data)), run_config(config)
+        )
+        assert task.eval_context().tokenizer.rule == TextRule("question", 50), path
+        assert task.vocab.answers == ANSWERS
 
 
 def test_import_finetune_evaluate_retrieval(tmp_path, tokenizer_dir, capsys, one_thread):
