@@ -188,8 +188,9 @@ def _moe(x, sd, p, n_image):
     return sum(probs[..., e, None] * _mlp(x, sd, f"{m}experts.experts.{e}") for e in range(E))
 
 
-def official_forward(off: dict, image=None, ids=None, mask=None) -> torch.Tensor:
-    """Official MultiwayTransformer order -> (B, N, D) in the order [image cls; patches; text]."""
+def official_forward(off: dict, image=None, ids=None, mask=None, final_norm: bool = True) -> torch.Tensor:
+    """Official MultiwayTransformer order -> (B, N, D) in the order [image cls; patches; text]; without
+    `final_norm` the last layer's output (what the official retrieval evaluation projects)."""
     sd = {k.removeprefix("backbone."): v for k, v in off.items()}
     parts = []
     if image is not None:
@@ -218,7 +219,7 @@ def official_forward(off: dict, image=None, ids=None, mask=None) -> torch.Tensor
             txt = _mlp(_layer_norm(x[:, n_image:], sd, p + "norm2_text"), sd, p + "mlp_text")
             f = torch.cat([img, txt], 1)
         x = x + sd[p + "gamma_2"] * f
-    return _layer_norm(x, sd, "norm"), valid
+    return (_layer_norm(x, sd, "norm") if final_norm else x), valid
 
 
 def _inputs(seed: int = 3):
@@ -378,12 +379,77 @@ def test_heads_are_mapped(ckpts, imported):
     rt, h = off("retrieval"), _heads(imported["retrieval"])
     assert torch.equal(h["objectives.itc.image_proj.weight"], rt["itc_vision_proj_head.weight"])
     assert torch.equal(h["objectives.itc.text_proj.weight"], rt["itc_text_proj_head.weight"])
-    assert not h["objectives.itc.image_proj.bias"].any() and torch.equal(
+    assert "objectives.itc.image_proj.bias" not in h and torch.equal(
         h["objectives.itm.head.weight"], rt["itm_head.weight"]
     )
+    obj = PretrainingModel.from_pretrained(imported["retrieval"]).obj_cfg
+    assert (obj.itc_proj_bias, obj.itc_eval_final_norm, obj.itm_rerank_score) == (False, False, "match_logit")
     assert float(h["objectives.itc.logit_scale"]) == pytest.approx(math.log(1 / 0.05))
     rep = json.loads((imported["retrieval"] / "config.json").read_text())["official"]
     assert rep["heads"] == ["retrieval"] and rep["ignored"] == [] and rep["fresh"] == []
+    over = rep["run_overrides"]
+    assert {"objective.itc_proj_bias=false", 'objective.itm_rerank_score="match_logit"'} <= set(over)
+    assert "objective.itc_eval_final_norm=false" in over and "objective.itc_embed_dim=64" in over
+    assert not any(o.startswith("task.text_preprocess") for o in over)  # only with the release's tokenizer
+    assert over[0] == "model.flavor=eve_base" and not any(c.isspace() for o in over for c in o)  # shell words
+
+
+def test_retrieval_heads_score_as_the_official_evaluation(ckpts, imported):
+    """ITC features: normalize(W · last layer's [CLS]) without the final norm in evaluation, with it in
+    training; re-ranking: itm_head(fused text [CLS])[:, 1]; no projection bias."""
+    off = torch.load(ckpts["retrieval"], weights_only=True)["model"]
+    model = PretrainingModel.from_pretrained(imported["retrieval"]).eval()
+    itc, itm, enc = model.objectives["itc"], model.objectives["itm"], model.encoder
+    assert itc.image_proj.bias is None and itc.text_proj.bias is None
+    image, ids, mask = _inputs()
+    with torch.no_grad():
+        raw_img, _ = official_forward(off, image, final_norm=False)
+        raw_txt, _ = official_forward(off, None, ids, mask, final_norm=False)
+        want_img = F.normalize(F.linear(raw_img[:, 0], off["itc_vision_proj_head.weight"]), dim=-1)
+        want_txt = F.normalize(F.linear(raw_txt[:, 0], off["itc_text_proj_head.weight"]), dim=-1)
+        assert (itc.embed_image(enc, image)[0] - want_img).abs().max() < 1e-5
+        assert (itc.embed_text(enc, ids, mask)[0] - want_txt).abs().max() < 1e-5
+        itc.train()  # training's features go through the norm, as the official training's do
+        normed, _ = official_forward(off, image)
+        trained = F.normalize(F.linear(normed[:, 0], off["itc_vision_proj_head.weight"]), dim=-1)
+        assert (itc.embed_image(enc, image)[0] - trained).abs().max() < 1e-5
+        assert (trained - want_img).abs().max() > 1e-3  # the two differ: the test can fail
+        fused, _ = official_forward(off, image, ids, mask)
+        n_image = (IMAGE // PATCH) ** 2 + 1
+        logit = F.linear(fused[:, n_image], off["itm_head.weight"], off["itm_head.bias"])[:, 1]
+        assert (itm.match_score(enc, image, ids, mask) - logit).abs().max() < 1e-5
+
+
+def test_retrieval_options_keep_todays_defaults():
+    """Defaults: biased projections, features after the final norm, re-ranking by the log-odds."""
+    from eve_ds.objectives import ObjectiveConfig as Obj
+
+    torch.manual_seed(0)
+    model = PretrainingModel(eve_tiny(), Obj(objectives=["itc", "itm"])).eval()
+    itc, itm, enc = model.objectives["itc"], model.objectives["itm"], model.encoder
+    image, ids, mask = torch.randn(2, 3, 64, 64), torch.randint(5, 900, (2, 7)), torch.ones(2, 7)
+    with torch.no_grad():
+        itc.image_proj.bias.normal_()
+        itm.head.bias.normal_()
+        out = enc(image=image)
+        want = F.normalize(itc.image_proj(out.hidden[:, 0]), dim=-1)
+        assert torch.allclose(itc.embed_image(enc, image)[0], want, atol=1e-6)
+        fused = enc(image, ids, mask)
+        logits = itm.head(fused.hidden[:, fused.n_image])
+        assert torch.allclose(itm.match_score(enc, image, ids, mask), logits[:, 1] - logits[:, 0], atol=1e-6)
+        seen = {}
+        enc.norm.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
+        options = Obj(objectives=["itc", "itm"], itc_eval_final_norm=False, itm_rerank_score="match_logit")
+        official = PretrainingModel(eve_tiny(), options).eval()
+        official.load_state_dict(model.state_dict())
+        before = F.normalize(official.objectives["itc"].image_proj(enc(image=image).hidden[:, 0]), dim=-1)
+        pre = F.normalize(itc.image_proj(seen["x"][:, 0]), dim=-1)  # the norm's input, from the hook
+        assert torch.allclose(official.objectives["itc"].embed_image(enc, image)[0], pre, atol=1e-6)
+        assert not torch.allclose(pre, before, atol=1e-3)
+        score = official.objectives["itm"].match_score(enc, image, ids, mask)
+        assert torch.allclose(score, logits[:, 1], atol=1e-6)
+    with pytest.raises(ValueError, match=r"objective\.itm_rerank_score"):
+        Obj(itm_rerank_score="probability").validate()
 
 
 def test_answer_list_and_unrepresentable_temperature(ckpts, tmp_path, capsys):
@@ -619,6 +685,11 @@ def test_tokenizer_folder(ckpts, tmp_path):
     assert cfg["model"]["pad_token_id"] == 3 and cfg["objective"]["mask_token_id"] == 4
     assert rep["tokenizer"]["first_token"] == "[CLS]" and rep["tokenizer"]["first_token_is_special"]
     assert cfg["run"]["data"]["tokenizer"] == str(dst.resolve() / "tokenizer")
+    assert cfg["run"]["task"] == {"text_preprocess": "official", "name": "vqa"}
+    assert rep["run_overrides"][-2:] == [
+        f"data.tokenizer={dst.resolve() / 'tokenizer'}",
+        "task.text_preprocess=official",
+    ]
     assert all((dst / "tokenizer" / f.name).is_file() for f in (tmp_path / "tok").iterdir())
     from eve_ds.data import load_tokenizer
 

@@ -3,7 +3,7 @@ to another expert-parallel size, and initial weights from BEiT v2 (CLI: ``eve-co
 
 from eve_ds.convert.beit import import_beitv2, load_init_weights
 from eve_ds.convert.ds_checkpoint import ConvertError
-from eve_ds.convert.export import export, load_encoder, load_pretraining_model
+from eve_ds.convert.export import export, load_encoder, load_pretraining_model, read_source_config
 from eve_ds.convert.reshard import reshard, resume_options
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "load_encoder",
     "load_init_weights",
     "load_pretraining_model",
+    "read_source_config",
     "reshard",
     "resume_options",
 ]

@@ -57,6 +57,17 @@ def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return sd, cfg
 
 
+def read_source_config(path: str | Path) -> dict:
+    """The config dict of a native export, a DeepSpeed tag dir or a run dir, without reading its weights;
+    {} for a weights file (a BEiT v2 state dict has none)."""
+    path = Path(path)
+    if path.is_file():
+        return {}
+    if is_native_export(path):
+        return json.loads((path / "config.json").read_text())
+    return read_eve_config(resolve_tag_dir(path))
+
+
 def objective_config(cfg: dict) -> ObjectiveConfig:
     try:
         obj = ObjectiveConfig.from_dict(cfg.get("objective") or {})

@@ -23,8 +23,9 @@ Encoder (official -> EVE-DS ``encoder.``)::
 
 Heads, where EVE-DS's modules compute exactly what the official ones do (``HEAD_MAPS``): VQA
 ``output.{0,1,3}``, NLVR2 bi-attention (``attn1/attn2``, ``fc.0``, ``attn_pool.fc.0``, ``nlvr2_output``) or
-concat (``output.{0,1,3}`` on 2D inputs), retrieval ``itc_{vision,text}_proj_head`` (as a D -> D
-projection with a zero bias), ``itc_temp`` and ``itm_head``. A head that cannot be held exactly is reported
+concat (``output.{0,1,3}`` on 2D inputs), retrieval ``itc_{vision,text}_proj_head`` (D -> E projections
+without bias: ``objective.itc_proj_bias=false``), ``itc_temp`` and ``itm_head``, with the official
+retrieval evaluation (ITC features before the final norm, re-ranking by the match logit). A head that cannot be held exactly is reported
 under ``not_mapped`` and left out; keys that belong to no known part are listed under ``ignored``.
 """
 
@@ -359,23 +360,33 @@ def _biattn_head(heads: dict, d: int) -> HeadMatch | None:
     return HeadMatch("nlvr2", ["nlvr2"], {"nlvr2_head": "biattn"}, t, used)
 
 
+# The official retrieval evaluation: ITC features without the final norm, re-ranking by the match logit.
+OFFICIAL_RETRIEVAL = {"itc_eval_final_norm": False, "itm_rerank_score": "match_logit"}
+ITC_PROJ = (("itc_vision_proj_head", "image_proj"), ("itc_text_proj_head", "text_proj"))
+
+
 def _retrieval_heads(heads: dict, d: int) -> HeadMatch | None:
-    """ITC projections (official: Linear(D, D) without bias -> ours with a zero bias), the temperature
-    τ (ours: logit_scale = log(1 / τ), clamped at τ >= 0.01; a τ below cannot be held) and the ITM head."""
+    """ITC projections (official: Linear(D, E) without bias, `objective.itc_proj_bias=false`), the
+    temperature τ (ours: logit_scale = log(1 / τ), clamped at τ >= 0.01; a τ below cannot be held) and the
+    ITM head; the options of the official evaluation (OFFICIAL_RETRIEVAL)."""
     if "itc_vision_proj_head.weight" not in heads:
         return None
+    if "itc_text_proj_head.weight" not in heads:
+        raise ConvertError("official retrieval heads: itc_vision_proj_head without itc_text_proj_head.weight")
+    biases = {f"{src}.bias" in heads for src, _ in ITC_PROJ}
+    if len(biases) > 1:
+        raise ConvertError(
+            "official retrieval heads: one of itc_{vision,text}_proj_head has a bias, the other not"
+        )
+    bias = biases.pop()
     t: dict[str, torch.Tensor] = {}
     used: list[str] = []
     e = heads["itc_vision_proj_head.weight"].shape[0]
-    for src, dst in (("itc_vision_proj_head", "image_proj"), ("itc_text_proj_head", "text_proj")):
-        if f"{src}.weight" not in heads:
-            raise ConvertError(f"official retrieval heads: itc_vision_proj_head without {src}.weight")
-        has_bias = f"{src}.bias" in heads
-        t |= _linear(heads, src, f"objectives.itc.{dst}", (e, d), bias=has_bias)
-        if not has_bias:  # a zero bias computes exactly the official bias-free projection
-            t[f"objectives.itc.{dst}.bias"] = torch.zeros(e, dtype=t[f"objectives.itc.{dst}.weight"].dtype)
+    for src, dst in ITC_PROJ:
+        t |= _linear(heads, src, f"objectives.itc.{dst}", (e, d), bias=bias)
         used += [f"{src}.{p}" for p in PARAMS if f"{src}.{p}" in heads]
-    match = HeadMatch("retrieval", ["itc"], {"itc_embed_dim": e}, t, used)
+    opts = {"itc_embed_dim": e, "itc_proj_bias": bias, **OFFICIAL_RETRIEVAL}
+    match = HeadMatch("retrieval", ["itc"], opts, t, used)
     if "itc_temp" in heads:
         tau = float(heads["itc_temp"].reshape(-1)[0])
         if 0.01 <= tau <= 0.5:
@@ -516,14 +527,39 @@ def read_answer_list(path: str | Path, num_answers: int) -> list[str]:
     return answers
 
 
-def run_overrides(cfg: EVEConfig, tokenizer: str | None) -> list[str]:
-    """The `key=value` items a run config needs to build this model (what differs from eve_base; the image
-    size and ep_size are the run's own choice: position tables are resampled, experts are sharded)."""
+# The objective options of the mapped heads that a run must share to compute what they computed.
+OBJECTIVE_RUN_KEYS = (
+    "head_norm_eps",
+    "itc_embed_dim",
+    "itc_proj_bias",
+    "itc_eval_final_norm",
+    "itm_rerank_score",
+)
+
+
+def _word(value) -> str:
+    """A value as JSON without spaces: one shell word (lists too)."""
+    return json.dumps(value, separators=(",", ":"))
+
+
+def run_overrides(cfg: EVEConfig, obj: ObjectiveConfig, tokenizer: str | None) -> list[str]:
+    """The `key=value` items a run config needs to build this model, whatever its config's flavor:
+    model.flavor=eve_base, what differs from it and the release's options (OFFICIAL_DEFAULTS, which a
+    config may set otherwise, e.g. pos_embed); the image size and ep_size are the run's own choice
+    (position tables are resampled, experts are sharded). Then its heads' options, and with the release's
+    tokenizer its text preprocessing."""
     base = EVEConfig().to_dict()
     skip = ("image_size", "ep_size")
-    items = [f"model.{k}={json.dumps(v)}" for k, v in cfg.to_dict().items() if v != base[k] and k not in skip]
-    items += [f"data.image_mean={OFFICIAL_MEAN_STD}", f"data.image_std={OFFICIAL_MEAN_STD}"]
-    return items + ([f"data.tokenizer={tokenizer}"] if tokenizer else [])
+    keep = [k for k, v in cfg.to_dict().items() if (v != base[k] or k in OFFICIAL_DEFAULTS) and k not in skip]
+    items = ["model.flavor=eve_base", *(f"model.{k}={_word(getattr(cfg, k))}" for k in keep)]
+    default = ObjectiveConfig()
+    items += [
+        f"objective.{k}={_word(getattr(obj, k))}"
+        for k in OBJECTIVE_RUN_KEYS
+        if getattr(obj, k) != getattr(default, k)
+    ]
+    items += [f"data.image_mean={_word(OFFICIAL_MEAN_STD)}", f"data.image_std={_word(OFFICIAL_MEAN_STD)}"]
+    return items + ([f"data.tokenizer={tokenizer}", "task.text_preprocess=official"] if tokenizer else [])
 
 
 def export_meta(imp: Imported, src: Path, tok: dict | None, answers: list[str] | None) -> dict:
@@ -533,8 +569,10 @@ def export_meta(imp: Imported, src: Path, tok: dict | None, answers: list[str] |
     if tok is not None:
         data["tokenizer"] = tok["path"]
     meta = {"model": imp.model_cfg.to_dict(), "objective": vars(imp.obj_cfg), "run": {"data": data}}
+    if tok is not None:  # the release's tokenizer reads text cleaned as the release cleans it
+        meta["run"]["task"] = {"text_preprocess": "official"}
     if task is not None:
-        meta["run"]["task"] = {"name": task}
+        meta["run"]["task"] = {**meta["run"].get("task", {}), "name": task}
         meta["task"] = {"name": task}
         if answers is not None:
             meta["task"]["answer_vocab"] = {"answers": answers}
@@ -579,7 +617,7 @@ def import_official(
     dst = Path(dst)
     meta = export_meta(imp, Path(src), tok, answers)
     tokenizer_dir = str(dst.resolve() / "tokenizer") if tok else None
-    meta["official"]["run_overrides"] = run_overrides(imp.model_cfg, tokenizer_dir)
+    meta["official"]["run_overrides"] = run_overrides(imp.model_cfg, imp.obj_cfg, tokenizer_dir)
     with staging_dir(dst, overwrite) as tmp:
         write_native(tmp, imp.state_dict, meta, dtype)  # copies the tokenizer from run.data.tokenizer
         if tok is not None:

@@ -42,8 +42,8 @@ class Answer:
 class Ranking:
     """image_to_text[i]: text positions best first; text_to_image[t]: image positions best first (input
     positions; unreadable images are left out and listed in `unreadable`). i2t (N_img, N_txt) and t2i
-    (N_txt, N_img): the re-ranked scores (ITM log-odds on each row's ITC top k, -1e9 elsewhere); itc
-    (N_img, N_txt): the cosine similarities."""
+    (N_txt, N_img): the re-ranked scores (objective.itm_rerank_score: ITM log-odds or match logit, on each
+    row's ITC top k, -1e9 elsewhere); itc (N_img, N_txt): the cosine similarities."""
 
     image_to_text: list[list[int]]
     text_to_image: list[list[int]]
@@ -70,7 +70,7 @@ class Predictor:
         self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self.model = model.to(self.device, self.dtype).eval()
         self.config, self.source = config, source
-        self.ctx = pre.context(config, model.model_cfg)
+        self.ctx = pre.context(config, model.model_cfg, self.task)
         # Images are read as the checkpoint's evaluation read them (task.image_geometry).
         self.geometry = pre.task_config(config, self.task).image_geometry
 

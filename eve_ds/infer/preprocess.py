@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 ImageInput = str | os.PathLike | Image.Image
+TEXT_TASKS = ("vqa", "retrieval", "nlvr2")  # the tasks whose texts `context` cleans by their rule
 
 
 class UnreadableImageError(ValueError):
@@ -82,10 +83,12 @@ def task_config(config: dict, name: str) -> TaskConfig:
     return TaskConfig(**{k: v for k, v in saved.items() if k in TaskConfig.__dataclass_fields__})
 
 
-def context(config: dict, model_cfg) -> TaskContext:
-    """The TaskContext `eve-evaluate` builds for this checkpoint (tokenizer, image size, text length)."""
+def context(config: dict, model_cfg, task: str = "") -> TaskContext:
+    """The TaskContext `eve-evaluate` builds for this checkpoint (tokenizer, image size, text length);
+    for a downstream `task`, its tokenizer cleans the texts as that task's evaluation does
+    (task.text_preprocess)."""
     data = (config.get("run") or {}).get("data") or {}
-    return TaskContext(
+    ctx = TaskContext(
         tokenizer=load_tokenizer(data.get("tokenizer") or "bert-base-uncased"),
         cache_dir="",
         image_size=model_cfg.image_size,
@@ -94,6 +97,9 @@ def context(config: dict, model_cfg) -> TaskContext:
         image_mean=data.get("image_mean"),  # None: ImageNet's, as the run normalised
         image_std=data.get("image_std"),
     )
+    if task in TEXT_TASKS:
+        return build_task(task_config(config, task), ctx).eval_context()
+    return ctx
 
 
 def answer_vocab(config: dict, ctx: TaskContext) -> AnswerVocab:

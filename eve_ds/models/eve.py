@@ -27,6 +27,7 @@ class EncoderOutput:
     n_image: int
     aux_loss: Tensor
     expert_counts: dict[int, Tensor] = field(default_factory=dict)
+    pre_norm: Tensor | None = None  # (B, N, D) the last block's output, before the final norm
 
     @property
     def image(self) -> Tensor:
@@ -202,4 +203,4 @@ class EVEModel(nn.Module):
             if l_aux is not None:
                 aux = aux + l_aux.float()
                 counts[i] = c
-        return EncoderOutput(self.norm(x), n_image, aux, counts)
+        return EncoderOutput(self.norm(x), n_image, aux, counts, pre_norm=x)

@@ -39,6 +39,7 @@ def register_objective(name: str):
 
 
 # Saved `objective` keys of older checkpoints -> (objective, its head's constructor option).
+ITM_RERANK_SCORES = ("log_odds", "match_logit")  # objective.itm_rerank_score
 LEGACY_HEAD_KEYS = {"vqa_num_answers": ("vqa", "num_answers"), "nlvr2_head": ("nlvr2", "head")}
 
 
@@ -72,6 +73,14 @@ class ObjectiveConfig:
     # Baselines for the Table 1 benchmark (ITC / ITM / MIM with visual-token targets).
     itc_embed_dim: int = 256
     itc_init_temperature: float = 0.07
+    # The ITC projections Linear(D, itc_embed_dim): with a bias [ours] | without (false) [official code].
+    itc_proj_bias: bool = True
+    # Evaluation's ITC features from the encoder output after the final norm [ours] | from the last block's
+    # output before it (false) [official code: its evaluation skips the norm that its training applies].
+    itc_eval_final_norm: bool = True
+    # Retrieval re-ranks a row's ITC top k by: log_odds [ours] logit[match] - logit[no match] of the ITM
+    # head | match_logit [official code] logit[match] alone.
+    itm_rerank_score: str = "log_odds"
     # Where ITM draws its hard negatives: local (this rank's micro-batch) [ours] | global (the batch of every
     # data-parallel rank, same image id masked) [official code, as ALBEF].
     itm_negatives: str = "local"
@@ -130,6 +139,12 @@ class ObjectiveConfig:
             "objective.itm_negatives",
             self.itm_negatives,
             "local or global",
+        )
+        check(
+            self.itm_rerank_score in ITM_RERANK_SCORES,
+            "objective.itm_rerank_score",
+            self.itm_rerank_score,
+            f"one of {list(ITM_RERANK_SCORES)}",
         )
         extra = sorted(set(self.heads) - set(self.objectives))
         check(not extra, "objective.heads", self.heads, f"options of listed objectives only (not {extra})")

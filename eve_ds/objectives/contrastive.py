@@ -104,8 +104,9 @@ class ImageTextContrastive(nn.Module):
     def __init__(self, model_cfg: EVEConfig, obj_cfg: ObjectiveConfig) -> None:
         super().__init__()
         d, e = model_cfg.hidden_size, obj_cfg.itc_embed_dim
-        self.image_proj = nn.Linear(d, e)
-        self.text_proj = nn.Linear(d, e)
+        self.image_proj = nn.Linear(d, e, bias=obj_cfg.itc_proj_bias)
+        self.text_proj = nn.Linear(d, e, bias=obj_cfg.itc_proj_bias)
+        self.eval_final_norm = obj_cfg.itc_eval_final_norm
         for m in (self.image_proj, self.text_proj):
             init_weights(m, model_cfg.init_std)
         # Shape (1,), not (): DeepSpeed broadcasts parameters as byte views, which 0-d tensors cannot take.
@@ -117,14 +118,21 @@ class ImageTextContrastive(nn.Module):
     def embed_image(self, encoder: EVEModel, image: Tensor) -> tuple[Tensor, EncoderOutput]:
         """image: (B, C, S, S) -> (normalised features (B, E) float32, the image-only encoder output)."""
         enc = encoder(image=image)
-        return F.normalize(self.image_proj(enc.hidden[:, 0]).float(), dim=-1), enc
+        return F.normalize(self.image_proj(self._cls(enc)).float(), dim=-1), enc
 
     def embed_text(
         self, encoder: EVEModel, text_ids: Tensor, text_mask: Tensor
     ) -> tuple[Tensor, EncoderOutput]:
         """text_ids, text_mask: (B, L) -> (normalised features (B, E) float32, the text-only output)."""
         enc = encoder(text_ids=text_ids, text_mask=text_mask)
-        return F.normalize(self.text_proj(enc.hidden[:, 0]).float(), dim=-1), enc
+        return F.normalize(self.text_proj(self._cls(enc)).float(), dim=-1), enc
+
+    def _cls(self, enc: EncoderOutput) -> Tensor:
+        """(B, D) the pass's first output: after the final norm, or before it in evaluation with
+        `objective.itc_eval_final_norm=false`."""
+        if self.training or self.eval_final_norm:
+            return enc.hidden[:, 0]
+        return enc.pre_norm[:, 0]
 
     def features(self, encoder: EVEModel, batch: dict) -> tuple[Tensor, Tensor, list]:
         """-> (image features (B, E), text features (B, E), normalised; the two encoder outputs)."""
@@ -216,6 +224,7 @@ class ImageTextMatching(nn.Module):
         self.head = nn.Linear(model_cfg.hidden_size, 2)
         trunc_normal_(self.head.weight, std=model_cfg.init_std)
         nn.init.zeros_(self.head.bias)
+        self.rerank_score = obj_cfg.itm_rerank_score
 
     def logits(
         self, encoder: EVEModel, image: Tensor, text_ids: Tensor, text_mask: Tensor
@@ -226,9 +235,11 @@ class ImageTextMatching(nn.Module):
         return self.head(enc.hidden[:, enc.n_image]).float(), enc
 
     def match_score(self, encoder: EVEModel, image: Tensor, text_ids: Tensor, text_mask: Tensor) -> Tensor:
-        """-> (P,) the log-odds of "match", logit[1] - logit[0]: the order of the match probability that
-        retrieval re-ranks by, without its saturation at 1."""
+        """-> (P,) what retrieval re-ranks by (`objective.itm_rerank_score`): log_odds, logit[1] - logit[0]
+        (the order of the match probability, without its saturation at 1), or match_logit, logit[1]."""
         logits, _ = self.logits(encoder, image, text_ids, text_mask)
+        if self.rerank_score == "match_logit":
+            return logits[:, 1]
         return logits[:, 1] - logits[:, 0]
 
     def forward(self, encoder: EVEModel, batch: dict, generator: torch.Generator | None) -> dict:

@@ -21,7 +21,7 @@ import logging
 import os
 import random
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 import numpy as np
@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from eve_ds.data.augment import official_rand_augment
 from eve_ds.data.config import DataConfig
+from eve_ds.data.text import TextRule, with_rule
 from eve_ds.data.transforms import _LEFT_RIGHT, crop_params, crop_resize
 from eve_ds.tasks.config import TaskConfig
 from eve_ds.utils.errors import UserError
@@ -131,6 +132,29 @@ class Task:
 
     def load_assets(self, assets: dict) -> None:
         """Take back what `assets` saved (from a checkpoint's or export's config["task"])."""
+
+    def take_init_assets(self, saved: dict, source: str) -> None:
+        """`train.init_from`: adopt what the initial weights' config (`saved`, its whole config dict)
+        fixes for this task, e.g. the answer order its VQA head was trained with. Default: nothing."""
+
+    # task.text_preprocess=official: (TextRule kind, word limit in training, in evaluation) [official code]
+    official_text: tuple[str, int, int] | None = None
+
+    def text_rule(self, train: bool) -> TextRule:
+        """How this task's texts are cleaned before tokenisation (task.text_preprocess, text_max_words)."""
+        if self.cfg.text_preprocess == "none" or self.official_text is None:
+            return TextRule()
+        kind, train_words, eval_words = self.official_text
+        words = self.cfg.text_max_words or (train_words if train else eval_words)
+        return TextRule(kind, words)
+
+    def tokenizer(self, train: bool):
+        """The run's tokenizer with this task's text rule in front (`eve_ds.data.text`)."""
+        return with_rule(self.ctx.tokenizer, self.text_rule(train))
+
+    def eval_context(self) -> TaskContext:
+        """The context the evaluation code reads: the run's, its tokenizer with the evaluation text rule."""
+        return replace(self.ctx, tokenizer=self.tokenizer(train=False))
 
     def evaluate_split(
         self, model, split: str, *, device: str, batch_size: int, predictions: str | None = None

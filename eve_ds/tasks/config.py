@@ -13,6 +13,7 @@ from eve_ds.utils.config import check
 TASK_NAMES = ("msm", "vqa", "retrieval", "nlvr2", "evlm_synthetic")
 IMAGE_GEOMETRIES = ("square_crop", "official")  # task.image_geometry (read by tasks/base.py decode_image)
 IMAGE_AUGMENTS = ("none", "randaugment", "color_jitter")  # task.image_augment
+TEXT_PREPROCESS = ("none", "official")  # task.text_preprocess (eve_ds/data/text.py)
 
 
 @dataclass
@@ -39,6 +40,11 @@ class TaskConfig:
     # NLVR2: the release's RandomAugment(2, 7), geometric and tone operations only (data/augment.py)] |
     # color_jitter [official, retrieval: torchvision's ColorJitter(0.4, 0.4, 0.4)].
     image_augment: str = "none"
+    # Text before tokenisation (eve_ds/data/text.py): none [ours] the text as it is | official [official
+    # code] lower-cased, punctuation removed, `-` and `/` read as spaces, cut to a word limit (VQA questions
+    # 30 words in training and 50 in evaluation, retrieval captions 30, NLVR2 statements 40).
+    text_preprocess: str = "none"
+    text_max_words: int | None = None  # with official: one limit for every split; null = the official ones
     eval_split: str = "minival"  # split evaluated during and at the end of training
     skip_bad_eval_images: bool = False  # evaluation: skip missing/unreadable images instead of failing
     # VQA v2
@@ -65,6 +71,14 @@ class TaskConfig:
         check(self.head_lr_mult > 0, "task.head_lr_mult", self.head_lr_mult, "> 0")
         for key, allowed in (("image_geometry", IMAGE_GEOMETRIES), ("image_augment", IMAGE_AUGMENTS)):
             check(getattr(self, key) in allowed, f"task.{key}", getattr(self, key), f"one of {list(allowed)}")
+        check(
+            self.text_preprocess in TEXT_PREPROCESS,
+            "task.text_preprocess",
+            self.text_preprocess,
+            f"one of {list(TEXT_PREPROCESS)}",
+        )
+        words = self.text_max_words
+        check(words is None or words >= 1, "task.text_max_words", words, "null or >= 1")
         check(self.answer_vocab_size >= 2, "task.answer_vocab_size", self.answer_vocab_size, ">= 2")
         check(self.minival_images >= 0, "task.minival_images", self.minival_images, ">= 0")
         check(self.dataset in ("coco", "flickr30k"), "task.dataset", self.dataset, "coco or flickr30k")

@@ -17,7 +17,7 @@ import yaml
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from eve_ds.convert import resume_options
+from eve_ds.convert import read_source_config, resume_options
 from eve_ds.data import batch_to_device, load_tokenizer
 from eve_ds.tasks.base import Task, build_task
 from eve_ds.train import EXIT_INTERRUPTED, EXIT_PREEMPTED
@@ -113,6 +113,8 @@ class Trainer:
             if (self.rank == 0) == (rank_turn == 0):
                 task.prepare()
             barrier()
+        if cfg.train.init_from:  # e.g. the answer order of an initial VQA head (also when resuming)
+            task.take_init_assets(read_source_config(cfg.train.init_from), cfg.train.init_from)
         return task
 
     def _build_model(self) -> None:

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 class NLVR2Task(Task):
     objectives = ("nlvr2",)
     metric = "nlvr2_acc"
+    official_text = ("caption", 40, 40)  # [official code] pre_caption, max words
 
     def make_synthetic(
         self, cache_dir: str, *, seed: int, counts: tuple[int, int, int], image_size: int
@@ -60,7 +61,7 @@ class NLVR2Task(Task):
             **self.train_image_options(),
         )
         return ds, functools.partial(
-            nlvr2_collate, tokenizer=self.ctx.tokenizer, max_text_len=self.ctx.max_text_len
+            nlvr2_collate, tokenizer=self.tokenizer(train=True), max_text_len=self.ctx.max_text_len
         )
 
     def score(
@@ -80,7 +81,7 @@ class NLVR2Task(Task):
         preds = predict(
             model,
             examples,
-            self.ctx,
+            self.eval_context(),
             device=device,
             dtype=dtype,
             batch_size=batch_size,

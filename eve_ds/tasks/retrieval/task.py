@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 class RetrievalTask(Task):
     objectives = ("itc", "itm")
     metric = "r_mean"
+    official_text = ("caption", 30, 30)  # [official code] pre_caption, max words
 
     def make_synthetic(
         self, cache_dir: str, *, seed: int, counts: tuple[int, int, int], image_size: int
@@ -86,7 +87,7 @@ class RetrievalTask(Task):
             **self.train_image_options(),
         )
         return ds, functools.partial(
-            retrieval_train_collate, tokenizer=self.ctx.tokenizer, max_text_len=self.ctx.max_text_len
+            retrieval_train_collate, tokenizer=self.tokenizer(train=True), max_text_len=self.ctx.max_text_len
         )
 
     def read(self, split: str) -> list[RetrievalImage]:
@@ -120,7 +121,7 @@ class RetrievalTask(Task):
         scores = retrieval_scores(
             model,
             images,
-            self.ctx,
+            self.eval_context(),
             k=self.cfg.rerank_k,
             device=device,
             dtype=dtype,
@@ -139,8 +140,8 @@ class RetrievalTask(Task):
 @dataclass
 class RetrievalScores:
     """The score matrices of one evaluation: itc (N_img, N_txt) all pairs; i2t (N_img, N_txt) and t2i
-    (N_txt, N_img) re-ranked (ITM log-odds on each row's top k, LOW_SCORE elsewhere); text_to_image
-    (N_txt,); the images evaluated and how many were skipped as unreadable."""
+    (N_txt, N_img) re-ranked (objective.itm_rerank_score of each row's top k, LOW_SCORE elsewhere);
+    text_to_image (N_txt,); the images evaluated and how many were skipped as unreadable."""
 
     itc: Tensor
     i2t: Tensor
@@ -321,7 +322,7 @@ class _Evaluator:
         store = _PixelStore(images, self.ctx, self._needed(itc, k), self.geometry)
         passes = 0
 
-        def itm(img_idx: Tensor, txt_idx: Tensor) -> Tensor:  # (P,), (P,) -> (P,) ITM log-odds
+        def itm(img_idx: Tensor, txt_idx: Tensor) -> Tensor:  # (P,), (P,) -> (P,) ITM re-ranking scores
             nonlocal passes
             passes += 1
             image = self._pixels(store.get(img_idx.tolist()))

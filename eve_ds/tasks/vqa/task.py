@@ -26,6 +26,7 @@ TEST_SPLITS = ("test-dev", "test")
 class VQATask(Task):
     objectives = ("vqa",)
     metric = "vqa_score"
+    official_text = ("question", 30, 50)  # [official code] pre_question, max words
 
     def make_synthetic(
         self, cache_dir: str, *, seed: int, counts: tuple[int, int, int], image_size: int
@@ -80,8 +81,35 @@ class VQATask(Task):
             **self.train_image_options(),
         )
         return ds, functools.partial(
-            vqa_collate, tokenizer=self.ctx.tokenizer, max_text_len=self.ctx.max_text_len
+            vqa_collate, tokenizer=self.tokenizer(train=True), max_text_len=self.ctx.max_text_len
         )
+
+    def take_init_assets(self, saved: dict, source: str) -> None:
+        """Initial weights with a VQA head keep its answers in its order: their answer vocabulary replaces
+        the one built from the data (task.answer_vocab_size is then not read)."""
+        head = ((saved.get("objective") or {}).get("heads") or {}).get("vqa")
+        if head is None:
+            return
+        rows, listed = head.get("num_answers"), (saved.get("task") or {}).get("answer_vocab")
+        if listed is None:
+            if rows != len(self.vocab):
+                raise VQADataError(
+                    f"train.init_from={source}: its VQA head has {rows} answers and no answer list, the run "
+                    f"{len(self.vocab)} (task.answer_vocab_size); import it with eve-convert import-official "
+                    "--answer-list FILE, or start from a checkpoint without a VQA head"
+                )
+            log.warning(
+                "train.init_from=%s: its VQA head has no answer list; the run's order is assumed", source
+            )
+            return
+        vocab = AnswerVocab.from_json(listed)
+        if len(vocab) != rows:
+            raise VQADataError(
+                f"train.init_from={source}: its answer list has {len(vocab)} answers but its VQA head "
+                f"{rows} rows (objective.heads.vqa.num_answers); the list must name every row of the head"
+            )
+        log.info("VQA answers: the %d of %s, in its order (task.answer_vocab_size not used)", rows, source)
+        self.vocab = vocab
 
     def load_assets(self, assets: dict) -> None:
         if "answer_vocab" not in assets:
@@ -143,7 +171,7 @@ class VQATask(Task):
             model,
             examples,
             self.vocab,
-            self.ctx,
+            self.eval_context(),
             device=device,
             dtype=dtype,
             batch_size=batch_size,
