@@ -485,3 +485,50 @@ def test_reading_a_packed_corpus_needs_train_corpora(tok):
         build_packed_loader(DataConfig(), RowReader(tok, MEDIA, K, S), batch_size=1)
     with pytest.raises(BadRow):
         RowReader(tok, MEDIA, K, S)({"__key__": "x", "json": b"[]"})
+
+
+def test_the_trainer_batch_goes_through_batch_to_device_and_caption_lm(sft_shards, tok):
+    from eve_ds.data.packed import trainer_batch
+    from eve_ds.data.transforms import batch_to_device
+    from eve_ds.objectives import OBJECTIVES
+
+    model = tiny_model()
+    samples = [{"__key__": k, **r} for k, r in read_tars(sft_shards).items()]
+    batch = collate_packed(samples, tokenizer=tok, media_token_id=MEDIA, num_media_tokens=K, image_size=S)
+    on_device = batch_to_device(trainer_batch(batch), "cpu")
+    assert on_device["image"].dtype == torch.float32 and torch.equal(on_device["pixels"], batch["images"])
+    objective = OBJECTIVES["caption_lm"](model.cfg, None)
+    with torch.no_grad():
+        got = objective(model, on_device)["caption_lm_loss"]
+        want = objective(model, model_inputs(batch))["caption_lm_loss"]
+    assert got.item() == want.item()
+
+
+def test_shards_of_video_clips_and_documents_with_unreadable_images(tmp_path, tok_dir, tok):
+    write_images(tmp_path, [f"clips/v{v}/{k}.jpg" for v in range(2) for k in range(4)])
+    (tmp_path / "clips/v1/2.jpg").write_bytes(b"truncated")  # a frame that cannot be read
+    items = [{"video": f"clips/v{v}", "caption": "the cat moves left"} for v in (0, 1, 0, 0)]
+    (tmp_path / "v.json").write_text(json.dumps(items))
+    out = str(tmp_path / "out")
+    manifest = make_packed_shards("video", str(tmp_path / "v.json"), str(tmp_path), out, tokenizer=tok_dir,
+                                  pack_tokens=64, max_images=8, num_media_tokens=K, reader_options={"frames": 4})  # fmt: skip
+    # Rows [0, 1] and [2, 3] (8 frames each); clip 1 cannot be read, so the first row keeps clip 0 alone.
+    assert manifest["skipped"] == {"unreadable_image": 1} and manifest["sources"] == {"v": 3}
+    with open(os.path.join(out, "skipped.jsonl")) as f:
+        (line,) = [json.loads(x) for x in f]
+    assert (line["index"], line["reason"]) == (1, "unreadable_image") and "clips/v1/2.jpg" in line["image"]
+    rows = list(read_tars(out).items())
+    assert [len(json.loads(r["json"])["samples"]) for _, r in rows] == [1, 2]
+    key, members = rows[1]
+    meta = json.loads(members["json"])
+    assert [s["segments"][0]["video"] for s in meta["samples"]] == [
+        [f"vid{v}.f{k:02d}.jpg" for k in range(4)] for v in (0, 1)
+    ]
+    batch = collate_packed([{"__key__": key, **members}], tokenizer=tok, media_token_id=MEDIA,
+                           num_media_tokens=K, image_size=S)  # fmt: skip
+    n = 4 * K + 5  # 4 frames, "the cat moves left <eos>"
+    lo, hi = batch["lo"][0].tolist(), batch["hi"][0].tolist()
+    assert lo[:n] == [f for f in range(4) for _ in range(K)] + [0] * 5  # each frame sees itself, the text all
+    assert hi[:n] == [f for f in range(4) for _ in range(K)] + [3] * 5
+    assert lo[n:] == [f for f in range(4, 8) for _ in range(K)] + [4] * 5 and hi[n:][-1] == 7
+    assert batch["clip_of_slot"][0].tolist() == [0] * 4 + [1] * 4 and batch["images"].shape[0] == 8

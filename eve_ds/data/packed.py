@@ -264,10 +264,19 @@ def collate_packed(
     return collate_rows([reader(s) for s in samples], pad_id(tokenizer))
 
 
+MODEL_KEYS = ("input_ids", "labels", "position_ids", "lo", "hi", "valid", "image_slot", "num_slots")
+
+
 def model_inputs(batch: dict, dtype: torch.dtype = torch.float32, mean=None, std=None) -> dict:
     """The tensors `EVLMModel.forward` reads, the uint8 images normalised (`data.image_mean` / `image_std`)."""
-    keys = ("input_ids", "labels", "position_ids", "lo", "hi", "valid", "image_slot", "num_slots")
-    return {**{k: batch[k] for k in keys}, "images": normalize_image(batch["images"], dtype, mean, std)}
+    return {**{k: batch[k] for k in MODEL_KEYS}, "images": normalize_image(batch["images"], dtype, mean, std)}
+
+
+def trainer_batch(batch: dict) -> dict:
+    """The batch under the trainer's keys: `transforms.batch_to_device` normalises `image` (the uint8
+    images), and the `caption_lm` objective hands it to the model as `images`; `skipped` stays for the
+    loader's SkipLog."""
+    return {**{k: batch[k] for k in MODEL_KEYS}, "image": batch["images"], "skipped": batch["skipped"]}
 
 
 # ---------------------------------------------------------------------------------------------------
