@@ -220,11 +220,15 @@ def test_obelics_and_mmc4_interleaved(tmp_path):
 
 def test_caption_and_vqa(tmp_path):
     write_images(tmp_path, ["i.jpg"])
-    (tmp_path / "cap.json").write_text(json.dumps([{"image": "i.jpg", "caption": ["a  cat", "a dog"]}]))
-    docs, _ = docs_and_skips(read_documents("caption", str(tmp_path / "cap.json"), str(tmp_path), source="c"))
+    caps = [{"image": "i.jpg", "caption": ["a  cat", "a dog", " "]}, {"image": "gone.jpg", "caption": "x"}]
+    (tmp_path / "cap.json").write_text(json.dumps(caps))
+    docs, skips = docs_and_skips(
+        read_documents("caption", str(tmp_path / "cap.json"), str(tmp_path), source="c")
+    )
     assert [d.segments for d in docs] == [
         [{"image": "i.jpg"}, {"text": t, "loss": True}] for t in ("a cat", "a dog")
     ]
+    assert [(s.index, s.reason) for s in skips] == [(2, "empty_caption"), (3, "missing_file")]
     vqa = [{"image": "i.jpg", "question": "what colour ?", "answer": ["red", "blue", "red"], "question_id": 5},
            {"image": "i.jpg", "question": "is it ?"}]  # fmt: skip
     (tmp_path / "vqa.json").write_text(json.dumps(vqa[:1]))
@@ -267,6 +271,16 @@ def test_grounding_refcoco_and_visual_genome(tmp_path):
                           {"role": "user", "text": "<ref>a dog</ref>", "loss": False},
                           {"role": "assistant", "text": "<box>(0,0),(999,500)</box>", "loss": True}]  # fmt: skip
     assert box_text("x", (199.9, 0, 0.1, 100), 200, 100)[1] == "<box>(999,0),(999,999)</box>"
+    (tmp_path / "8.jpg").write_bytes(b"not an image")
+    regions += [{"id": 8, "regions": regions[0]["regions"]}, {"id": 9, "regions": regions[0]["regions"]}]
+    vg = str(tmp_path / "region_descriptions.json")
+    (tmp_path / "region_descriptions.json").write_text(json.dumps(regions))
+    _, skips = docs_and_skips(read_documents("grounding", vg, str(tmp_path), source="vg"))
+    assert [(s.index, s.reason) for s in skips] == [(1, "unreadable_image"), (2, "missing_file")]
+    regions[0]["regions"][0].pop("x")
+    (tmp_path / "region_descriptions.json").write_text(json.dumps(regions))
+    with pytest.raises(DataError, match=r"item 0: a region without phrase, x, y"):
+        list(read_documents("grounding", vg, str(tmp_path), source="vg"))
 
 
 def test_llava_conversations(tmp_path):

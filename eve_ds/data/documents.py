@@ -43,7 +43,7 @@ from PIL import Image
 
 from eve_ds.data.manifest import DataError
 from eve_ds.data.sources import FORMATS as CAPTION_FORMATS
-from eve_ds.data.sources import read_records
+from eve_ds.data.sources import SkipSample, clean_caption, read_records
 
 DOCUMENT_FORMATS = ("interleaved", "caption", "vqa", "grounding", "sft", "video")
 KINDS = ("caption", "interleaved", "vqa", "grounding", "ocr", "sft", "video")
@@ -301,9 +301,12 @@ def caption_documents(
         raise DataError(f"unknown caption format ({caption_format!r}); choose one of {list(CAPTION_FORMATS)}")
     for rec in read_records(caption_format, path):
         try:
-            segments = [image_segment(rec.image, image_root), text(" ".join(rec.caption.split()))]
+            segments = [image_segment(rec.image, image_root), text(clean_caption(rec.caption))]
         except MissingImage:
             yield Skip(rec.index, rec.id, "missing_file", rec.image)
+            continue
+        except SkipSample as e:  # an empty caption, or bytes that are not UTF-8
+            yield Skip(rec.index, rec.id, e.args[0], rec.image)
             continue
         yield finish(Document(rec.index, "caption", source, rec.id, segments))
 
@@ -328,8 +331,11 @@ def grounding_document(
     except MissingImage:
         return Skip(index, image, "missing_file", image)
     if size is None:
-        with Image.open(os.path.join(image_root, image)) as img:  # the header only
-            size = img.size
+        try:
+            with Image.open(os.path.join(image_root, image)) as img:  # the header only
+                size = img.size
+        except Exception:  # PIL raises many types for a file that is not an image
+            return Skip(index, image, "unreadable_image", image)
     for phrase, box in regions:
         if box[2] <= 0 or box[3] <= 0 or not phrase.strip():
             continue  # a degenerate box or an empty phrase: not a turn (counted when no turn is left)
@@ -359,14 +365,21 @@ def refcoco_documents(
             raise DataError(f"not a RefCOCO refs pickle ({path}: {e})") from None
     with open(instances, encoding="utf-8") as f:
         inst = json.load(f)
-    images = {im["id"]: im for im in inst["images"]}
-    boxes = {a["id"]: a["bbox"] for a in inst["annotations"]}
-    by_image: dict[int, list] = collections.defaultdict(list)
-    for ref in refs:
-        if split is None or ref["split"] == split:
-            by_image[ref["image_id"]] += [(s["sent"], tuple(boxes[ref["ann_id"]])) for s in ref["sentences"]]
-    for n, (image_id, regions) in enumerate(by_image.items()):
-        im = images[image_id]
+    try:
+        images = {im["id"]: im for im in inst["images"]}
+        boxes = {a["id"]: a["bbox"] for a in inst["annotations"]}
+        by_image: dict[int, list] = collections.defaultdict(list)
+        for ref in refs:
+            if split is None or ref["split"] == split:
+                turns = [(s["sent"], tuple(boxes[ref["ann_id"]])) for s in ref["sentences"]]
+                by_image[ref["image_id"]] += turns
+        found = [(n, images[i], regions) for n, (i, regions) in enumerate(by_image.items())]
+    except (KeyError, TypeError) as e:
+        raise DataError(
+            f"not a RefCOCO refs / instances pair ({path}: {type(e).__name__} {e}); expected refs with "
+            "image_id, ann_id, split, sentences and instances.json with images and annotations (id, bbox)"
+        ) from None
+    for n, im, regions in found:
         yield grounding_document(n, im["file_name"], regions, image_root, source, (im["width"], im["height"]))
 
 
@@ -387,7 +400,12 @@ def vg_documents(path: str, image_root: str, source: str) -> Iterator[Document |
             continue
         regions = field(item, "regions", path, i, list)
         image_id = item.get("id", item.get("image_id", i))
-        turns = [(r["phrase"], (r["x"], r["y"], r["width"], r["height"])) for r in regions]
+        try:
+            turns = [(r["phrase"], (r["x"], r["y"], r["width"], r["height"])) for r in regions]
+        except (KeyError, TypeError) as e:
+            raise DataError(
+                f"annotation item {i}: a region without phrase, x, y, width, height ({path}: {e})"
+            ) from None
         yield grounding_document(i, vg_image(image_id, image_root), turns, image_root, source)
 
 
