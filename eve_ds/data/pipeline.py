@@ -307,6 +307,31 @@ def stream_layout(
     }
 
 
+def continue_or_reseed(
+    corpora: list[Corpus],
+    cfg: DataConfig,
+    batch_size: int,
+    world_size: int,
+    seed: int,
+    start_batch: int,
+    saved_layout: dict | None,
+) -> tuple[dict, int, int]:
+    """(layout, seed, start_batch) of the stream to build: the saved position when the layout is the one
+    checkpointed, else (a warning) a fresh stream seeded from (seed, start_batch) at 0, so that no earlier
+    sample order is replayed."""
+    layout = stream_layout(corpora, cfg, batch_size=batch_size, world_size=world_size, seed=seed)
+    if saved_layout is not None and saved_layout != layout and start_batch > 0:
+        changed = sorted(k for k in layout if saved_layout.get(k) != layout[k])
+        log.warning(
+            "data stream layout changed since the checkpoint (%s); the resumed stream is freshly "
+            "seeded and does not continue the old order",
+            ", ".join(changed),
+        )
+        seed = int.from_bytes(hashlib.sha256(f"{seed}/{start_batch}".encode()).digest()[:4], "little")
+        start_batch = 0
+    return layout, seed, start_batch
+
+
 def build_train_loader(
     cfg: DataConfig,
     *,
@@ -329,16 +354,9 @@ def build_train_loader(
     """
     corpora = resolve_train_corpora(cfg, image_size)
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
-    layout = stream_layout(corpora, cfg, batch_size=batch_size, world_size=world_size, seed=seed)
-    if saved_layout is not None and saved_layout != layout and start_batch > 0:
-        changed = sorted(k for k in layout if saved_layout.get(k) != layout[k])
-        log.warning(
-            "data stream layout changed since the checkpoint (%s); the resumed stream is freshly "
-            "seeded and does not continue the old order",
-            ", ".join(changed),
-        )
-        seed = int.from_bytes(hashlib.sha256(f"{seed}/{start_batch}".encode()).digest()[:4], "little")
-        start_batch = 0
+    layout, seed, start_batch = continue_or_reseed(
+        corpora, cfg, batch_size, world_size, seed, start_batch, saved_layout
+    )
     at = Placement(image_size, max_text_len, batch_size, rank, world_size)
     dataset = TrainStream(corpora, cfg, at, seed=seed, start_batch=start_batch, tokenizer=tokenizer)
     return TrainLoader(dataset, cfg.num_workers, layout)
