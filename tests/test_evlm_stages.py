@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from eve_ds.train.config import ConfigError, load_config
-from eve_ds.train.engine import lr_lambdas, phase_step
+from eve_ds.train.config import CONFIG_DIR, ConfigError, load_config, phase_step
+from eve_ds.train.engine import lr_lambdas
 from eve_ds.train.family import family_of
 from eve_ds.train.trainer import Trainer
 
@@ -40,9 +41,9 @@ def small(cache_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def losses(run_dir: Path) -> dict[int, float]:
+def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+    return {r["step"]: r[key] for r in recs if key in r}
 
 
 def vision_changed(trainer: Trainer) -> tuple[int, int]:
@@ -102,3 +103,155 @@ def test_resume_across_the_phase_start_equals_the_uninterrupted_run(tmp_path, ca
     assert losses(tmp_path) == losses(uninterrupted.run_dir)  # bitwise: train.deterministic
     a, b = resumed.engine.module.state_dict(), uninterrupted.engine.module.state_dict()
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+# -- chained stages -------------------------------------------------------------------------------------------
+
+
+def test_stage_chain_loads_what_the_earlier_stage_trained_and_upcycles_into_the_moe(tmp_path, uninterrupted):
+    """Stage 3 from a stage-1 run: the ViT blocks stage 1 trained and stage 3 freezes come from the stage-1
+    checkpoint; EVLM-MoE from the same run starts as the dense model (upcycled, tanh(beta) = 0)."""
+    src = uninterrupted.run_dir
+    cache = uninterrupted.cfg.data.cache_dir
+    args = small(Path(cache), **{"train.max_steps": 1})
+    args = [a for a in args if not a.startswith("optim.phase")] + ["model.stage=stage3",
+                                                                   f"train.init_from={src}"]  # fmt: skip
+    trained = uninterrupted.engine.module.state_dict()
+    dense = Trainer(load_config("evlm_tiny_synthetic", args), tmp_path / "sft")
+    got = dense.engine.module.state_dict()
+    block3 = [k for k in got if k.startswith("encoder.vision.vit.blocks.3.")]  # trained in 1, frozen in 3
+    assert block3 and all(torch.equal(got[k], trained[k]) for k in block3)
+    assert torch.equal(got["encoder.media_tokens"], trained["encoder.media_tokens"])
+    moe = Trainer(load_config("evlm_tiny_synthetic", [*args, "model.flavor=evlm_tiny_moe"]), tmp_path / "moe")
+    assert moe.train() == 0 and dense.train() == 0
+    # the loss of step 1 is the initial model's (the forward before the first update)
+    lm = {run: losses(tmp_path / run, "caption_lm_loss")[1] for run in ("moe", "sft")}
+    assert lm["moe"] == pytest.approx(lm["sft"], abs=1e-5)  # the MoE's total adds its balancing loss
+    rec = json.loads((tmp_path / "moe" / "metrics.jsonl").read_text().splitlines()[0])
+    load = rec["expert_load/block0/all"]  # (E,) shares of the routes, logged from the one row
+    assert len(load) == 16 and sum(load) == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        Trainer(
+            load_config("evlm_tiny_synthetic", [*args[:-1], f"train.init_from={tmp_path}"]), tmp_path / "x"
+        )
+
+
+# -- the full-scale configs ---------------------------------------------------------------------------------
+
+# evlm_14b's architecture at a size a test can save: the same Qwen2 and EVA02-E code, 64 wide.
+TINY_LM = dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=2, intermediate_size=128, vocab_size=160, tie_word_embeddings=False)  # fmt: skip
+TINY_VIT = dict(img_size=28, patch_size=14, embed_dim=64, depth=4, mlp_ratio=2.0)
+STANDIN = [
+    "model.lm_layout={" + ", ".join(f"{k}: {v}" for k, v in TINY_LM.items()) + "}",
+    "model.vision_width=64", "model.vision_depth=4", "model.vision_mlp=128", "model.feature_layers=[1,3]",
+    "model.image_size=28", "model.r_xc=0.25", "model.media_token_id=155",
+]  # fmt: skip
+STAGES = ["evlm_14b_pt", "evlm_14b_cpt", "evlm_14b_sft", "evlm_14b_sft_moe"]
+
+
+@pytest.fixture(scope="module")
+def standins(tmp_path_factory) -> dict[str, str]:
+    """EVLM_LM_PATH: a tiny Qwen2 folder (save_pretrained + a 150-id tokenizer.json); EVLM_VIT_PATH: a
+    tiny timm eva02_enormous_patch14_clip_224 in a safetensors file."""
+    import timm
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("standins")
+    layout = {k: v for k, v in TINY_LM.items() if k != "model_type"}
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **layout)).save_pretrained(root / "lm")
+    vocab = {f"w{i}": i for i in range(150)}
+    Tokenizer(models.WordLevel(vocab, unk_token="w0")).save(str(root / "lm" / "tokenizer.json"))
+    vit = timm.create_model("eva02_enormous_patch14_clip_224", num_classes=0, **TINY_VIT)
+    save_file(vit.state_dict(), str(root / "vit.safetensors"))
+    return {"EVLM_LM_PATH": str(root / "lm"), "EVLM_VIT_PATH": str(root / "vit.safetensors")}
+
+
+def dry_run(monkeypatch, capsys, env: dict, config: str, *overrides: str) -> tuple[int, dict]:
+    from eve_ds.cli.pretrain import main
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    rc = main(["--config", config, "--dry-run", "--json", "--world-size", "16", *overrides])
+    return rc, json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("config", STAGES)
+def test_full_scale_stage_configs_dry_run_with_local_standins(monkeypatch, capsys, standins, tmp_path,
+                                                              config):  # fmt: skip
+    env = {**standins, "EVLM_PT_RUN": str(tmp_path), "EVLM_CPT_RUN": str(tmp_path)}
+    rc, report = dry_run(monkeypatch, capsys, env, config, *STANDIN)
+    plan = report["plan"]
+    assert plan["lm"] == standins["EVLM_LM_PATH"] and standins["EVLM_VIT_PATH"] in plan["vision"]
+    assert plan["batch"]["world"] == 16 and plan["image_tokens"] == 5
+    sources = [p for p in report["problems"] if "model." in p]
+    assert sources == [], sources  # the stand-ins pass every check of the LM and the tower
+    assert rc == 2  # still: ${EVE_DATA_ROOT} unset, and the packed-shard reader
+    if config != "evlm_14b_pt":  # an init_from directory without an EVLM checkpoint
+        assert any(
+            p.startswith("train.init_from=") and "no complete checkpoint" in p for p in report["problems"]
+        )
+
+
+def test_full_scale_configs_carry_the_paper_recipe():
+    pt, cpt, sft, moe = (load_config(c) for c in STAGES)
+    assert (pt.optim.lr, pt.optim.min_lr, pt.train.max_steps, pt.optim.warmup_steps) == (
+        6e-4,
+        3e-5,
+        125000,
+        2000,
+    )
+    assert (cpt.optim.lr, cpt.optim.min_lr, cpt.train.max_steps, cpt.train.global_batch_size) == (
+        1e-4,
+        5e-5,
+        50000,
+        160,
+    )
+    assert (sft.optim.lr, sft.optim.min_lr, sft.train.max_steps, sft.optim.warmup_steps) == (
+        5e-5,
+        1e-6,
+        12000,
+        500,
+    )
+    assert (
+        pt.train.global_batch_size == 480 and sft.train.global_batch_size == moe.train.global_batch_size == 16
+    )
+    assert (pt.optim.phase_start, pt.model.image_size, cpt.model.image_size) == (0.25, 224, 448)
+    assert [c.model.stage for c in (pt, cpt, sft, moe)] == ["stage1", "stage2", "stage3", "stage3"]
+    assert moe.model.moe and moe.model.top_k == 4 and moe.model.num_experts == 16 and moe.model.ep_size == 8
+    for c in (pt, cpt, sft, moe):
+        assert (c.optim.betas, c.optim.eps, c.optim.weight_decay, c.optim.grad_clip) == (
+            [0.9, 0.999],
+            1e-8,
+            0.05,
+            10.0,
+        )
+        assert c.train.grad_checkpointing and c.train.ds_config == "zero2_bf16"
+    for name in STAGES:  # every recipe number says where it comes from
+        for line in (CONFIG_DIR / f"{name}.yaml").read_text().splitlines():
+            key, _, value = line.split("#")[0].partition(":")
+            parsed = yaml.safe_load(value) if value.strip() and not key.lstrip().startswith("-") else None
+            numbers = parsed if isinstance(parsed, list) else [parsed]
+            if numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+                assert "[paper]" in line or "[ours]" in line, f"{name}: {line.strip()}"
+
+
+def test_dry_run_names_the_key_and_path_that_fail(monkeypatch, capsys, standins, tmp_path):
+    rc, report = dry_run(monkeypatch, capsys, {**standins, "EVLM_LM_PATH": str(tmp_path / "nope")},
+                         "evlm_14b_pt", *STANDIN)  # fmt: skip
+    assert rc == 2
+    assert f"model.lm_path='{tmp_path / 'nope'}': no such directory" in report["problems"][
+        -2 if False else 0
+    ] or any(
+        p.startswith(f"model.lm_path='{tmp_path / 'nope'}': no such directory") for p in report["problems"]
+    )
+    # the real evlm_14b layout against the 64-wide stand-ins: the wrong LM and the wrong tower are named
+    _, report = dry_run(monkeypatch, capsys, standins, "evlm_14b_pt", "model.image_size=28")
+    problems = "\n".join(report["problems"])
+    assert f"model.lm_layout.hidden_size=5120 but {standins['EVLM_LM_PATH']}/config.json has 64" in problems
+    assert "model.vision_path=" in problems and "eva02_enormous_patch14_clip_224" in problems
+    _, report = dry_run(monkeypatch, capsys, standins, "evlm_14b_pt", *STANDIN, "model.media_token_id=3")
+    assert any(p.startswith("model.media_token_id=3: expected an unused embedding row, in [150, 160)")
+               for p in report["problems"])  # fmt: skip

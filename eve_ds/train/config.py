@@ -201,6 +201,12 @@ def check_phase(o: OptimConfig) -> None:
     )
 
 
+def phase_step(cfg: RunConfig) -> int | None:
+    """The first step at which the `optim.phase_params` train: round(phase_start x train.max_steps)."""
+    o = cfg.optim
+    return None if o.phase_start is None else round(o.phase_start * cfg.train.max_steps)
+
+
 # -- loading --------------------------------------------------------------------------------------------
 
 
@@ -244,6 +250,9 @@ def from_dict(raw: dict) -> RunConfig:
     if flavor not in MODEL_FLAVORS:
         raise ConfigError(f"model.flavor={flavor!r} is invalid: expected one of {sorted(MODEL_FLAVORS)}")
     model_cls, factory = MODEL_FLAVORS[flavor]
+    for key in ("lm_path", "vision_path"):  # EVLM's frozen sources: `${VAR}` and ~, as the data paths
+        if isinstance(model.get(key), str):
+            model[key] = _expand(model[key])
     _reject_unknown(model, model_cls, "model", extra=("flavor",))
     hints = typing.get_type_hints(model_cls)
     model = {k: _coerce(hints[k], v, f"model.{k}") for k, v in model.items()}
@@ -284,15 +293,18 @@ def _expand_data_paths(data: DataConfig) -> None:
     with an unset variable is kept as written: `preflight.unset_variables` reports it at start-up and in
     --dry-run, next to every other problem."""
 
-    def expand(value: str) -> str:
-        out = os.path.expanduser(os.path.expandvars(value))
-        return value if "$" in out else out
-
+    expand = _expand
     for c in data.train:
         c.shards = expand(c.shards)
     if data.val:
         data.val = expand(data.val)
     data.cache_dir = expand(data.cache_dir)
+
+
+def _expand(value: str) -> str:
+    """`${VAR}` and `~` expanded; a path with an unset variable is kept as written (reported later)."""
+    out = os.path.expanduser(os.path.expandvars(value))
+    return value if "$" in out else out
 
 
 def _init_path(value: str | None) -> str | None:

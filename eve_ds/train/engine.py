@@ -15,7 +15,7 @@ import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import Tensor, nn
 
-from eve_ds.train.config import DS_CONFIG_DIR, ConfigError, RunConfig
+from eve_ds.train.config import DS_CONFIG_DIR, ConfigError, RunConfig, phase_step
 
 logger = logging.getLogger(__name__)
 
@@ -152,12 +152,6 @@ def lr_lambda(cfg: RunConfig):
         return floor + (1 - floor) * shape
 
     return f
-
-
-def phase_step(cfg: RunConfig) -> int | None:
-    """The first step at which the `optim.phase_params` train: round(phase_start x max_steps)."""
-    o = cfg.optim
-    return None if o.phase_start is None else round(o.phase_start * cfg.train.max_steps)
 
 
 def lr_lambdas(cfg: RunConfig, groups: list[dict]) -> list:
