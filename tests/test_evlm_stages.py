@@ -255,3 +255,15 @@ def test_dry_run_names_the_key_and_path_that_fail(monkeypatch, capsys, standins,
     _, report = dry_run(monkeypatch, capsys, standins, "evlm_14b_pt", *STANDIN, "model.media_token_id=3")
     assert any(p.startswith("model.media_token_id=3: expected an unused embedding row, in [150, 160)")
                for p in report["problems"])  # fmt: skip
+
+
+def test_the_phase_flag_survives_deepspeeds_expert_group_split(tmp_path, cache_dir):
+    """With the late set inside the MoE, the expert groups DeepSpeed splits off keep the flag, so their
+    multiplier is the phase's (the pitfall: a lambda list built before the split has the wrong length)."""
+    args = small(cache_dir, **{"model.flavor": "evlm_tiny_moe", "optim.phase_params": '["*.xattn.ffn.*"]'})
+    trainer = Trainer(load_config("evlm_tiny_synthetic", args), tmp_path)
+    groups = trainer.engine.optimizer.optimizer.param_groups
+    experts = [g for g in groups if g.get("moe")]
+    assert experts and all(g["late"] for g in experts)
+    assert len(trainer.scheduler.lr_lambdas) == len(groups)
+    assert all(g["lr"] == 0.0 for g in groups if g["late"]) and any(g["lr"] > 0 for g in groups)
