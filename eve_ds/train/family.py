@@ -166,7 +166,7 @@ def stage_init(backbone: nn.Module, path: str, ep_rank: int) -> None:
         )
     module = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     sd = {k.removeprefix("encoder."): v for k, v in module.items() if k.startswith("encoder.")}
-    dense = not any(".xattn.ffn.experts." in k or ".xattn.ffn.world." in k for k in sd)
+    dense = not any(".xattn.ffn.world." in k for k in sd)  # a MoE checkpoint has the world expert
     if backbone.cfg.moe and dense:
         own = {k: v for k, v in backbone.state_dict().items() if ".xattn.ffn." not in k}
         backbone.upcycle_from({**own, **sd}, ep_rank)
