@@ -8,7 +8,8 @@
 - a job that keeps failing stops requeueing at EVE_MAX_RESTARTS, and config errors and
   EVE_REQUEUE_ON_FAILURE=0 do not requeue at all;
 - `scancel JOBID` ends a job for good even though the trainer exits 85 on its SIGTERM;
-- `sbatch --test-only` accepts the paper's job scripts with their resources overridden for a CPU node.
+- `sbatch --test-only` accepts the paper's job scripts with their resources overridden for a CPU node;
+- an EVLM stage job whose LM folder is missing stops at the launcher's preflight (exit 2, key and path named).
 
 The cluster tests (marker `slurm`) need root (munge, SlurmUser=root) and apt; they are skipped with the
 reason otherwise, except under EVE_REQUIRE_SLURM=1 (set by .ci/run when it runs as root), where a cluster
@@ -34,7 +35,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "slurm"
 CLUSTER = SLURM / "local_cluster.sh"
-SCRIPTS = ["local_cluster.sh", "launch.sh", "pretrain_base.sh", "pretrain_large.sh", "pretrain_tiny.sh"]
+EVLM_SCRIPTS = ["evlm_14b_pt.sh", "evlm_14b_cpt.sh", "evlm_14b_sft.sh", "evlm_14b_sft_moe.sh"]
+SCRIPTS = [
+    "local_cluster.sh",
+    "launch.sh",
+    "pretrain_base.sh",
+    "pretrain_large.sh",
+    "pretrain_tiny.sh",
+    *EVLM_SCRIPTS,
+]
 EXIT_PREEMPTED = 85  # eve_ds.train.EXIT_PREEMPTED (not imported: that would pull in the trainer)
 TERMINAL = {
     "COMPLETED",
@@ -99,6 +108,10 @@ def test_script_is_executable_and_parses(name):
         ("pretrain_base.sh", "eve_base_4m", "2", "8"),  # EVE-Base: 16 A100
         ("pretrain_large.sh", "eve_large_4m", "4", "8"),  # EVE-Large: 32 A100
         ("pretrain_tiny.sh", "eve_tiny_synthetic", "1", None),  # CPU, 2 tasks
+        ("evlm_14b_pt.sh", "evlm_14b_pt", "10", "8"),  # EVLM: 80 GPUs x micro-batch 6 = batch 480
+        ("evlm_14b_cpt.sh", "evlm_14b_cpt", "10", "8"),  # 80 x 2 = 160
+        ("evlm_14b_sft.sh", "evlm_14b_sft", "2", "8"),  # 16 x 1 = 16
+        ("evlm_14b_sft_moe.sh", "evlm_14b_sft_moe", "2", "8"),  # 16 GPUs, ep_size 8
     ],
 )
 def test_job_script_resources_and_config(name, config, nodes, gpus):
@@ -235,8 +248,21 @@ def attempt_logs(run: Path, jobid: int) -> list[str]:
     return [p.read_text(errors="replace") for p in logs]
 
 
+def test_evlm_scripts_match_their_configs_layout():
+    """Each EVLM job's GPU count gives its config's global batch with accumulation 1 ([paper]), and the
+    MoE job's GPU count is a multiple of its ep_size."""
+    from eve_ds.train.config import load_config
+
+    for name in EVLM_SCRIPTS:
+        d = sbatch_directives(SLURM / name)
+        cfg = load_config(name.removesuffix(".sh"))
+        world = int(d["nodes"]) * int(d["ntasks-per-node"])
+        assert world * cfg.train.micro_batch_size == cfg.train.global_batch_size, name
+        assert world % cfg.model.ep_size == 0, name
+
+
 @pytest.mark.slurm
-@pytest.mark.parametrize("name", ["pretrain_base.sh", "pretrain_large.sh"])
+@pytest.mark.parametrize("name", ["pretrain_base.sh", "pretrain_large.sh", *EVLM_SCRIPTS])
 def test_paper_scripts_accepted_with_cpu_resources(cluster, name):
     cpu = ["--gpus-per-node=0", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"]
     r = sbatch(cluster, "--test-only", *cpu, f"slurm/{name}", "--run-dir", "/tmp/unused")
@@ -454,6 +480,37 @@ def test_requeue_stops(cluster, tmp_path, exit_code, max_restarts, on_failure, a
         assert f"trainer failed (exit {exit_code}); EVE_REQUEUE_ON_FAILURE=0, not requeueing" in logs[-1]
     else:
         assert f"not requeueing: restart {attempts - 1} reached EVE_MAX_RESTARTS={max_restarts}" in logs[-1]
+
+
+@pytest.mark.slurm
+def test_evlm_stage_job_stops_at_its_preflight_when_a_source_is_missing(cluster, tmp_path):
+    """evlm_14b_cpt.sh squeezed onto the CPU node with the LM folder missing: the launcher's real preflight
+    names the key and the path, exits 2 and never starts a trainer task (no requeue)."""
+    run = tmp_path / "run"
+    env = job_env(cluster, EVLM_LM_PATH=str(tmp_path / "no_lm"), EVLM_PT_RUN=str(tmp_path))
+    env.pop("EVLM_VIT_PATH", None)
+    r = sbatch(
+        cluster,
+        "--wait",
+        f"--output={tmp_path}/%x-%j.out",
+        "--gpus-per-node=0",
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+        "slurm/evlm_14b_cpt.sh",
+        "--run-dir",
+        run,
+        env=env,
+        timeout=300,
+    )
+    jobid = job_id(r)
+    assert r.returncode == 2, r.stderr
+    (log,) = attempt_logs(run, jobid)  # one attempt: not requeued
+    assert f"PROBLEM: model.lm_path='{tmp_path / 'no_lm'}': no such directory" in log
+    assert "PROBLEM: model.vision_path='${EVLM_VIT_PATH}' uses an environment variable that is not set" in log
+    assert "EVLM plan:" in log and "stage: stage2" in log and "image_tokens: 1025" in log
+    assert "preflight failed (exit 2)" in log and "srun" not in log.split("preflight failed")[0]
+    assert not list(run.glob("metrics.jsonl"))
 
 
 @pytest.mark.slurm

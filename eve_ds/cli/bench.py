@@ -6,6 +6,8 @@ Table 1).
         --markdown benchmarks/results/table1-cpu.md
     eve-bench --model eve_base --device cuda --json results/table1-h100.json \\
         --markdown results/table1-h100.md                                     # max batch searched
+    eve-bench --family evlm --json benchmarks/results/evlm-efficiency-cpu.json \\
+        --markdown benchmarks/results/evlm-efficiency-cpu.md          # EVLM: cross-attention vs concat
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -46,6 +49,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=doc.split("\n\n", 1)[1],
     )
     d = BenchConfig()
+    p.add_argument(
+        "--family",
+        default="eve",
+        choices=["eve", "evlm"],
+        help="eve: Table 1 throughput per task set; evlm: EVLM's cross-attention vs concatenation at the "
+        "paper's two settings (FLOPs ratio and measured time ratio, CPU; --batch-size, --warmup-steps, "
+        "--windows x --steps-per-window timed steps, --quick, --threads, --json, --markdown apply)",
+    )
     p.add_argument("--model", default=d.model, choices=sorted(FLAVORS))
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
     p.add_argument(
@@ -180,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("eve_ds").setLevel(logging.INFO)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.family == "evlm":
+        return evlm_main(args, argv)
     bc = bench_config(args)
     from eve_ds.train.distributed import init_distributed
 
@@ -201,6 +214,33 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = run_benchmark(bc, progress, paper.table1_row)
     write(args, bc, rows, meta_info(bc, argv, prog_name()))
+    return 0
+
+
+def evlm_main(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """`eve-bench --family evlm`: the efficiency record of `bench/evlm_efficiency.py`, printed and written."""
+    from eve_ds.bench.evlm_efficiency import EfficiencyConfig, run_efficiency, to_markdown
+    from eve_ds.train.distributed import init_distributed
+
+    if (args.device or "cpu") != "cpu":
+        raise UserError("--family evlm: --device cuda is not supported yet (the CPU measurement only)")
+    ec = EfficiencyConfig(warmup_steps=args.warmup_steps, steps=args.windows * args.steps_per_window)
+    ec.batch = args.batch_size or ec.batch
+    if args.quick:
+        ec.warmup_steps, ec.steps = 1, 2
+    init_distributed("cpu", timeout_s=600)
+    record = run_efficiency(
+        ec, lambda r: logger.info("%s: step time ratio %.3f", r["setting"], r["step_time_ratio"])
+    )
+    record["meta"] = meta_info(SimpleNamespace(device="cpu"), argv, prog_name())
+    md = to_markdown(record, record["meta"]["command"])
+    print(md)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.markdown, md)
     return 0
 
 

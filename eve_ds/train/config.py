@@ -69,6 +69,11 @@ class OptimConfig:
     warmup_ratio: float | None = None  # fraction of train.max_steps; replaces warmup_steps when set
     schedule: str = "cosine"  # [paper] cosine | linear | constant (after warm-up)
     grad_clip: float = 3.0  # [BEiT] 3.0; not stated in the paper; 0 disables clipping
+    # A late-joining parameter set in the one schedule (EVLM stage 1: the latter half of the ViT after the
+    # first 25 % of the steps): the trainable parameters whose names match a glob of `phase_params` get LR
+    # factor 0 before step round(phase_start x train.max_steps), the shared schedule's factor from then on.
+    phase_start: float | None = None
+    phase_params: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -139,6 +144,7 @@ class RunConfig:
             o.warmup_ratio,
             "in [0, 1)",
         )
+        check_phase(o)
         check(t.stop_after is None or t.stop_after >= 1, "train.stop_after", t.stop_after, ">= 1 or null")
         check(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, ">= 1")
         check(t.global_batch_size >= 1, "train.global_batch_size", t.global_batch_size, ">= 1")
@@ -178,6 +184,27 @@ class RunConfig:
             [],
             "at least one corpus when data.synthetic is false (pre-training)",
         )
+
+
+def check_phase(o: OptimConfig) -> None:
+    check(
+        o.phase_start is None or 0 < o.phase_start < 1,
+        "optim.phase_start",
+        o.phase_start,
+        "a fraction of train.max_steps in (0, 1), or null",
+    )
+    check(
+        (o.phase_start is None) == (not o.phase_params),
+        "optim.phase_params",
+        o.phase_params,
+        "parameter-name globs (e.g. [encoder.vision.*]) exactly when optim.phase_start is set",
+    )
+
+
+def phase_step(cfg: RunConfig) -> int | None:
+    """The first step at which the `optim.phase_params` train: round(phase_start x train.max_steps)."""
+    o = cfg.optim
+    return None if o.phase_start is None else round(o.phase_start * cfg.train.max_steps)
 
 
 # -- loading --------------------------------------------------------------------------------------------
@@ -223,6 +250,9 @@ def from_dict(raw: dict) -> RunConfig:
     if flavor not in MODEL_FLAVORS:
         raise ConfigError(f"model.flavor={flavor!r} is invalid: expected one of {sorted(MODEL_FLAVORS)}")
     model_cls, factory = MODEL_FLAVORS[flavor]
+    for key in ("lm_path", "vision_path"):  # EVLM's frozen sources: `${VAR}` and ~, as the data paths
+        if isinstance(model.get(key), str):
+            model[key] = _expand(model[key])
     _reject_unknown(model, model_cls, "model", extra=("flavor",))
     hints = typing.get_type_hints(model_cls)
     model = {k: _coerce(hints[k], v, f"model.{k}") for k, v in model.items()}
@@ -263,15 +293,18 @@ def _expand_data_paths(data: DataConfig) -> None:
     with an unset variable is kept as written: `preflight.unset_variables` reports it at start-up and in
     --dry-run, next to every other problem."""
 
-    def expand(value: str) -> str:
-        out = os.path.expanduser(os.path.expandvars(value))
-        return value if "$" in out else out
-
+    expand = _expand
     for c in data.train:
         c.shards = expand(c.shards)
     if data.val:
         data.val = expand(data.val)
     data.cache_dir = expand(data.cache_dir)
+
+
+def _expand(value: str) -> str:
+    """`${VAR}` and `~` expanded; a path with an unset variable is kept as written (reported later)."""
+    out = os.path.expanduser(os.path.expandvars(value))
+    return value if "$" in out else out
 
 
 def _init_path(value: str | None) -> str | None:

@@ -3,6 +3,7 @@ schedule, `deepspeed.initialize`."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import math
@@ -14,7 +15,7 @@ import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import Tensor, nn
 
-from eve_ds.train.config import DS_CONFIG_DIR, ConfigError, RunConfig
+from eve_ds.train.config import DS_CONFIG_DIR, ConfigError, RunConfig, phase_step
 
 logger = logging.getLogger(__name__)
 
@@ -99,22 +100,38 @@ def no_weight_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr_mult: float = 1.0) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr: float,
+    head_lr_mult: float = 1.0,
+    phase_params: list[str] | tuple[str, ...] = (),
+) -> list[dict]:
     """decay / no_decay groups (`no_weight_decay`), split again into encoder and heads when the heads get
-    their own LR (`task.head_lr_mult`), then into dense and expert parameters (DeepSpeed's MoE groups)."""
-    groups: dict[tuple[str, bool], list] = {}
+    their own LR (`task.head_lr_mult`), into early and late parameters (names matching a glob of
+    `phase_params`, flagged `late`: `lr_lambdas`), then into dense and expert parameters (DeepSpeed's MoE
+    groups, which copy every key of the group they split, `late` included)."""
+    groups: dict[tuple[str, bool, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             head = head_lr_mult != 1.0 and not name.startswith("encoder.")
-            groups.setdefault(("no_decay" if no_weight_decay(name, p) else "decay", head), []).append(p)
+            late = any(fnmatch.fnmatchcase(name, g) for g in phase_params)
+            kind = "no_decay" if no_weight_decay(name, p) else "decay"
+            groups.setdefault((kind, head, late), []).append(p)
+    if phase_params and not any(late for _, _, late in groups):
+        raise ConfigError(
+            f"optim.phase_params={list(phase_params)}: no trainable parameter matches; trainable names "
+            f"look like {[n for n, p in model.named_parameters() if p.requires_grad][:3]}"
+        )
     out = [
         {
-            "name": kind + ("_head" if head else ""),
+            "name": kind + ("_head" if head else "") + ("_late" if late else ""),
             "params": params,
             "weight_decay": weight_decay if kind == "decay" else 0.0,
             "lr": lr * (head_lr_mult if head else 1.0),
+            "late": late,
         }
-        for (kind, head), params in sorted(groups.items())
+        for (kind, head, late), params in sorted(groups.items())
     ]
     # Expert parameters get groups of their own: ZeRO-2 reduces them over the expert-data-parallel group.
     return split_params_into_different_moe_groups_for_optimizer(out)
@@ -135,6 +152,21 @@ def lr_lambda(cfg: RunConfig):
         return floor + (1 - floor) * shape
 
     return f
+
+
+def lr_lambdas(cfg: RunConfig, groups: list[dict]) -> list:
+    """One LR multiplier per optimizer group, in the optimizer's order (after DeepSpeed's MoE split, which
+    adds groups): the shared schedule, times 0 before `phase_step` for the groups flagged `late`.
+
+    One schedule for the whole run, so a checkpoint restores it exactly and nothing is rebuilt at the
+    phase start. While its factor is 0 a late group is bitwise unchanged (AdamW's step and decoupled weight
+    decay both scale with the LR) but its Adam moments already accumulate, as its backward runs."""
+    f, start = lr_lambda(cfg), phase_step(cfg)
+
+    def late(step: int) -> float:
+        return f(step) if step >= start else 0.0
+
+    return [late if start is not None and g.get("late") else f for g in groups]
 
 
 def nonfinite(norm: Tensor | float) -> Tensor:
@@ -168,14 +200,18 @@ def build_engine(cfg: RunConfig, model: nn.Module, world_size: int, device: str)
     ds_config = build_ds_config(cfg, world_size)
     o = cfg.optim
     optimizer = SkipNonFiniteAdamW(
-        param_groups(model, o.weight_decay, o.lr, cfg.task.head_lr_mult),
+        param_groups(model, o.weight_decay, o.lr, cfg.task.head_lr_mult, o.phase_params),
         lr=o.lr,
         betas=tuple(o.betas),
         eps=o.eps,
         # One fused kernel over each tensor, also on the CPU (about 12x faster than the per-op loop there).
         fused=device in ("cuda", "cpu"),
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(cfg, optimizer.param_groups))
+    if o.phase_start is not None:
+        late = sum(p.numel() for g in optimizer.param_groups if g["late"] for p in g["params"])
+        logger.info("LR phase: %.1fM parameters (%s) train from step %d", late / 1e6, o.phase_params,
+                    phase_step(cfg))  # fmt: skip
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )

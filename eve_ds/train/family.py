@@ -13,8 +13,10 @@ import hashlib
 import logging
 import os
 from dataclasses import asdict
+from pathlib import Path
 from types import MappingProxyType
 
+import torch
 from torch import nn
 
 from eve_ds.convert import load_init_weights
@@ -23,7 +25,9 @@ from eve_ds.models.evlm.config import FLAVORS as EVLM_FLAVORS
 from eve_ds.models.evlm.counts import param_counts
 from eve_ds.objectives import PretrainingModel
 from eve_ds.objectives.flops import TextShape, flops_per_pair
+from eve_ds.train.checkpoint import latest_complete
 from eve_ds.train.config import ConfigError, RunConfig
+from eve_ds.train.preflight import EVLM_PACKED_PENDING
 
 logger = logging.getLogger(__name__)
 
@@ -112,21 +116,19 @@ class EVLMFamily(ModelFamily):
     def build_model(self, cfg: RunConfig) -> PretrainingModel:
         from eve_ds.models.evlm.model import EVLMModel  # transformers: only for runs of this family
 
-        if cfg.model.moe:
-            raise ConfigError(
-                f"model.flavor={cfg.model_flavor}: training EVLM-MoE (upcycling at load, expert-load "
-                "logging) is not wired into the trainer yet; use evlm_tiny or evlm_14b"
-            )
+        if cfg.task.name == "msm":
+            raise ConfigError(EVLM_PACKED_PENDING)
         backbone = EVLMModel(cfg.model)  # freezes all but the trainable set of model.stage
         backbone.set_grad_checkpointing(cfg.train.grad_checkpointing)
         return PretrainingModel(cfg.model, cfg.objective, backbone=backbone)
 
     def init_weights(self, model: PretrainingModel, cfg: RunConfig, ep_rank: int, resuming: bool) -> None:
-        if cfg.train.init_from and not resuming:
-            raise ConfigError(
-                "train.init_from: starting an EVLM stage from an earlier one is not wired yet; the LM and "
-                "the tower load from model.lm_path and model.vision_path"
-            )
+        """`train.init_from` = the run (or tag) of the stage this one continues: every weight its
+        checkpoint holds (what that stage trained, a superset of what this one trains) over the weights
+        built from the files; into an `evlm_*_moe` model through `upcycle_from`. Also when resuming: what
+        the earlier stage trained and this one freezes is in no checkpoint of this run."""
+        if cfg.train.init_from:
+            stage_init(model.encoder, cfg.train.init_from, ep_rank)
 
     def checkpoint_config(self, cfg: RunConfig) -> dict:
         m = cfg.model
@@ -152,6 +154,32 @@ class EVLMFamily(ModelFamily):
         parts = param_counts(cfg.model)["parts"]
         tokens_per_image = (cfg.model.image_size // cfg.model.vision_patch) ** 2 + 1
         return 6.0 * ((parts["lm"] + parts["xattn"]) * seq + parts["vision"] * tokens_per_image * images)
+
+
+def stage_init(backbone: nn.Module, path: str, ep_rank: int) -> None:
+    """Load an earlier EVLM stage's checkpoint (its module file: the trainable weights of that stage) into
+    `backbone`; a dense checkpoint into a MoE model is upcycled (`EVLMModel.upcycle_from`)."""
+    tag = latest_complete(Path(path))
+    if tag is None:
+        raise ConfigError(
+            f"train.init_from={path!r}: no complete checkpoint (an EVLM run directory or a tag)"
+        )
+    module = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    sd = {k.removeprefix("encoder."): v for k, v in module.items() if k.startswith("encoder.")}
+    dense = not any(".xattn.ffn.world." in k for k in sd)  # a MoE checkpoint has the world expert
+    if backbone.cfg.moe and dense:
+        own = {k: v for k, v in backbone.state_dict().items() if ".xattn.ffn." not in k}
+        backbone.upcycle_from({**own, **sd}, ep_rank)
+        logger.info("initialised from %s: %d tensors, cross-attention FFNs upcycled", tag, len(sd))
+        return
+    missing, unexpected = backbone.load_state_dict(sd, strict=False)
+    untouched = [n for n, p in backbone.named_parameters() if p.requires_grad and n in missing]
+    if unexpected or untouched:
+        raise ConfigError(
+            f"train.init_from={path!r}: {tag} does not fit model.flavor: unexpected {unexpected[:3]}, "
+            f"trainable but absent {untouched[:3]}"
+        )
+    logger.info("initialised from %s: %d tensors", tag, len(sd))
 
 
 def source_record(path: str) -> dict | None:

@@ -18,6 +18,7 @@ import torch
 from eve_ds.data.manifest import MANIFEST, read_manifest, shard_counts
 from eve_ds.data.pipeline import corpus_shards, mixture
 from eve_ds.data.stream import Corpus
+from eve_ds.models.evlm.config import EVLMConfig
 from eve_ds.train.config import RunConfig
 
 # The BEiT v2 checkpoint each flavor starts from ([paper]: EVE is initialised from BEiT v2), by timm name.
@@ -27,11 +28,23 @@ BEITV2 = {
 }
 
 
+# What an EVLM stage on real data still lacks in the trainer (its configs are complete otherwise).
+EVLM_PACKED_PENDING = (
+    "task.name=msm with an EVLM flavor: reading the packed EVLM shards (eve-make-shards --format "
+    "interleaved | sft) is not wired into the trainer yet"
+)
+
+
 def init_problem(cfg: RunConfig) -> str | None:
     """Why `train.init_from` cannot be used, or None (unset and not required, or an existing path)."""
     path = cfg.train.init_from
     if path is None:
         return None
+    if "$" in path and isinstance(cfg.model, EVLMConfig):
+        return (
+            f"train.init_from={path!r}: the variable is not set; set it to the run directory of the stage "
+            "this one starts from (or pass train.init_from=PATH)"
+        )
     if "$" in path:  # an environment variable the config names was not set
         timm = BEITV2.get(cfg.model_flavor, BEITV2["eve_base"])
         return (
@@ -50,6 +63,8 @@ def unset_variables(cfg: RunConfig) -> list[str]:
     d = cfg.data
     paths = [(f"data.train[{c.name}].shards", c.shards) for c in d.train]
     paths += [("data.val", d.val), ("data.cache_dir", d.cache_dir), ("task.data_root", cfg.task.data_root)]
+    if isinstance(cfg.model, EVLMConfig):  # the frozen LM and tower
+        paths += [("model.lm_path", cfg.model.lm_path), ("model.vision_path", cfg.model.vision_path)]
     return [
         f"{key}={value!r} uses an environment variable that is not set"
         for key, value in paths
@@ -78,17 +93,24 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
     problems += data_problems + task_problems(cfg)
     rows, steps = mixture(corpora, cfg.train.global_batch_size) if corpora else ([], 0)
     problem = init_problem(cfg)
-    if problem is None and cfg.train.init_from is not None:
+    evlm = isinstance(cfg.model, EVLMConfig)
+    if problem is None and cfg.train.init_from is not None and not evlm:
         problems += init_shape_problems(cfg)
     elif problem:
         problems.append(problem)
-    return {
+    report = {
         "mixture": [{k: r[k] for k in ("name", "pairs", "shards", "fraction")} for r in rows],
         "steps_per_epoch": steps,
         "init_from": cfg.train.init_from,
         "world_size": world_size,
         "problems": problems,
     }
+    if evlm:
+        from eve_ds.train.evlm_preflight import evlm_plan, evlm_problems
+
+        problems += evlm_problems(cfg)
+        report["plan"] = evlm_plan(cfg, world_size)
+    return report
 
 
 def layout_problems(cfg: RunConfig, world: int) -> list[str]:
@@ -159,6 +181,8 @@ def check_corpora(cfg: RunConfig, strict: bool = True) -> tuple[list[Corpus], li
 def task_problems(cfg: RunConfig) -> list[str]:
     """A downstream task's dataset directory must exist (a synthetic set is generated at start)."""
     t = cfg.task
+    if t.name == "msm" and isinstance(cfg.model, EVLMConfig):
+        return [EVLM_PACKED_PENDING]
     if t.name == "msm" or t.synthetic or not t.data_root or "$" in t.data_root:
         return []
     return [] if os.path.isdir(t.data_root) else [f"task.data_root={t.data_root!r}: no such directory"]
@@ -191,5 +215,9 @@ def format_report(report: dict) -> str:
     ]
     lines.append(f"steps per epoch: {report['steps_per_epoch']:,}   world size: {report['world_size']}")
     lines.append(f"init_from: {report['init_from']}")
+    if "plan" in report:
+        from eve_ds.train.evlm_preflight import format_plan
+
+        lines += format_plan(report["plan"])
     lines += [f"PROBLEM: {p}" for p in report["problems"]] or ["no problems: the run would start"]
     return "\n".join(lines)

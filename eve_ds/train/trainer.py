@@ -292,8 +292,9 @@ class Trainer:
             vec /= self.world
         record = {"step": step, **dict(zip(keys, vec.tolist()))}
         for k in m:
-            if k.startswith("expert_load"):
-                record[f"{k}/image"], record[f"{k}/text"] = m[k][0].tolist(), m[k][1].tolist()
+            if k.startswith("expert_load"):  # EVE: (2, E) image / text rows; EVLM: (1, E), all tokens
+                rows = ("image", "text") if m[k].shape[0] == 2 else ("all",)
+                record.update({f"{k}/{r}": m[k][i].tolist() for i, r in enumerate(rows)})
         record.update(
             lr=m["lr"],
             grad_norm=_float(self.engine.get_global_grad_norm()),

@@ -1,0 +1,19 @@
+#!/bin/bash
+# EVLM-MoE (SFT, upcycled from EVLM-Base at load): config evlm_14b_sft_moe, 16 GPUs (2 nodes x 8,
+# [ours]) with model.ep_size=8: the 16 experts of each layer spread over 8 GPUs (the world size must be a multiple).
+# Submit from the repository root; see slurm/README.md and docs/evlm.md ("Full-scale stages").
+#   export EVLM_LM_PATH=/models/Qwen1.5-14B-Chat EVLM_VIT_PATH=/models/eva02_enormous_laion2b_plus.safetensors
+#   EVLM_CPT_RUN=runs/evlm_cpt sbatch slurm/evlm_14b_sft_moe.sh --run-dir runs/evlm_moe
+# The launcher runs `eve-pretrain --dry-run` first: a missing file or an unset variable fails in seconds.
+#SBATCH --job-name=evlm-sft-moe
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=10
+#SBATCH --mem=0
+#SBATCH --time=48:00:00
+#SBATCH --requeue
+#SBATCH --signal=USR1@600
+#SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
+exec "${EVE_ROOT:-$SLURM_SUBMIT_DIR}/slurm/launch.sh" --config evlm_14b_sft_moe "$@"
