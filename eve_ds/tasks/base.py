@@ -133,6 +133,8 @@ class Task:
     def load_assets(self, assets: dict) -> None:
         """Take back what `assets` saved (from a checkpoint's or export's config["task"])."""
 
+    takes_init_assets = False  # whether take_init_assets needs the initial weights' config
+
     def take_init_assets(self, saved: dict, source: str) -> None:
         """`train.init_from`: adopt what the initial weights' config (`saved`, its whole config dict)
         fixes for this task, e.g. the answer order its VQA head was trained with. Default: nothing."""

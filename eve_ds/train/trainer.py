@@ -113,7 +113,7 @@ class Trainer:
             if (self.rank == 0) == (rank_turn == 0):
                 task.prepare()
             barrier()
-        if cfg.train.init_from:  # e.g. the answer order of an initial VQA head (also when resuming)
+        if cfg.train.init_from and task.takes_init_assets:  # e.g. an initial VQA head's answer order
             task.take_init_assets(read_source_config(cfg.train.init_from), cfg.train.init_from)
         return task
 

@@ -84,6 +84,8 @@ class VQATask(Task):
             vqa_collate, tokenizer=self.tokenizer(train=True), max_text_len=self.ctx.max_text_len
         )
 
+    takes_init_assets = True
+
     def take_init_assets(self, saved: dict, source: str) -> None:
         """Initial weights with a VQA head keep its answers in its order: their answer vocabulary replaces
         the one built from the data (task.answer_vocab_size is then not read)."""
