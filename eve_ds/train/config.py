@@ -101,6 +101,28 @@ class TrainConfig:
 
 
 @dataclass
+class Stage0Config:
+    """EVLM's stage 0 [ours] (not in the paper, which starts from a pre-trained LLM): with `enabled` and no
+    `model.lm_path`, the run first trains its LM alone on the task's text (next-token loss on all of it),
+    through the same trainer, in RUN/stage0, and saves it to RUN/lm; the run proper then loads it as its
+    frozen LM (`train/stages.py`). The other train/optim keys are the run's."""
+
+    enabled: bool = False
+    max_steps: int = 300
+    batch_size: int = 64
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+
+    def validate(self) -> None:
+        for key in ("max_steps", "batch_size"):
+            check(getattr(self, key) >= 1, f"stage0.{key}", getattr(self, key), ">= 1")
+        check(self.lr > 0, "stage0.lr", self.lr, "> 0")
+        check(0 <= self.min_lr <= self.lr, "stage0.min_lr", self.min_lr, f"in [0, stage0.lr={self.lr}]")
+
+
+@dataclass
 class WandbConfig:
     mode: str = "disabled"  # online | offline | disabled (online falls back to offline without an API key)
     project: str = "eve-ds"
@@ -117,6 +139,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    stage0: Stage0Config = field(default_factory=Stage0Config)
     model_flavor: str = "eve_base"
     name: str = "eve"
 
@@ -171,6 +194,13 @@ class RunConfig:
         self.objective.validate()
         self.data.validate()
         self.task.validate()
+        self.stage0.validate()
+        check(
+            not self.stage0.enabled or isinstance(self.model, EVLMConfig),
+            "stage0.enabled",
+            self.stage0.enabled,
+            "false for an EVE model (stage 0 trains an EVLM run's language model)",
+        )
         d = self.data
         check(
             self.task.name != "msm" or d.synthetic or len(d.train) > 0,
@@ -237,6 +267,7 @@ def from_dict(raw: dict) -> RunConfig:
         "train": TrainConfig,
         "wandb": WandbConfig,
         "task": TaskConfig,
+        "stage0": Stage0Config,
     }
     _reject_unknown(raw, RunConfig, "", extra=())
     if isinstance(raw.get("objective"), dict):  # a config.yaml written before objective.heads existed
