@@ -94,6 +94,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run
     dist_timeout_s: int = 600  # a collective that waits this long on a dead rank fails the run
     device: str = "auto"  # auto | cpu | cuda
+    # torch's intra-op CPU threads (null: torch's default, one per core). On a shared CPU, 1 avoids the
+    # oversubscription that made 2 threads 8x slower for the tiny models (benchmarks/results/evlm-tiny-cpu.md).
+    num_threads: int | None = None
     # Bitwise-reproducible runs (ours): deterministic algorithms and one intra-op CPU thread. Without it a
     # multi-threaded CPU run (or a GPU run) can differ from an identical one in the last bits, so a resumed
     # run matches an uninterrupted one to float tolerance only.
@@ -168,6 +171,7 @@ class RunConfig:
         for key in ("checkpoint_every", "eval_every", "log_every", "keep_last", "max_nonfinite_steps"):
             check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), ">= 1")
         check(t.device in ("auto", "cpu", "cuda"), "train.device", t.device, "one of auto, cpu, cuda")
+        check(t.num_threads is None or t.num_threads >= 1, "train.num_threads", t.num_threads, ">= 1 or null")
         check(o.lr > 0, "optim.lr", o.lr, "> 0")
         check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"in [0, optim.lr={o.lr}]")
         check(

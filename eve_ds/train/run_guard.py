@@ -50,6 +50,7 @@ FREE = (
     "train.init_from",  # read only by a run that starts from step 0
     "train.grad_checkpointing",
     "train.deterministic",
+    "train.num_threads",
     "data.num_workers",
     "data.cache_dir",
     "wandb.",

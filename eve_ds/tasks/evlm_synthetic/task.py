@@ -12,6 +12,7 @@ what the images add is the gap between the two:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections import defaultdict
@@ -137,9 +138,25 @@ class EVLMSyntheticTask(Task):
         out = {}
         for suffix, image_of in (("", list(range(n))), ("_blind", [(k - 1) % n for k in range(n)])):
             generated = decode(backbone, prompts, feats, image_of, EVAL_BATCH)
-            m = generation_metrics(prompts, generated, scenes, refs)
+            m = generation_metrics(*gather_ranks(prompts, generated, scenes, refs))
             out |= {k + suffix: v for k, v in m.items()}
         return out
+
+
+def gather_ranks(prompts: list, generated: list, scenes: list, refs: list) -> tuple[list, list, list, list]:
+    """Every rank's prompts, generations, scenes and references, as one set (CIDEr is a corpus metric);
+    the prompts' scene positions shifted to index the joined scenes. One process: as they are."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return prompts, generated, scenes, refs
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (prompts, generated, scenes, refs))
+    out: tuple[list, list, list, list] = ([], [], [], [])
+    for p, g, s, r in parts:
+        out[0].extend(dataclasses.replace(x, scene=x.scene + len(out[2])) for x in p)
+        out[1].extend(g)
+        out[2].extend(s)
+        out[3].extend(r)
+    return out
 
 
 # Rows decoded together: prompts are short (<= 30 tokens), so a large batch costs little memory.
