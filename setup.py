@@ -48,7 +48,7 @@ setup(
         "tqdm",
         "matplotlib>=3.7",  # eve-explain figures
     ],
-    extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
+    extras_require={"dev": ["pytest>=8", "ruff>=0.6"], "metrics": ["pycocoevalcap>=1.2"]},
     entry_points={
         "console_scripts": [
             "eve-pretrain=eve_ds.cli.pretrain:main",

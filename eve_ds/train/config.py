@@ -118,7 +118,13 @@ class Stage0Config:
     warmup_steps: int = 20
     weight_decay: float = 0.01
 
-    def validate(self) -> None:
+    def validate(self, model) -> None:
+        check(
+            not self.enabled or isinstance(model, EVLMConfig),
+            "stage0.enabled",
+            self.enabled,
+            "false for an EVE model (stage 0 trains an EVLM run's language model)",
+        )
         for key in ("max_steps", "batch_size"):
             check(getattr(self, key) >= 1, f"stage0.{key}", getattr(self, key), ">= 1")
         check(self.lr > 0, "stage0.lr", self.lr, "> 0")
@@ -198,13 +204,7 @@ class RunConfig:
         self.objective.validate()
         self.data.validate()
         self.task.validate()
-        self.stage0.validate()
-        check(
-            not self.stage0.enabled or isinstance(self.model, EVLMConfig),
-            "stage0.enabled",
-            self.stage0.enabled,
-            "false for an EVE model (stage 0 trains an EVLM run's language model)",
-        )
+        self.stage0.validate(self.model)
         d = self.data
         check(
             self.task.name != "msm" or d.synthetic or len(d.train) > 0,
