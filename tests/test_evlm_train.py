@@ -137,7 +137,8 @@ def test_a_run_through_eve_pretrain_writes_final_metrics(uninterrupted):
     steps = losses(uninterrupted)
     assert sorted(steps) == [1, 2, 3, 4] and steps[4] < steps[1]  # it learns something in 4 steps
     saved = json.loads((uninterrupted / "checkpoints" / "step_00000004" / "eve_config.json").read_text())
-    assert saved["family"] == "evlm" and saved["sources"] == {"lm": None, "vision": None}
+    assert saved["family"] == "evlm" and saved["sources"]["vision"] is None
+    assert saved["sources"]["lm"]["path"] == str((uninterrupted / "lm").resolve())  # stage 0's LM
 
 
 def test_stop_and_rerun_equals_the_uninterrupted_run(tmp_path, cache_dir, uninterrupted):
