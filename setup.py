@@ -47,6 +47,7 @@ setup(
         "numpy",
         "tqdm",
         "matplotlib>=3.7",  # eve-explain figures
+        "pycocoevalcap>=1.2",  # CIDEr-D and BLEU-4 of the EVLM demonstration
     ],
     extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
     entry_points={

@@ -3,6 +3,7 @@
 eve-evaluate --checkpoint RUN_DIR [--json]      # what the run validated on, as its validation did
 eve-evaluate --checkpoint RUN_DIR|TAG_DIR|EXPORT_DIR --data SHARDS        # pre-training: other shards
 eve-evaluate --checkpoint RUN_DIR --task vqa --data-root DIR --split test-dev --predictions FILE
+eve-evaluate --checkpoint runs/evlm_tiny_synthetic --task evlm_synthetic    # EVLM: captions, VQA, POPE
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--checkpoint", required=True, help="run dir, DeepSpeed tag dir or native export dir")
     p.add_argument(
-        "--task", choices=["msm", "vqa", "retrieval", "nlvr2"], default=None, help="default: the run's task"
+        "--task",
+        choices=["msm", "vqa", "retrieval", "nlvr2", "evlm_synthetic"],
+        default=None,
+        help="default: the run's task",
     )
     p.add_argument("--data", help="msm: validation shards (a shard directory or brace spec)")
     p.add_argument("--data-root", help="downstream task: the dataset's files as distributed")

@@ -86,10 +86,11 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(cfg, args)
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
-    from eve_ds.train.trainer import NonFiniteLossError, Trainer
+    from eve_ds.train.stages import train_run
+    from eve_ds.train.trainer import NonFiniteLossError
 
     try:
-        return Trainer(cfg, run_dir, allow_changes=args.allow_changes).train()
+        return train_run(cfg, run_dir, allow_changes=args.allow_changes)
     except NonFiniteLossError as e:
         logger.error("%s", e)
         return 3

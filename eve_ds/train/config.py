@@ -99,10 +99,41 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run
     dist_timeout_s: int = 600  # a collective that waits this long on a dead rank fails the run
     device: str = "auto"  # auto | cpu | cuda
+    # torch's intra-op CPU threads (null: torch's default, one per core). On a shared CPU, 1 avoids the
+    # oversubscription that made 2 threads 8x slower for the tiny models (benchmarks/results/evlm-tiny-cpu.md).
+    num_threads: int | None = None
     # Bitwise-reproducible runs (ours): deterministic algorithms and one intra-op CPU thread. Without it a
     # multi-threaded CPU run (or a GPU run) can differ from an identical one in the last bits, so a resumed
     # run matches an uninterrupted one to float tolerance only.
     deterministic: bool = False
+
+
+@dataclass
+class Stage0Config:
+    """EVLM's stage 0 [ours] (not in the paper, which starts from a pre-trained LLM): with `enabled` and no
+    `model.lm_path`, the run first trains its LM alone on the task's text (next-token loss on all of it),
+    through the same trainer, in RUN/stage0, and saves it to RUN/lm; the run proper then loads it as its
+    frozen LM (`train/stages.py`). The other train/optim keys are the run's."""
+
+    enabled: bool = False
+    max_steps: int = 300
+    batch_size: int = 64
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+
+    def validate(self, model) -> None:
+        check(
+            not self.enabled or isinstance(model, EVLMConfig),
+            "stage0.enabled",
+            self.enabled,
+            "false for an EVE model (stage 0 trains an EVLM run's language model)",
+        )
+        for key in ("max_steps", "batch_size"):
+            check(getattr(self, key) >= 1, f"stage0.{key}", getattr(self, key), ">= 1")
+        check(self.lr > 0, "stage0.lr", self.lr, "> 0")
+        check(0 <= self.min_lr <= self.lr, "stage0.min_lr", self.min_lr, f"in [0, stage0.lr={self.lr}]")
 
 
 @dataclass
@@ -122,6 +153,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    stage0: Stage0Config = field(default_factory=Stage0Config)
     model_flavor: str = "eve_base"
     name: str = "eve"
 
@@ -151,6 +183,7 @@ class RunConfig:
         for key in ("checkpoint_every", "eval_every", "log_every", "keep_last", "max_nonfinite_steps"):
             check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), ">= 1")
         check(t.device in ("auto", "cpu", "cuda"), "train.device", t.device, "one of auto, cpu, cuda")
+        check(t.num_threads is None or t.num_threads >= 1, "train.num_threads", t.num_threads, ">= 1 or null")
         check(o.lr > 0, "optim.lr", o.lr, "> 0")
         check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"in [0, optim.lr={o.lr}]")
         check(
@@ -177,6 +210,7 @@ class RunConfig:
         self.objective.validate()
         self.data.validate()
         self.task.validate()
+        self.stage0.validate(self.model)
         d = self.data
         check(
             self.task.name != "msm" or d.synthetic or len(d.train) > 0,
@@ -267,6 +301,7 @@ def from_dict(raw: dict) -> RunConfig:
         "train": TrainConfig,
         "wandb": WandbConfig,
         "task": TaskConfig,
+        "stage0": Stage0Config,
     }
     _reject_unknown(raw, RunConfig, "", extra=())
     if isinstance(raw.get("objective"), dict):  # a config.yaml written before objective.heads existed

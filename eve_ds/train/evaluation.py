@@ -12,12 +12,21 @@ from dataclasses import dataclass, replace
 import torch
 
 from eve_ds.convert import load_pretraining_model
+from eve_ds.convert.ds_checkpoint import (
+    MODEL_STATES,
+    ConvertError,
+    read_eve_config,
+    resolve_tag_dir,
+    torch_load,
+)
 from eve_ds.data import load_tokenizer
 from eve_ds.data.config import DataConfig
+from eve_ds.models.weights import is_native_export
 from eve_ds.tasks.base import Task, TaskContext, build_task
 from eve_ds.tasks.config import TaskConfig
 from eve_ds.train.config import ConfigError, RunConfig, from_dict, task_context
 from eve_ds.train.distributed import resolve_device
+from eve_ds.train.family import family_of
 
 
 @dataclass
@@ -49,7 +58,7 @@ def evaluate_checkpoint(checkpoint: str, request: EvalRequest, device: str = "au
     """The metrics of `request` for the model in `checkpoint`: the task's own evaluation (pre-training's
     is the one the trainer validates with)."""
     device = resolve_device(device)
-    model, config = load_pretraining_model(checkpoint, device=device)
+    model, config = load_checkpoint_model(checkpoint, device=device)
     run = run_config(config)
     request = follow_run(request, run)
     task = checkpoint_task(model, config, request, run)
@@ -64,6 +73,33 @@ def evaluate_checkpoint(checkpoint: str, request: EvalRequest, device: str = "au
     return task.evaluate_split(
         model, split, device=device, batch_size=request.batch_size, predictions=request.predictions
     )
+
+
+def load_checkpoint_model(checkpoint: str, device: str):
+    """(model in eval mode, config dict) of a checkpoint of either family: EVE's through the converter
+    (any ep_size, native exports too), EVLM's DeepSpeed checkpoints through `load_evlm_checkpoint`."""
+    if not is_native_export(checkpoint):
+        tag = resolve_tag_dir(checkpoint)
+        config = read_eve_config(tag)
+        if config.get("family") == "evlm":
+            return load_evlm_checkpoint(tag, config).to(device).eval(), config
+    return load_pretraining_model(checkpoint, device=device)
+
+
+def load_evlm_checkpoint(tag, config: dict):
+    """An EVLM run's model: built as the run built it (its frozen LM from `model.lm_path`, the other
+    frozen weights from `train.seed`, which is what the run did), then the checkpoint's trainable
+    weights; every parameter missing from the file must be a frozen one."""
+    run = from_dict(config["run"])
+    torch.manual_seed(run.train.seed)
+    model = family_of(run).build_model(run)
+    module = torch_load(tag / MODEL_STATES)["module"]
+    missing, unexpected = model.load_state_dict(module, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    bad = sorted(unexpected) + sorted(k for k in missing if k in trainable)
+    if bad:
+        raise ConvertError(f"{tag}: the checkpoint does not fit the run's model: {bad[:5]} ({len(bad)} keys)")
+    return model
 
 
 def run_config(config: dict) -> RunConfig | None:

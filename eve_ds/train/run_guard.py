@@ -34,6 +34,8 @@ RUN_ENTRIES = {
     "wandb",
     "wandb_id.txt",
     CHANGES_FILE,
+    "stage0",  # EVLM's stage 0 (train/stages.py): its own run directory, and the LM it saves
+    "lm",
 }
 # Keys that change no number of the run: bookkeeping, where and how it is laid out (the checkpoint
 # loader handles a new world or expert-parallel size: see `convert.resume_options`), when this job stops.
@@ -48,9 +50,12 @@ FREE = (
     "train.init_from",  # read only by a run that starts from step 0
     "train.grad_checkpointing",
     "train.deterministic",
+    "train.num_threads",
     "data.num_workers",
     "data.cache_dir",
     "wandb.",
+    # Read only before the LM of RUN/lm exists; a resumed run loads that LM whatever they say.
+    "stage0.",
 )
 # Keys a resumed run may take, when asked to: the schedule's values and its end, the cadences.
 CHANGEABLE = (

@@ -55,6 +55,8 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         if cfg.train.deterministic:
             make_deterministic(self.device)
+        elif cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
         self.denv = init_distributed(self.device, cfg.train.dist_timeout_s)
         self.rank, self.world = self.denv.rank, self.denv.world_size
         setup_logging(self.rank, self.run_dir)

@@ -27,7 +27,9 @@ QWEN15_14B = dict(
 )
 # Which ViT blocks train in each stage, as the first trainable block / depth ([paper] Sec. 3.1: the latter
 # half in stages 1-2, the latter quarter in SFT). In stage 1 the ViT joins after `phase_start` of the steps.
-VISION_TRAINABLE_FROM = {"stage1": 0.5, "stage2": 0.5, "stage3": 0.75}
+# stage0 [ours] (not in the paper): the LM itself trains on text alone, everything else frozen (the tiny
+# demonstration's stand-in for a pre-trained LLM; `train/stages.py`).
+VISION_TRAINABLE_FROM = {"stage0": 1.0, "stage1": 0.5, "stage2": 0.5, "stage3": 0.75}
 STAGES = tuple(VISION_TRAINABLE_FROM)
 
 

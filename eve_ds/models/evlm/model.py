@@ -22,13 +22,14 @@ import torch
 from timm.layers import trunc_normal_
 from tokenizers import Tokenizer
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from eve_ds.models.evlm.config import VISION_TRAINABLE_FROM, EVLMConfig
 from eve_ds.models.evlm.moe_xattn import WorldMoE, upcycle
 from eve_ds.models.evlm.vision import build_vision, set_trainable_from
 from eve_ds.models.evlm.wrap import XAttnDecoderLayer, layer_levels, wrap_decoder_layers
 from eve_ds.models.evlm.xattn import GatedXAttn, Media, build_ffn
+from eve_ds.utils.io import staging_dir
 
 
 @dataclass
@@ -121,6 +122,11 @@ class EVLMModel(nn.Module):
         if stage not in VISION_TRAINABLE_FROM:
             raise ValueError(f"stage={stage!r}: expected one of {list(VISION_TRAINABLE_FROM)}")
         self.requires_grad_(False)
+        if stage == "stage0":  # text only: the LM trains, the cross-attention (gates at 0) is skipped
+            lm = list(self.lm.parameters())
+            for p in lm:
+                p.requires_grad_(True)
+            return {"fusion": lm, "vision": []}
         fusion = [self.media_tokens, *(p for layer in self.layers for p in layer.xattn.parameters())]
         for p in fusion:
             p.requires_grad_(True)
@@ -200,18 +206,30 @@ class EVLMModel(nn.Module):
             feats.append(full)
         return Media(feats, lo, hi)
 
-    def forward(self, batch: dict[str, Tensor]) -> EVLMOutput:
-        """batch: input_ids, position_ids (restarting per document), lo, hi, valid: (B, S); images
-        (N, 3, H, W) with image_slot (N, 2) and num_slots M (optional: a text-only batch)."""
+    def _images_per_row(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, int]:
+        """-> image_slot (N, 2), images per row (B,), slots per row M."""
         ids = batch["input_ids"]
-        B = ids.shape[0]
-        images, slot = batch.get("images"), batch.get("image_slot")
+        slot = batch.get("image_slot")
         if slot is None:
             slot = ids.new_zeros(0, 2)
-        per_row = torch.bincount(slot[:, 0], minlength=B) if slot.numel() else ids.new_zeros(B)
+        per_row = (
+            torch.bincount(slot[:, 0], minlength=ids.shape[0])
+            if slot.numel()
+            else ids.new_zeros(ids.shape[0])
+        )
         M = int(batch.get("num_slots", int(slot[:, 1].max()) + 1 if slot.numel() else 1))
-        media = self.media(images, slot, B, M, batch["lo"], batch["hi"])
-        media.valid = batch.get("valid")
+        return slot, per_row, M
+
+    def forward(self, batch: dict[str, Tensor]) -> EVLMOutput:
+        """batch: input_ids, position_ids (restarting per document), lo, hi, valid: (B, S); images
+        (N, 3, H, W) with image_slot (N, 2) and num_slots M (optional: a text-only batch). In stage0 the
+        cross-attention is not run at all: the LM alone, on text."""
+        ids = batch["input_ids"]
+        slot, per_row, M = self._images_per_row(batch)
+        media = None
+        if self.cfg.stage != "stage0":
+            media = self.media(batch.get("images"), slot, ids.shape[0], M, batch["lo"], batch["hi"])
+            media.valid = batch.get("valid")
         out = self.lm(
             inputs_embeds=self.embed(ids, per_row),
             position_ids=batch.get("position_ids"),
@@ -226,3 +244,67 @@ class EVLMModel(nn.Module):
                 counts[i] = layer.xattn.last_routes.reshape(1, -1)  # (1, E): one row, all tokens
                 layer.xattn.last_aux = layer.xattn.last_routes = None
         return EVLMOutput(out.logits, aux, counts)
+
+    # -- generation --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_greedy(
+        self, batch: dict[str, Tensor], max_new_tokens: int, eos_id: int, use_cache: bool = True,
+        media: Media | None = None,
+    ) -> Tensor:  # fmt: skip
+        """Greedy continuation of every row of `batch` (a prompt per row, as `forward` takes it, ending
+        where the answer starts, no trailing padding) -> (B, T <= max_new_tokens) token ids, `eos_id`
+        after a row's end. New tokens continue the prompt's last text, so they read the image slots of the
+        prompt's last position. `use_cache=False` recomputes the whole sequence at each step (the
+        reference the cached loop must equal). `media`: precomputed features (skips the tower). The
+        placeholder id is never generated."""
+        ids = batch["input_ids"]
+        B, S = ids.shape
+        slot, per_row, M = self._images_per_row(batch)
+        if media is None:
+            media = self.media(batch.get("images"), slot, B, M, batch["lo"], batch["hi"])
+        pos = batch.get("position_ids")
+        pos = torch.arange(S, device=ids.device).expand(B, S) if pos is None else pos
+        embeds = self.embed(ids, per_row)
+        table = self.lm.get_input_embeddings()
+        cache = DynamicCache(config=self.lm.config) if use_cache else None
+        done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+        out: list[Tensor] = []
+        step_embeds, step_pos, step_media = embeds, pos, media
+        for _ in range(max_new_tokens):
+            logits = self.lm(
+                inputs_embeds=step_embeds, position_ids=step_pos, media=step_media, cache=cache,
+                use_cache=use_cache,
+            ).logits[:, -1].float()  # fmt: skip
+            logits[:, self.media_token_id] = float("-inf")
+            nxt = torch.where(done, eos_id, logits.argmax(-1))
+            out.append(nxt)
+            done = done | (nxt == eos_id)
+            if bool(done.all()):
+                break
+            new_embed, new_pos = table(nxt)[:, None], step_pos[:, -1:] + 1
+            if use_cache:  # only the new token: its keys join the cache, its media interval the last one's
+                step_embeds, step_pos = new_embed, new_pos
+                step_media = Media(media.feats, media.lo[:, -1:], media.hi[:, -1:])
+            else:
+                step_embeds = torch.cat([step_embeds, new_embed], 1)
+                step_pos = torch.cat([step_pos, new_pos], 1)
+                lo, hi = step_media.lo, step_media.hi
+                step_media = Media(
+                    media.feats, torch.cat([lo, lo[:, -1:]], 1), torch.cat([hi, hi[:, -1:]], 1)
+                )
+        return torch.stack(out, 1)
+
+    def export_lm(self, path: str, tokenizer=None) -> None:
+        """Save the LM as it was before wrapping (`save_pretrained`, + `tokenizer` when given) into `path`,
+        atomically: what `model.lm_path` of a later stage loads with `from_pretrained`."""
+        lm = AutoModelForCausalLM.from_config(self.lm.config, dtype=self.lm.dtype)
+        state = {
+            k.replace(".layer.", ".", 1): v for k, v in self.lm.state_dict().items() if ".xattn." not in k
+        }
+        lm.load_state_dict(state, strict=True)
+        lm.config.use_cache = True  # the saved model is a plain causal LM again
+        with staging_dir(path, overwrite=True) as tmp:
+            lm.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)

@@ -1,13 +1,19 @@
-"""The `evlm_synthetic` task: EVLM's caption pre-training on synthetic scenes, on the shared trainer.
+"""The `evlm_synthetic` task: EVLM's pre-training on synthetic scenes (captions, VQA, POPE), on the shared
+trainer.
 
 Training: `caption_lm` on the rows of `data.py`, in the order of the Task base's `EpochBatchSampler`
-(exactly resumable by batch count). Validation (teacher-forced, over the val scenes): caption loss, token
-accuracy and the accuracy on colour words, each again with the images rolled by one across the batch
-(`*_blind`): what the images add is the gap between the two.
+(exactly resumable by batch count); text-only rows when the model is in stage 0 (`train/stages.py`).
+Validation, over the val scenes, each metric again with the images rolled by one (`*_blind`), so that
+what the images add is the gap between the two:
+- teacher-forced: caption-row loss, token accuracy, accuracy on colour words;
+- generated (greedy, KV cache; `eval.py`): CIDEr-D, BLEU-4, object F1, VQA exact match per template
+  (`vqa_colour`, ...), POPE accuracy / F1 / yes-ratio, overall and per sampler. Not in stage 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from collections import defaultdict
 
@@ -20,6 +26,15 @@ from eve_ds.data.transforms import batch_to_device
 from eve_ds.objectives.caption_lm import next_token_targets
 from eve_ds.tasks.base import Task, register_task
 from eve_ds.tasks.evlm_synthetic.data import MEDIA, VOCAB, CaptionScenes, collate, ensure_tokenizer
+from eve_ds.tasks.evlm_synthetic.eval import (
+    decode,
+    eval_rng,
+    generation_metrics,
+    references,
+    scene_prompts,
+    tower_features,
+)
+from eve_ds.utils.image import normalize_image
 from eve_ds.utils.ranks import even_rank_slice
 
 METRICS = ("caption_lm_loss", "caption_lm_tok_acc", "colour_word_acc")
@@ -51,13 +66,17 @@ class EVLMSyntheticTask(Task):
         c = self.cfg
         n = c.synthetic_num_train if split == "train" else c.synthetic_num_val
         media_tokens = self.ctx.model.num_media_tokens if self.ctx.model is not None else 16
-        return CaptionScenes(n, split, c.synthetic_seed, self.ctx.image_size, self.tokenizer, media_tokens)
+        model = self.ctx.model
+        return CaptionScenes(
+            n, split, c.synthetic_seed, self.ctx.image_size, self.tokenizer, media_tokens,
+            text_only=model is not None and model.stage == "stage0",
+        )  # fmt: skip
 
     def num_examples(self) -> int:
         return self.cfg.synthetic_num_train
 
     def train_dataset(self):
-        return self.dataset("train"), collate
+        return self.dataset("train"), functools.partial(collate, image_size=self.ctx.image_size)
 
     def score(
         self,
@@ -69,25 +88,79 @@ class EVLMSyntheticTask(Task):
         dtype: torch.dtype = torch.float32,
         predictions: str | None = None,
     ) -> dict:
-        """Teacher-forced metrics over the scenes of `split` (this rank's share, `train.eval_batches` per
-        rank at most), with the images and with them rolled across each batch."""
+        """The metrics of the scenes of `split` (this rank's share, `train.eval_batches` batches per rank
+        at most), with the images and with them rolled (module doc)."""
         dataset = self.dataset(split)
         mine = even_rank_slice(len(dataset))
-        batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
         if self.ctx.eval_batches:
-            batches = batches[: self.ctx.eval_batches]
-        colour_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(COLOURS)), device=device)
+            mine = mine[: self.ctx.eval_batches * batch_size]
+        items = [dataset[i] for i in mine]
         was_training = model.training
         model.eval()
+        out = self.teacher_forced(model.encoder, items, device, dtype, batch_size)
+        if dataset.text_only:
+            model.train(was_training)
+            return {**out, "num_samples": len(dataset)}
+        out |= self.generated(model.encoder, items, mine, split, device, dtype)
+        model.train(was_training)
+        return {**out, "num_samples": len(dataset)}
+
+    def teacher_forced(self, backbone, items: list[dict], device, dtype, batch_size: int) -> dict:
+        colour_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(COLOURS)), device=device)
         sums: dict[str, float] = defaultdict(float)
+        size = self.ctx.image_size
         with torch.no_grad():
-            for idx in batches:
-                batch = collate([dataset[i] for i in idx])
+            for start in range(0, len(items), batch_size):
+                batch = collate(items[start : start + batch_size], image_size=size)
                 batch = batch_to_device(batch, device, dtype, self.ctx.image_mean, self.ctx.image_std)
                 for suffix, images in (("", batch["image"]), ("_blind", batch["image"].roll(1, 0))):
-                    add_sums(sums, model.encoder, {**batch, "images": images}, colour_ids, suffix)
-        model.train(was_training)
-        return finish(sums, device, len(dataset))
+                    add_sums(sums, backbone, {**batch, "images": images}, colour_ids, suffix)
+        return finish(sums, device)
+
+    def generated(self, backbone, items: list[dict], indices: list[int], split: str, device, dtype) -> dict:
+        """Greedy answers and captions of every scene, with its image and with the previous scene's."""
+        seed = self.cfg.synthetic_seed
+        scenes = [it["scene"] for it in items]
+        prompts = [
+            p
+            for k, (i, s) in enumerate(zip(indices, scenes))
+            for p in scene_prompts(k, s, eval_rng(seed, split, i), seed)
+        ]
+        refs = [references(s, eval_rng(seed, split, i)) for i, s in zip(indices, scenes)]
+        images = normalize_image(
+            torch.stack([it["image"] for it in items]).to(device),
+            dtype,
+            self.ctx.image_mean,
+            self.ctx.image_std,
+        )
+        feats = tower_features(backbone, images, EVAL_BATCH)
+        n = len(items)
+        out = {}
+        for suffix, image_of in (("", list(range(n))), ("_blind", [(k - 1) % n for k in range(n)])):
+            generated = decode(backbone, prompts, feats, image_of, EVAL_BATCH)
+            m = generation_metrics(*gather_ranks(prompts, generated, scenes, refs))
+            out |= {k + suffix: v for k, v in m.items()}
+        return out
+
+
+def gather_ranks(prompts: list, generated: list, scenes: list, refs: list) -> tuple[list, list, list, list]:
+    """Every rank's prompts, generations, scenes and references, as one set (CIDEr is a corpus metric);
+    the prompts' scene positions shifted to index the joined scenes. One process: as they are."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return prompts, generated, scenes, refs
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (prompts, generated, scenes, refs))
+    out: tuple[list, list, list, list] = ([], [], [], [])
+    for p, g, s, r in parts:
+        out[0].extend(dataclasses.replace(x, scene=x.scene + len(out[2])) for x in p)
+        out[1].extend(g)
+        out[2].extend(s)
+        out[3].extend(r)
+    return out
+
+
+# Rows decoded together: prompts are short (<= 30 tokens), so a large batch costs little memory.
+EVAL_BATCH = 256
 
 
 def add_sums(sums: dict, backbone, batch: dict, colour_ids: torch.Tensor, suffix: str) -> None:
@@ -105,7 +178,7 @@ def add_sums(sums: dict, backbone, batch: dict, colour_ids: torch.Tensor, suffix
     sums["colour_word_acc" + suffix] += int(hit[colour].sum())
 
 
-def finish(sums: dict, device: str, num_samples: int) -> dict:
+def finish(sums: dict, device: str) -> dict:
     """Sums of every rank -> means per labelled token (per colour word for colour_word_acc)."""
     keys = sorted(sums)
     totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
@@ -118,4 +191,4 @@ def finish(sums: dict, device: str, num_samples: int) -> dict:
     for name in METRICS:
         for suffix in ("", "_blind"):
             out[name + suffix] = t[name + suffix] / max(1.0, colours if name == "colour_word_acc" else tokens)
-    return {**out, "num_samples": num_samples}
+    return out

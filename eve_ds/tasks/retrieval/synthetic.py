@@ -23,7 +23,8 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from eve_ds.data.synthetic import RELATIONS, caption, make_scene, render
+from eve_ds.data.scene_text import _multi_shape_paraphrases, paraphrases  # noqa: F401  (re-exported)
+from eve_ds.data.synthetic import make_scene, render
 from eve_ds.tasks.retrieval.data import ANNOTATIONS, FLICKR_IMAGE_DIR
 from eve_ds.utils.io import atomic_write_text, staging_dir
 
@@ -34,62 +35,6 @@ SPLIT_IDS = {"train": 1100, "val": 1101, "test": 1102}
 ID_BASE = {"train": 1_000_000, "val": 2_000_000, "test": 3_000_000}  # image ids: ID_BASE[split] + index
 MAX_IMAGES = 1_000_000  # per split, so the id ranges stay apart
 RESTVAL_EVERY = 4
-_INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
-_RELATIVE = {"left": "to its left", "right": "to its right", "above": "above it", "below": "below it"}
-_COMPACT = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
-_COUNT = {2: "two", 3: "three"}
-
-
-def _name(shape: dict, size: bool = True) -> str:
-    colour_kind = f"{shape['colour']} {shape['shape']}"
-    return f"{shape['size']} {colour_kind}" if size else colour_kind
-
-
-def _listing(names: list[str]) -> str:
-    """["a", "b", "c"] -> "a, b and c"."""
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-
-
-def _single_shape_paraphrases(shape: dict) -> list[str]:
-    full, short = _name(shape), _name(shape, size=False)
-    return [
-        f"a {full}",
-        f"there is a {full}",
-        f"a scene with a single {short}",
-        f"one {shape['size']} {shape['shape']} that is {shape['colour']}",
-        f"a {short} on a dark background",
-        f"a picture of a {full}",
-    ]
-
-
-def _multi_shape_paraphrases(scene: dict, rng: np.random.Generator) -> list[str]:
-    """Captions of a 2- or 3-shape scene; relations all go from the other shapes to shapes[1]."""
-    shapes = scene["shapes"]
-    anchor = shapes[1]
-    facts = [(shapes[r["subject"]], r["relation"]) for r in scene["relations"]]  # (subject, its relation)
-    mentions = [[shapes[i] for i in rng.permutation(len(shapes))] for _ in range(2)]
-    return [
-        caption(scene),
-        f"a {_name(anchor)} with " + " and ".join(f"a {_name(s)} {_RELATIVE[r]}" for s, r in facts),
-        f"there is a {_name(anchor)}; "
-        + "; ".join(f"a {_name(s, False)} is {_RELATIVE[r]}" for s, r in facts),
-        "a scene with " + _listing([f"a {_name(s, False)}" for s in mentions[0]]),
-        " and ".join(f"a {_name(s, False)} {_COMPACT[r]} a {_name(anchor, False)}" for s, r in facts),
-        f"the {_name(anchor, False)} is "
-        + " and ".join(f"{RELATIONS[_INVERSE[r]]} the {_name(s, False)}" for s, r in facts),
-        f"{_COUNT[len(shapes)]} shapes on a dark background: "
-        + _listing([f"a {_name(s)}" for s in mentions[1]]),
-    ]
-
-
-def paraphrases(scene: dict, rng: np.random.Generator) -> list[str]:
-    """3 to 6 distinct true captions of `scene`, drawn from the templates in a random order."""
-    shapes = scene["shapes"]
-    candidates = (
-        _single_shape_paraphrases(shapes[0]) if len(shapes) == 1 else _multi_shape_paraphrases(scene, rng)
-    )
-    n = int(rng.integers(3, 7))
-    return [candidates[i] for i in rng.choice(len(candidates), n, replace=False)]
 
 
 def synthetic_example(

@@ -35,12 +35,12 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 
-from eve_ds.data.synthetic import COLOURS, RELATIONS, SHAPES, SIZES, make_scene, render
+from eve_ds.data.scene_text import TEMPLATES, Scene, _pick
+from eve_ds.data.synthetic import make_scene, render
 from eve_ds.tasks.vqa.data import SPLITS, annotations_path, image_path, questions_path
 from eve_ds.utils.io import atomic_write_json, atomic_write_text
 
@@ -65,12 +65,6 @@ _OFFICIAL_QUESTION_TYPES = (
 )
 OFFICIAL_QUESTION_TYPES = tuple(_OFFICIAL_QUESTION_TYPES.split("|"))
 _DIGIT_WORDS = {0: "zero", 1: "one", 2: "two", 3: "three"}
-_OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
-
-Scene = dict
-# (question, canonical answer, answer type, distractor answers) or None when the template does not fit
-Question = tuple[str, str, str, list[str]]
-Template = Callable[[Scene, np.random.Generator], Question | None]
 
 
 def question_type(question: str) -> str:
@@ -78,90 +72,6 @@ def question_type(question: str) -> str:
     words = question.lower().rstrip("?").split()
     fits = [t for t in OFFICIAL_QUESTION_TYPES if words[: len(t.split())] == t.split()]
     return max(fits, key=len) if fits else "none of the above"
-
-
-def _pick(rng: np.random.Generator, items: list):
-    return items[int(rng.integers(len(items)))]
-
-
-def _others(value: str, values) -> list[str]:
-    return [v for v in values if v != value]
-
-
-def colour_question(scene: Scene, rng: np.random.Generator) -> Question:
-    s = _pick(rng, scene["shapes"])
-    return f"what color is the {s['shape']}?", s["colour"], "other", _others(s["colour"], COLOURS)
-
-
-def shape_question(scene: Scene, rng: np.random.Generator) -> Question:
-    s = _pick(rng, scene["shapes"])
-    return f"what shape is the {s['colour']} object?", s["shape"], "other", _others(s["shape"], SHAPES)
-
-
-def size_question(scene: Scene, rng: np.random.Generator) -> Question:
-    s = _pick(rng, scene["shapes"])
-    return f"what size is the {s['colour']} {s['shape']}?", s["size"], "other", _others(s["size"], SIZES)
-
-
-def count_question(scene: Scene, rng: np.random.Generator) -> Question:
-    size = _pick(rng, ["", *SIZES])
-    n = sum(size in ("", s["size"]) for s in scene["shapes"])
-    words = f"{size} shapes" if size else "shapes"
-    return f"how many {words} are there?", str(n), "number", [str(m) for m in (n - 1, n + 1) if m >= 0]
-
-
-def exists_question(scene: Scene, rng: np.random.Generator) -> Question:
-    """Half yes, half no; a "no" names a colour or a shape of the scene, so one word alone never tells."""
-    present = {(s["colour"], s["shape"]) for s in scene["shapes"]}
-    if rng.random() < 0.5:
-        colour, shape = _pick(rng, sorted(present))
-        answer = "yes"
-    else:
-        colours, shapes = {c for c, _ in present}, {k for _, k in present}
-        absent = [(c, k) for c in COLOURS for k in SHAPES if (c, k) not in present]
-        near = [(c, k) for c, k in absent if c in colours or k in shapes]
-        colour, shape = _pick(rng, near or absent)
-        answer = "no"
-    return f"is there a {colour} {shape}?", answer, "yes/no", _others(answer, ("yes", "no"))
-
-
-def relation_question(scene: Scene, rng: np.random.Generator) -> Question | None:
-    """ "is the red circle to the left of the blue square?": the true relation or its opposite (p=.5)."""
-    if not scene["relations"]:
-        return None
-    rel = _pick(rng, scene["relations"])
-    subject, anchor = scene["shapes"][rel["subject"]], scene["shapes"][rel["object"]]
-    yes = rng.random() < 0.5
-    relation = rel["relation"] if yes else _OPPOSITE[rel["relation"]]
-    answer = "yes" if yes else "no"
-    question = f"is the {subject['colour']} {subject['shape']} {RELATIONS[relation]} the "
-    question += f"{anchor['colour']} {anchor['shape']}?"
-    return question, answer, "yes/no", _others(answer, ("yes", "no"))
-
-
-def relation_what_question(scene: Scene, rng: np.random.Generator) -> Question | None:
-    """ "what is to the left of the blue square?" -> the shape of the only thing there."""
-    by_relation: dict[str, list[int]] = {}
-    for r in scene["relations"]:
-        by_relation.setdefault(r["relation"], []).append(r["subject"])
-    unique = [(rel, subjects[0]) for rel, subjects in sorted(by_relation.items()) if len(subjects) == 1]
-    if not unique:
-        return None
-    relation, i = _pick(rng, unique)
-    anchor, kind = scene["shapes"][1], scene["shapes"][i]["shape"]
-    question = f"what is {RELATIONS[relation]} the {anchor['colour']} {anchor['shape']}?"
-    return question, kind, "other", _others(kind, SHAPES)
-
-
-TEMPLATES: dict[str, Template] = {
-    "colour": colour_question,
-    "shape": shape_question,
-    "size": size_question,
-    "count": count_question,
-    "exists": exists_question,
-    "relation": relation_question,
-    "relation_what": relation_what_question,
-}
 
 
 def spellings(answer: str, answer_type: str) -> list[str]:
