@@ -74,7 +74,7 @@ def open_image(path: str) -> Image.Image:
 def explain_vqa(args, device: str) -> dict:
     need(args, "image", "question")
     p = VQAPredictor.from_pretrained(args.checkpoint, device=device)
-    batch, bad = pre.vqa_batch([args.image], [args.question], p.vocab, p.ctx)
+    batch, bad = pre.vqa_batch([args.image], [args.question], p.vocab, p.ctx, p.geometry)
     if bad:
         raise UnreadableImageError([args.image])
     answer = None
@@ -85,7 +85,7 @@ def explain_vqa(args, device: str) -> dict:
     layer = ex.default_layer(len(p.model.encoder.blocks)) if args.layer is None else args.layer
     heat = ex.vqa_heat(p, batch, answer, layer)
     title = f"Q: {args.question}  A: {heat.label} ({heat.score:.2f}), block {layer}"
-    figures.heatmap_figure(open_image(args.image), heat.heatmap, title, args.out)
+    figures.heatmap_figure(open_image(args.image), heat.heatmap, title, args.out, p.geometry)
     return {"heatmap": heat.heatmap.tolist(), "answer": heat.label, "score": heat.score, "layer": layer}
 
 
@@ -107,12 +107,12 @@ def explain_mlm(args, device: str) -> dict:
         raise MissingHeadError(
             f"{args.checkpoint}: no mlm head (its heads: {', '.join(sorted(p.model.objectives))})"
         )
-    batch = pre.pair_batch(args.image, args.text, p.ctx)
+    batch = pre.pair_batch(args.image, args.text, p.ctx, p.geometry)
     pos, target = masked_word(p, batch, args.word)
     layer = ex.default_layer(len(p.model.encoder.blocks)) if args.layer is None else args.layer
     heat = ex.mlm_heat(p, batch, pos, target, layer)
     title = f"{args.text}  [MASK]={heat.label} (p={heat.score:.2f}), block {layer}"
-    figures.heatmap_figure(open_image(args.image), heat.heatmap, title, args.out)
+    figures.heatmap_figure(open_image(args.image), heat.heatmap, title, args.out, p.geometry)
     return {"heatmap": heat.heatmap.tolist(), "word": heat.label, "score": heat.score, "layer": layer}
 
 
@@ -137,11 +137,13 @@ def explain_mim(args, device: str) -> dict:
     p = Predictor.from_pretrained(args.checkpoint, device=device)
     cfg = p.model.model_cfg
     grid_mask = box_mask(args.box, cfg.image_size, cfg.patch_size)
-    batch = pre.pair_batch(args.image, args.text, p.ctx)
+    batch = pre.pair_batch(args.image, args.text, p.ctx, p.geometry)
     layer = ex.default_layer(len(p.model.encoder.blocks)) if args.layer is None else args.layer
     heat = ex.mim_heat(p, batch, torch.from_numpy(grid_mask.reshape(-1)), layer)
     title = f"masked patches: per-word Grad-CAM, block {layer}"
-    figures.word_bars_figure(open_image(args.image), grid_mask, heat.tokens, heat.values, title, args.out)
+    figures.word_bars_figure(
+        open_image(args.image), grid_mask, heat.tokens, heat.values, title, args.out, p.geometry
+    )
     return {"tokens": heat.tokens, "values": heat.values, "layer": layer}
 
 
@@ -152,7 +154,7 @@ def explain_routing(args, device: str) -> dict:
     except ListError as e:
         raise UserError(str(e)) from None
     p = Predictor.from_pretrained(args.checkpoint, device=device)
-    batches = (p.text_inputs(pre.pair_batch(image, text, p.ctx)) for image, text in rows)
+    batches = (p.text_inputs(pre.pair_batch(image, text, p.ctx, p.geometry)) for image, text in rows)
     block, counts = ex.routing_counts(p.model, batches, args.block)
     figures.routing_figure(counts, block, args.out)
     return {"block": block, "counts": counts.tolist(), "modalities": ["image", "text"]}
