@@ -64,13 +64,21 @@ def test_vqa_heatmap_follows_the_runs_image_geometry(tmp_path_factory, runs, tmp
     check_png(out)
     p = VQAPredictor.from_pretrained(run)
     assert p.geometry == "official"
-    layer = ex.default_layer(len(p.model.encoder.blocks))
     maps = {}
     for geometry in ("official", "square_crop"):
         batch, _ = pre.vqa_batch([image], [question], p.vocab, p.ctx, geometry)
-        maps[geometry] = ex.vqa_heat(p, batch, None, layer).heatmap
+        maps[geometry] = ex.vqa_heat(p, batch, None).heatmap
     assert torch.allclose(got, maps["official"], atol=1e-6)
     assert not torch.allclose(got, maps["square_crop"], atol=1e-4)
+
+
+def test_vqa_default_map_is_the_mean_of_the_blocks_maps(runs, tmp_path):
+    p = VQAPredictor.from_pretrained(runs["vqa"])
+    batch, _ = pre.vqa_batch([an_image(runs, tmp_path)], ["what color is the circle?"], p.vocab, p.ctx)
+    per_block = [ex.vqa_heat(p, batch, None, layer).heatmap for layer in range(len(p.model.encoder.blocks))]
+    mean = ex.vqa_heat(p, batch, None).heatmap
+    assert torch.allclose(mean, torch.stack(per_block).mean(0), rtol=1e-4, atol=1e-9)
+    assert not torch.allclose(mean, per_block[-1], rtol=1e-2)
 
 
 def test_explicit_attention_is_the_models_attention(runs, tmp_path):

@@ -11,7 +11,12 @@ modalities, so every block is cross-modal; the image [CLS] key is left out as AL
 The score is the chosen answer's logit (VQA), the true word's logit at the masked position (MLM), and
 minus the pixel reconstruction error of the masked patches (MIM).
 
-The attention is recomputed explicitly (softmax(q k^T / sqrt(d) + bias) v) in the chosen block only,
+VQA's default is the mean of that map over all blocks (`layer` None): on the synthetic scenes it is the
+most faithful of the per-block maps, the mean over the question's rows and the blocks' rollout (Chefer
+et al. 2021, which the mean equals there, the products of maps being second order), measured by
+`research/gradcam_box.py` (docs/inference.md).
+
+The attention is recomputed explicitly (softmax(q k^T / sqrt(d) + bias) v) in the explained blocks only,
 for the duration of one call: SDPA keeps no probabilities. The output is the same function.
 """
 
@@ -83,19 +88,22 @@ class Heat:
     values: list[float] | None = None
 
 
-def vqa_heat(predictor, batch: dict, answer: int | None, layer: int) -> Heat:
+def vqa_heat(predictor, batch: dict, answer: int | None, layer: int | None = None) -> Heat:
     """Grad-CAM of one question (vqa_collate's batch of one) for answer index `answer` (default: the
-    predicted one): text [CLS] query row -> patch keys."""
+    predicted one): text [CLS] query row -> patch keys, at block `layer`, or (None, the default) the
+    mean over every block's map, which `research/gradcam_box.py` chose as the most faithful on scenes
+    apart from those it reports."""
     model, grid = predictor.model, predictor.model.model_cfg.grid_size
     inputs = predictor.text_inputs(batch)
-    with torch.enable_grad(), keep_attention(model.encoder, [layer]) as (attn,):
+    layers = range(len(model.encoder.blocks)) if layer is None else [layer]
+    with torch.enable_grad(), keep_attention(model.encoder, layers) as attns:
         enc = model.encoder(inputs["image"], inputs["text_ids"], inputs["text_mask"])
         logits = model.objectives["vqa"].head(enc.hidden[:, enc.n_image]).float()[0]  # (A,)
         a = int(logits.argmax()) if answer is None else answer
         model.zero_grad(set_to_none=True)
         logits[a].backward()
-        cam = gradcam(attn.kept_attn)[0]  # (N, N)
-    heat = cam[enc.n_image, 1 : enc.n_image].reshape(grid, grid).detach().float().cpu()
+        rows = [gradcam(attn.kept_attn)[0, enc.n_image, 1 : enc.n_image] for attn in attns]  # each (P,)
+    heat = torch.stack(rows).mean(0).reshape(grid, grid).detach().float().cpu()
     return Heat(heat, predictor.vocab.answer(a), float(logits[a].detach().sigmoid()))
 
 
