@@ -35,8 +35,9 @@ SETS = {
 }
 
 
-def tiny_run(task: str, root: Path) -> tuple[Path, str]:
-    """(run directory, the synthetic data set's folder) of a 2-step fine-tune under `root`."""
+def tiny_run(task: str, root: Path, **overrides) -> tuple[Path, str]:
+    """(run directory, the synthetic data set's folder) of a 2-step fine-tune under `root`; `overrides`:
+    more config keys (dots as "__": task__image_geometry="official")."""
     config, extra = SETS[task]
     run, cache = root / task, root / "cache"
     base = {
@@ -49,6 +50,7 @@ def tiny_run(task: str, root: Path) -> tuple[Path, str]:
         "train.log_every": 1,
         "data.num_workers": 0,
         **extra,
+        **{k.replace("__", "."): v for k, v in overrides.items()},
     }
     assert finetune(["--config", config, "--run-dir", str(run), *[f"{k}={v}" for k, v in base.items()]]) == 0
     prefix = {"vqa": "synthetic-vqa", "retrieval": "retrieval-coco", "nlvr2": "synthetic-nlvr2"}[task]

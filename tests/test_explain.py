@@ -52,11 +52,40 @@ def test_vqa_gradcam_png_and_heatmap_at_patch_grid(runs, tmp_path, capsys):
     assert "not in the model's" in capsys.readouterr().err
 
 
+def test_vqa_heatmap_follows_the_runs_image_geometry(tmp_path_factory, runs, tmp_path, capsys):
+    """A run with task.image_geometry=official: eve-explain feeds the whole (non-square) image squeezed to
+    S x S, as that run's evaluation does, not its centre square."""
+    run, _ = tiny_run("vqa", tmp_path_factory.mktemp("official"), task__image_geometry="official")
+    image, out = an_image(runs, tmp_path, size=(160, 64)), tmp_path / "vqa.png"
+    question = "what color is the circle?"
+    argv = ["--checkpoint", str(run), "--task", "vqa", "--image", image, "--question", question]
+    assert explain([*argv, "--out", str(out), "--json"]) == 0
+    got = torch.tensor(json.loads(capsys.readouterr().out)["heatmap"])
+    check_png(out)
+    p = VQAPredictor.from_pretrained(run)
+    assert p.geometry == "official"
+    maps = {}
+    for geometry in ("official", "square_crop"):
+        batch, _ = pre.vqa_batch([image], [question], p.vocab, p.ctx, geometry)
+        maps[geometry] = ex.vqa_heat(p, batch, None).heatmap
+    assert torch.allclose(got, maps["official"], atol=1e-6)
+    assert not torch.allclose(got, maps["square_crop"], atol=1e-4)
+
+
+def test_vqa_default_map_is_the_mean_of_the_blocks_maps(runs, tmp_path):
+    p = VQAPredictor.from_pretrained(runs["vqa"])
+    batch, _ = pre.vqa_batch([an_image(runs, tmp_path)], ["what color is the circle?"], p.vocab, p.ctx)
+    per_block = [ex.vqa_heat(p, batch, None, layer).heatmap for layer in range(len(p.model.encoder.blocks))]
+    mean = ex.vqa_heat(p, batch, None).heatmap
+    assert torch.allclose(mean, torch.stack(per_block).mean(0), rtol=1e-4, atol=1e-9)
+    assert not torch.allclose(mean, per_block[-1], rtol=1e-2)
+
+
 def test_explicit_attention_is_the_models_attention(runs, tmp_path):
     p = VQAPredictor.from_pretrained(runs["vqa"])
     batch, _ = pre.vqa_batch([an_image(runs, tmp_path)], ["what shape is the red object?"], p.vocab, p.ctx)
     want = p.logits(batch)
-    with torch.no_grad(), ex.keep_attention(p.model.encoder, 1) as attn:
+    with torch.no_grad(), ex.keep_attention(p.model.encoder, [1]) as (attn,):
         got = p.logits(batch)
         assert attn.kept_attn.shape[-1] == attn.kept_attn.shape[-2] and torch.allclose(
             attn.kept_attn.sum(-1), torch.ones(())

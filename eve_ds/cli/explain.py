@@ -5,8 +5,9 @@ eve-explain --checkpoint DIR --task mlm --image IMG --text CAPTION --word WORD -
 eve-explain --checkpoint DIR --task mim --image IMG --text CAPTION --box X0,Y0,X1,Y1 --out FILE.png
 eve-explain --checkpoint DIR --task routing --inputs LIST.tsv [--block B] --out FILE.png
 
-Grad-CAM (vqa, mlm, mim) at block --layer (default: two thirds of the way up): mean over heads of
-attention x positive gradient, as ALBEF's visualisation computes it (docs/inference.md). --json prints
+Grad-CAM (vqa, mlm, mim): mean over heads of attention x positive gradient, as ALBEF's visualisation
+computes it, at block --layer (default: vqa the mean of the maps of all blocks, mlm / mim two thirds of
+the way up; docs/inference.md). --json prints
 {"heatmap": [[...]]} at the patch grid's resolution (mim: {"tokens", "values"}; routing: {"counts"}).
 """
 
@@ -50,7 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--box", help="mim: the patches to mask, as a pixel box x0,y0,x1,y1 of the model's input")
     p.add_argument("--inputs", help="routing: tab-separated lines image<TAB>text")
     p.add_argument("--block", type=int, default=None, help="routing: a soft block (default: the last)")
-    p.add_argument("--layer", type=int, default=None, help="Grad-CAM block (default: 2/3 of the depth)")
+    p.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        help="Grad-CAM block (default: vqa the mean over all blocks, mlm/mim 2/3 of the depth)",
+    )
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true")
@@ -74,7 +80,7 @@ def open_image(path: str) -> Image.Image:
 def explain_vqa(args, device: str) -> dict:
     need(args, "image", "question")
     p = VQAPredictor.from_pretrained(args.checkpoint, device=device)
-    batch, bad = pre.vqa_batch([args.image], [args.question], p.vocab, p.ctx)
+    batch, bad = pre.vqa_batch([args.image], [args.question], p.vocab, p.ctx, p.geometry)
     if bad:
         raise UnreadableImageError([args.image])
     answer = None
@@ -82,11 +88,11 @@ def explain_vqa(args, device: str) -> dict:
         answer = p.vocab.index(args.answer)
         if answer is None:
             raise UserError(f"--answer {args.answer!r} is not in the model's {len(p.vocab)} answers")
-    layer = ex.default_layer(len(p.model.encoder.blocks)) if args.layer is None else args.layer
-    heat = ex.vqa_heat(p, batch, answer, layer)
-    title = f"Q: {args.question}  A: {heat.label} ({heat.score:.2f}), block {layer}"
-    figures.heatmap_figure(open_image(args.image), heat.heatmap, title, args.out)
-    return {"heatmap": heat.heatmap.tolist(), "answer": heat.label, "score": heat.score, "layer": layer}
+    heat = ex.vqa_heat(p, batch, answer, args.layer)
+    where = "mean over blocks" if args.layer is None else f"block {args.layer}"
+    title = f"Q: {args.question}  A: {heat.label} ({heat.score:.2f}), {where}"
+    figures.heatmap_figure(open_image(args.image), heat.heatmap, title, args.out, p.geometry)
+    return {"heatmap": heat.heatmap.tolist(), "answer": heat.label, "score": heat.score, "layer": where}
 
 
 def masked_word(p: Predictor, batch: dict, word: str) -> tuple[int, int]:
@@ -107,12 +113,12 @@ def explain_mlm(args, device: str) -> dict:
         raise MissingHeadError(
             f"{args.checkpoint}: no mlm head (its heads: {', '.join(sorted(p.model.objectives))})"
         )
-    batch = pre.pair_batch(args.image, args.text, p.ctx)
+    batch = pre.pair_batch(args.image, args.text, p.ctx, p.geometry)
     pos, target = masked_word(p, batch, args.word)
     layer = ex.default_layer(len(p.model.encoder.blocks)) if args.layer is None else args.layer
     heat = ex.mlm_heat(p, batch, pos, target, layer)
     title = f"{args.text}  [MASK]={heat.label} (p={heat.score:.2f}), block {layer}"
-    figures.heatmap_figure(open_image(args.image), heat.heatmap, title, args.out)
+    figures.heatmap_figure(open_image(args.image), heat.heatmap, title, args.out, p.geometry)
     return {"heatmap": heat.heatmap.tolist(), "word": heat.label, "score": heat.score, "layer": layer}
 
 
@@ -137,11 +143,13 @@ def explain_mim(args, device: str) -> dict:
     p = Predictor.from_pretrained(args.checkpoint, device=device)
     cfg = p.model.model_cfg
     grid_mask = box_mask(args.box, cfg.image_size, cfg.patch_size)
-    batch = pre.pair_batch(args.image, args.text, p.ctx)
+    batch = pre.pair_batch(args.image, args.text, p.ctx, p.geometry)
     layer = ex.default_layer(len(p.model.encoder.blocks)) if args.layer is None else args.layer
     heat = ex.mim_heat(p, batch, torch.from_numpy(grid_mask.reshape(-1)), layer)
     title = f"masked patches: per-word Grad-CAM, block {layer}"
-    figures.word_bars_figure(open_image(args.image), grid_mask, heat.tokens, heat.values, title, args.out)
+    figures.word_bars_figure(
+        open_image(args.image), grid_mask, heat.tokens, heat.values, title, args.out, p.geometry
+    )
     return {"tokens": heat.tokens, "values": heat.values, "layer": layer}
 
 
@@ -152,7 +160,7 @@ def explain_routing(args, device: str) -> dict:
     except ListError as e:
         raise UserError(str(e)) from None
     p = Predictor.from_pretrained(args.checkpoint, device=device)
-    batches = (p.text_inputs(pre.pair_batch(image, text, p.ctx)) for image, text in rows)
+    batches = (p.text_inputs(pre.pair_batch(image, text, p.ctx, p.geometry)) for image, text in rows)
     block, counts = ex.routing_counts(p.model, batches, args.block)
     figures.routing_figure(counts, block, args.out)
     return {"block": block, "counts": counts.tolist(), "modalities": ["image", "text"]}

@@ -11,7 +11,12 @@ modalities, so every block is cross-modal; the image [CLS] key is left out as AL
 The score is the chosen answer's logit (VQA), the true word's logit at the masked position (MLM), and
 minus the pixel reconstruction error of the masked patches (MIM).
 
-The attention is recomputed explicitly (softmax(q k^T / sqrt(d) + bias) v) in the chosen block only,
+VQA's default is the mean of that map over all blocks (`layer` None): on the synthetic scenes it is the
+most faithful of the per-block maps, the mean over the question's rows and the blocks' rollout (Chefer
+et al. 2021, which the mean equals there, the products of maps being second order), measured by
+`research/gradcam_box.py` (docs/inference.md).
+
+The attention is recomputed explicitly (softmax(q k^T / sqrt(d) + bias) v) in the explained blocks only,
 for the duration of one call: SDPA keeps no probabilities. The output is the same function.
 """
 
@@ -20,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,17 +52,23 @@ def _explicit_attention(self: Attention, x: Tensor, tokens: Tokens) -> Tensor:
 
 
 @contextlib.contextmanager
-def keep_attention(encoder, layer: int) -> Iterator[Attention]:
-    """Block `layer`'s attention computes explicitly and keeps its probabilities while open."""
-    if not 0 <= layer < len(encoder.blocks):
-        raise ValueError(f"layer {layer}: the model has blocks 0 to {len(encoder.blocks) - 1}")
-    attn = encoder.blocks[layer].attn
-    attn.forward = types.MethodType(_explicit_attention, attn)
+def keep_attention(encoder, layers: Sequence[int]) -> Iterator[list[Attention]]:
+    """The attention of each block in `layers` computes explicitly and keeps its probabilities while
+    open -> those Attention modules, in the order of `layers`."""
+    blocks = len(encoder.blocks)
+    bad = [i for i in layers if not 0 <= i < blocks]
+    if bad or not layers:
+        raise ValueError(f"layer {bad[0] if bad else layers!r}: the model has blocks 0 to {blocks - 1}")
+    attns = [encoder.blocks[i].attn for i in layers]
+    for attn in attns:
+        attn.forward = types.MethodType(_explicit_attention, attn)
     try:
-        yield attn
+        yield attns
     finally:
-        del attn.forward  # back to the class's SDPA forward
-        attn.kept_attn = None
+        for attn in attns:
+            if "forward" in vars(attn):
+                del attn.forward  # back to the class's SDPA forward
+            attn.kept_attn = None
 
 
 def gradcam(attn: Tensor) -> Tensor:
@@ -77,19 +88,22 @@ class Heat:
     values: list[float] | None = None
 
 
-def vqa_heat(predictor, batch: dict, answer: int | None, layer: int) -> Heat:
+def vqa_heat(predictor, batch: dict, answer: int | None, layer: int | None = None) -> Heat:
     """Grad-CAM of one question (vqa_collate's batch of one) for answer index `answer` (default: the
-    predicted one): text [CLS] query row -> patch keys."""
+    predicted one): text [CLS] query row -> patch keys, at block `layer`, or (None, the default) the
+    mean over every block's map, which `research/gradcam_box.py` chose as the most faithful on scenes
+    apart from those it reports."""
     model, grid = predictor.model, predictor.model.model_cfg.grid_size
     inputs = predictor.text_inputs(batch)
-    with torch.enable_grad(), keep_attention(model.encoder, layer) as attn:
+    layers = range(len(model.encoder.blocks)) if layer is None else [layer]
+    with torch.enable_grad(), keep_attention(model.encoder, layers) as attns:
         enc = model.encoder(inputs["image"], inputs["text_ids"], inputs["text_mask"])
         logits = model.objectives["vqa"].head(enc.hidden[:, enc.n_image]).float()[0]  # (A,)
         a = int(logits.argmax()) if answer is None else answer
         model.zero_grad(set_to_none=True)
         logits[a].backward()
-        cam = gradcam(attn.kept_attn)[0]  # (N, N)
-    heat = cam[enc.n_image, 1 : enc.n_image].reshape(grid, grid).detach().float().cpu()
+        rows = [gradcam(attn.kept_attn)[0, enc.n_image, 1 : enc.n_image] for attn in attns]  # each (P,)
+    heat = torch.stack(rows).mean(0).reshape(grid, grid).detach().float().cpu()
     return Heat(heat, predictor.vocab.answer(a), float(logits[a].detach().sigmoid()))
 
 
@@ -98,7 +112,7 @@ def mlm_heat(predictor, batch: dict, position: int, target_id: int, layer: int) 
     the true token `target_id`: the [MASK] query row -> patch keys."""
     model, grid = predictor.model, predictor.model.model_cfg.grid_size
     inputs = predictor.text_inputs(batch)
-    with torch.enable_grad(), keep_attention(model.encoder, layer) as attn:
+    with torch.enable_grad(), keep_attention(model.encoder, [layer]) as (attn,):
         enc = model.encoder(inputs["image"], inputs["text_ids"], inputs["text_mask"])
         logits = model.objectives["mlm"].head(enc.text[0, position][None]).float()[0]  # (V,)
         model.zero_grad(set_to_none=True)
@@ -121,7 +135,7 @@ def mim_heat(predictor, batch: dict, masked: Tensor, layer: int) -> Heat:
     inputs = predictor.text_inputs(batch)
     keep = (~masked).nonzero().squeeze(1)[None].to(predictor.device)  # (1, n_keep)
     restore = torch.cat([keep[0], masked.nonzero().squeeze(1).to(keep.device)]).argsort()[None]
-    with torch.enable_grad(), keep_attention(model.encoder, layer) as attn:
+    with torch.enable_grad(), keep_attention(model.encoder, [layer]) as (attn,):
         enc = model.encoder(inputs["image"], inputs["text_ids"], inputs["text_mask"], keep_ids=keep)
         pred = mim.decoder(enc.image, restore).float()  # (1, P, p*p*C)
         target = mim.target({"pixels": batch["image"].to(predictor.device)})

@@ -11,18 +11,24 @@ from PIL import Image
 from torch import Tensor
 
 
-def _square_box(w: int, h: int) -> tuple[int, int, int, int]:
-    """The centre square the model sees (evaluation's `load_image`), as (left, top, right, bottom)."""
+def seen_box(w: int, h: int, geometry: str) -> tuple[int, int, int, int]:
+    """The part of a w x h image that the model's S x S input shows, as (left, top, right, bottom), for
+    task.image_geometry `geometry` as evaluation decodes it (`eve_ds.tasks.base.decode_image`): the
+    centre square (`square_crop`) or the whole image, stretched to a square (`official`)."""
+    if geometry == "official":
+        return 0, 0, w, h
+    if geometry != "square_crop":
+        raise ValueError(f"image geometry {geometry!r}: expected 'square_crop' or 'official'")
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
     return left, top, left + side, top + side
 
 
-def heat_on_image(image: Image.Image, heat: Tensor) -> np.ndarray:
-    """(G, G) heat -> (H, W) at the image's own resolution: upsampled over the centre square the model
-    saw, 0 outside it."""
+def heat_on_image(image: Image.Image, heat: Tensor, geometry: str = "square_crop") -> np.ndarray:
+    """(G, G) heat -> (H, W) at the image's own resolution, min-max scaled to [0, 1]: upsampled over the
+    part of the image the model saw (`seen_box`), 0 outside it."""
     w, h = image.size
-    left, top, right, bottom = _square_box(w, h)
+    left, top, right, bottom = seen_box(w, h, geometry)
     grid = heat.numpy().astype(np.float32)
     span = grid.max() - grid.min()
     grid = (grid - grid.min()) / span if span > 0 else np.zeros_like(grid)
@@ -32,14 +38,17 @@ def heat_on_image(image: Image.Image, heat: Tensor) -> np.ndarray:
     return full
 
 
-def heatmap_figure(image: Image.Image, heat: Tensor, title: str, path: str) -> None:
-    """The image with the Grad-CAM map over it, side by side with the bare image."""
+def heatmap_figure(
+    image: Image.Image, heat: Tensor, title: str, path: str, geometry: str = "square_crop"
+) -> None:
+    """The image with the Grad-CAM map over it (placed by `geometry`, as `heat_on_image`), side by side
+    with the bare image."""
     image = image.convert("RGB")
     fig, axes = plt.subplots(1, 2, figsize=(6, 3.2))
     for ax in axes:
         ax.imshow(image)
         ax.axis("off")
-    axes[1].imshow(heat_on_image(image, heat), cmap="jet", alpha=0.5)
+    axes[1].imshow(heat_on_image(image, heat, geometry), cmap="jet", alpha=0.5)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -47,13 +56,19 @@ def heatmap_figure(image: Image.Image, heat: Tensor, title: str, path: str) -> N
 
 
 def word_bars_figure(
-    image: Image.Image, masked: np.ndarray, tokens: list[str], values: list[float], title: str, path: str
+    image: Image.Image,
+    masked: np.ndarray,
+    tokens: list[str],
+    values: list[float],
+    title: str,
+    path: str,
+    geometry: str = "square_crop",
 ) -> None:
-    """The image with its masked patches greyed out, and per-word Grad-CAM values as bars under it.
-    masked: (G, G) bool over the patch grid."""
+    """The image with its masked patches greyed out (placed by `geometry`, as `heat_on_image`), and
+    per-word Grad-CAM values as bars under it. masked: (G, G) bool over the patch grid."""
     image = image.convert("RGB")
     w, h = image.size
-    left, top, right, bottom = _square_box(w, h)
+    left, top, right, bottom = seen_box(w, h, geometry)
     shade = np.asarray(Image.fromarray(masked.astype(np.uint8) * 255).resize((right - left, bottom - top)))
     rgb = np.asarray(image).copy()
     rgb[top:bottom, left:right][shade > 127] = 128

@@ -176,12 +176,13 @@ def retrieval_scores_of(
     )
 
 
-def pair_batch(path: str, text: str, ctx: TaskContext) -> dict:
+def pair_batch(path: str, text: str, ctx: TaskContext, geometry: str = "square_crop") -> dict:
     """One (image, text) pair for pre-training heads (MLM, MIM, routing): image (1, 3, S, S) uint8 decoded
-    as evaluation does, text_ids / text_mask (1, L) tokenised as the collates do."""
+    as evaluation does (task.image_geometry `geometry`), text_ids / text_mask (1, L) tokenised as the
+    collates do."""
     import torch
 
-    pixels = load_pixels(path, ctx.image_size)
+    pixels = load_pixels(path, ctx.image_size, geometry)
     if pixels is None:
         raise UnreadableImageError([path])
     tok = ctx.tokenizer(
