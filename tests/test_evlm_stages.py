@@ -4,6 +4,7 @@ joins the one schedule at `optim.phase_start`), exact resume across the phase st
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,32 @@ def standins(tmp_path_factory) -> dict[str, str]:
     return {"EVLM_LM_PATH": str(root / "lm"), "EVLM_VIT_PATH": str(root / "vit.safetensors")}
 
 
+CORPORA = ["pt_captions", "pt_interleaved", "cpt_vqa", "cpt_grounding", "cpt_ocr", "cpt_text", "cpt_replay",
+           "sft", "sft_video"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def standin_data(tmp_path_factory, standins) -> str:
+    """EVE_DATA_ROOT: every corpus of the four configs as packed rows (eve-make-shards --format
+    interleaved, an OBELICS-style file with PNG images) with the stand-in LM's tokenizer, 16 media tokens."""
+    from conftest import image_bytes
+
+    from eve_ds.cli.make_shards import main as make_shards
+
+    root = tmp_path_factory.mktemp("evlm_data")
+    for i in range(3):
+        (root / f"p{i}.png").write_bytes(image_bytes((60 * i, 90, 200), fmt="PNG"))
+    docs = [{"texts": [None, f"w{3 + i} w7 w9"], "images": [f"p{i}.png", None]} for i in range(3)]
+    (root / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    first = root / "evlm" / CORPORA[0]
+    argv = ["--format", "interleaved", "--input", str(root / "docs.jsonl"), "--image-root", str(root),
+            "--output", str(first), "--tokenizer", standins["EVLM_LM_PATH"], "--media-tokens", "16"]  # fmt: skip
+    assert make_shards(argv) == 0
+    for name in CORPORA[1:]:
+        shutil.copytree(first, root / "evlm" / name)
+    return str(root)
+
+
 def dry_run(monkeypatch, capsys, env: dict, config: str, *overrides: str) -> tuple[int, dict]:
     from eve_ds.cli.pretrain import main
 
@@ -179,20 +206,32 @@ def dry_run(monkeypatch, capsys, env: dict, config: str, *overrides: str) -> tup
 
 
 @pytest.mark.parametrize("config", STAGES)
-def test_full_scale_stage_configs_dry_run_with_local_standins(monkeypatch, capsys, standins, tmp_path,
-                                                              config):  # fmt: skip
-    env = {**standins, "EVLM_PT_RUN": str(tmp_path), "EVLM_CPT_RUN": str(tmp_path)}
+def test_full_scale_stage_configs_dry_run_with_local_standins(monkeypatch, capsys, standins, standin_data,
+                                                              tmp_path, config):  # fmt: skip
+    env = {
+        **standins,
+        "EVLM_PT_RUN": str(tmp_path),
+        "EVLM_CPT_RUN": str(tmp_path),
+        "EVE_DATA_ROOT": standin_data,
+    }
     rc, report = dry_run(monkeypatch, capsys, env, config, *STANDIN)
     plan = report["plan"]
     assert plan["lm"] == standins["EVLM_LM_PATH"] and standins["EVLM_VIT_PATH"] in plan["vision"]
     assert plan["batch"]["world"] == 16 and plan["image_tokens"] == 5
     sources = [p for p in report["problems"] if "model." in p]
     assert sources == [], sources  # the stand-ins pass every check of the LM and the tower
-    assert rc == 2  # still: ${EVE_DATA_ROOT} unset, and the packed-shard reader
-    if config != "evlm_14b_pt":  # an init_from directory without an EVLM checkpoint
-        assert any(
-            p.startswith("train.init_from=") and "no complete checkpoint" in p for p in report["problems"]
+    if config == "evlm_14b_pt":  # the files and the shards are there: the run would start
+        assert (rc, report["problems"]) == (0, [])
+        assert [m["name"] for m in report["mixture"]] == ["captions", "interleaved"]
+    else:  # the one problem left: an init_from directory without an EVLM checkpoint
+        assert rc == 2 and len(report["problems"]) == 1
+        assert (
+            report["problems"][0].startswith("train.init_from=")
+            and "no complete checkpoint" in report["problems"][0]
         )
+    _, report = dry_run(monkeypatch, capsys, env, config, *STANDIN, "model.num_media_tokens=8")
+    assert any(p.startswith("data.train[") and "16 media tokens per image but model.num_media_tokens=8" in p
+               for p in report["problems"])  # fmt: skip
 
 
 def test_full_scale_configs_carry_the_paper_recipe():

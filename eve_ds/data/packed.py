@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -35,12 +36,19 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from eve_ds.data.config import DataConfig
 from eve_ds.data.documents import check_segment
-from eve_ds.data.manifest import DataError
-from eve_ds.data.pipeline import Placement, TrainLoader, continue_or_reseed, fill_batches, load_corpus
+from eve_ds.data.manifest import DataError, existing_shards
+from eve_ds.data.pipeline import (
+    Placement,
+    TrainLoader,
+    continue_or_reseed,
+    corpus_shards,
+    fill_batches,
+    load_corpus,
+)
 from eve_ds.data.skipped import Skipped
 from eve_ds.data.stream import Corpus, raw_stream
 from eve_ds.data.transforms import crop_resize
@@ -357,3 +365,50 @@ def build_packed_loader(
     at = Placement(reader.image_size, 0, batch_size, rank, world_size)
     dataset = PackedStream(corpora, cfg, at, reader, seed=seed, start_batch=start_batch)
     return TrainLoader(dataset, cfg.num_workers, layout)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation: every row of held-out shards once, in file order
+
+
+class PackedValStream(IterableDataset):
+    """The rows of `urls` in file order, row i to stream i mod (ranks x workers), in batches of B (the last
+    may be smaller). A row that cannot be read is left out and counted in the next batch's `num_skipped`."""
+
+    def __init__(self, urls: list[str], reader: RowReader, batch_size: int, rank: int, world_size: int):
+        super().__init__()
+        self.urls, self.reader, self.batch_size = urls, reader, batch_size
+        self.rank, self.world_size = rank, world_size
+
+    def rows(self, stream: int, num_streams: int) -> Iterator[PackedRow | None]:
+        raw = (
+            s
+            for url in self.urls
+            for s in wds.tariterators.tarfile_samples([{"url": url}], handler=wds.warn_and_continue)
+        )
+        for sample in itertools.islice(raw, stream, None, num_streams):
+            try:
+                yield self.reader(sample)
+            except BadRow:
+                yield None
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rows = self.rows(self.rank * workers + worker, self.world_size * workers)
+        while block := list(itertools.islice(rows, self.batch_size)):
+            good = [r for r in block if r is not None]
+            if good:
+                batch = collate_rows(good, pad_id(self.reader.tokenizer))
+                batch["num_skipped"] += len(block) - len(good)
+                yield batch
+
+
+def build_packed_val_loader(
+    spec: str, reader: RowReader, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0
+) -> DataLoader:
+    """Deterministic batches of the packed rows of `spec` (a shard directory or brace spec), each row once
+    over all ranks."""
+    urls = existing_shards(corpus_shards(spec, subset=True)[0], "validation")
+    dataset = PackedValStream(urls, reader, batch_size, rank, world_size)
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers)

@@ -19,9 +19,9 @@ import hashlib
 import os
 
 from eve_ds.data.documents import Document, Skip, read_documents
-from eve_ds.data.manifest import DataError
+from eve_ds.data.manifest import MANIFEST, DataError, read_manifest
 from eve_ds.data.packed import document_layout, encode_row, layout_size, pack, row_members
-from eve_ds.data.pipeline import PACKAGED_TOKENIZERS, load_tokenizer
+from eve_ds.data.pipeline import PACKAGED_TOKENIZERS, corpus_shards, load_tokenizer
 from eve_ds.data.sources import ImageOptions, SkipSample, load_image, sample_key
 from eve_ds.data.writer import ShardStats, build_shards, shard_name, write_tar
 
@@ -49,6 +49,33 @@ def tokenizer_record(name_or_path: str, tokenizer) -> dict:
         "files": files,
         "sha256": digest.hexdigest(),
     }
+
+
+def fingerprint_problems(key: str, spec: str, own: dict, num_media_tokens: int, where: str) -> list[str]:
+    """Why the packed corpus `spec` (config key `key`) does not fit a model whose tokenizer is `own` (a
+    `tokenizer_record`; `where`: the config key that names it) and K: one line each, naming both sides."""
+    try:
+        manifest = corpus_shards(spec, subset=True)[1] or os.path.join(spec, MANIFEST)
+        args = read_manifest(manifest).get("arguments") or {}
+    except (DataError, OSError) as e:
+        return [f"{key}={spec!r}: {e}"]
+    theirs = args.get("tokenizer")
+    if not isinstance(theirs, dict) or "num_media_tokens" not in args:
+        return [f"{key}={spec!r}: {manifest} is not a manifest of packed rows (eve-make-shards --format ...)"]
+    problems = []
+    if theirs.get("sha256") != own["sha256"]:
+        problems.append(
+            f"{key}: {manifest} was packed with the tokenizer {theirs.get('path')} (sha256 "
+            f"{str(theirs.get('sha256'))[:12]}) but {where} has {own['path']} (sha256 {own['sha256'][:12]}); "
+            f"make the shards again with --tokenizer {own['path']}"
+        )
+    if args["num_media_tokens"] != num_media_tokens:
+        problems.append(
+            f"{key}: {manifest} has {args['num_media_tokens']} media tokens per image but "
+            f"model.num_media_tokens={num_media_tokens}; make the shards again with --media-tokens "
+            f"{num_media_tokens}"
+        )
+    return problems
 
 
 def skipped_line(input_path: str, skip: Skip | Document, reason: str, **extra) -> dict:

@@ -402,6 +402,7 @@ TASK_MODULES = {
     "retrieval": "retrieval.task",
     "nlvr2": "nlvr2.task",
     "evlm_synthetic": "evlm_synthetic.task",
+    "evlm_packed": "evlm_packed.task",
 }
 
 

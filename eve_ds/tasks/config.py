@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from eve_ds.utils.config import check
 
-TASK_NAMES = ("msm", "vqa", "retrieval", "nlvr2", "evlm_synthetic")
+TASK_NAMES = ("msm", "vqa", "retrieval", "nlvr2", "evlm_synthetic", "evlm_packed")
+# Tasks that read the corpora of the `data:` section (data.train, data.val), not a task.data_root.
+CORPUS_TASKS = ("msm", "evlm_packed")
 IMAGE_GEOMETRIES = ("square_crop", "official")  # task.image_geometry (read by tasks/base.py decode_image)
 IMAGE_AUGMENTS = ("none", "randaugment", "color_jitter")  # task.image_augment
 TEXT_PREPROCESS = ("none", "official")  # task.text_preprocess (eve_ds/data/text.py)
@@ -18,7 +20,9 @@ TEXT_PREPROCESS = ("none", "official")  # task.text_preprocess (eve_ds/data/text
 
 @dataclass
 class TaskConfig:
-    name: str = "msm"  # msm (pre-training) | vqa | retrieval | nlvr2 | evlm_synthetic (EVLM captions)
+    # msm (pre-training) | vqa | retrieval | nlvr2 | evlm_synthetic (EVLM captions) | evlm_packed (EVLM on
+    # packed shards: data.train, data.val)
+    name: str = "msm"
     # The dataset's files as distributed (see docs/finetuning.md for each layout); `${VAR}` is expanded.
     data_root: str | None = None
     # Generate the task's synthetic set (shapes scenes, official layout) into data.cache_dir when missing
@@ -59,7 +63,7 @@ class TaskConfig:
 
     def validate(self) -> None:
         check(self.name in TASK_NAMES, "task.name", self.name, f"one of {list(TASK_NAMES)}")
-        if self.name == "msm":
+        if self.name in CORPUS_TASKS:
             return
         check(
             self.synthetic or bool(self.data_root),

@@ -116,3 +116,37 @@ class CheckpointManager:
             return False
         set_rng_state(torch.load(f, weights_only=False))
         return True
+
+
+MODULE_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's file of the (non-expert) module weights
+
+
+def module_file_keys(tag: Path) -> set[str]:
+    """The tensor names of a checkpoint's module file, read memory-mapped (no weight is copied)."""
+    state = torch.load(tag / MODULE_FILE, map_location="cpu", weights_only=False, mmap=True)
+    return set(state["module"])
+
+
+def missing_trainable_problem(module: torch.nn.Module, tag: Path) -> str | None:
+    """Why `tag` cannot resume `module` when its module file leaves out frozen weights (`exclude_frozen_
+    parameters`): the keys it lacks must be frozen ones (the model already holds those) or experts (in
+    DeepSpeed's expert files); a trainable one would silently keep its fresh value. None when it fits."""
+    from deepspeed.moe.utils import is_moe_param
+
+    saved = module_file_keys(tag)
+    elsewhere = {n for n, p in module.named_parameters() if not p.requires_grad or is_moe_param(p)}
+    own = module.state_dict()
+    missing = [k for k in own if k not in saved and k not in elsewhere]
+    unexpected = sorted(saved - set(own))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return (
+            f"{tag / MODULE_FILE} lacks the trainable tensor {missing[0]!r}{more}: not a checkpoint of "
+            "this run (or of a run that froze it)"
+        )
+    if unexpected:
+        return (
+            f"{tag / MODULE_FILE} holds {unexpected[0]!r}, which the model does not have: not a checkpoint "
+            "of this run"
+        )
+    return None

@@ -36,7 +36,7 @@ from eve_ds.models.evlm.config import get_config as get_evlm_config
 from eve_ds.objectives import ObjectiveConfig
 from eve_ds.objectives.base import upgrade_saved_objective
 from eve_ds.tasks.base import Task, TaskContext
-from eve_ds.tasks.config import TaskConfig
+from eve_ds.tasks.config import CORPUS_TASKS, TaskConfig
 from eve_ds.utils.config import ConfigError, apply_override, check
 from eve_ds.utils.io import atomic_write_text
 from eve_ds.utils.paths import ds_config_dir
@@ -165,7 +165,7 @@ class RunConfig:
     def validate(self) -> None:
         t, o = self.train, self.optim
         check(
-            (t.max_steps is None and self.task.name != "msm") or (t.max_steps or 0) >= 1,
+            (t.max_steps is None and self.task.name not in CORPUS_TASKS) or (t.max_steps or 0) >= 1,
             "train.max_steps",
             t.max_steps,
             ">= 1 (null derives it from task.epochs, for a downstream task)",
@@ -213,10 +213,10 @@ class RunConfig:
         self.stage0.validate(self.model)
         d = self.data
         check(
-            self.task.name != "msm" or d.synthetic or len(d.train) > 0,
+            self.task.name not in CORPUS_TASKS or d.synthetic or len(d.train) > 0,
             "data.train",
             [],
-            "at least one corpus when data.synthetic is false (pre-training)",
+            "at least one corpus when data.synthetic is false (pre-training, evlm_packed)",
         )
 
 

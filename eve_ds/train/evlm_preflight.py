@@ -6,7 +6,9 @@ weight is loaded: a 14 B LM and a 4.4 B tower cost seconds, not minutes), and th
 - `model.vision_path` (timm tower): a weights file (safetensors header, or a lazily mapped torch file)
   holding every tensor the pruned tower needs, in its shapes (the position table is exempt: timm resamples
   it to `model.image_size` at load);
-- `train.init_from`: an EVLM run or checkpoint (a stage's start).
+- `train.init_from`: an EVLM run or checkpoint (a stage's start);
+- `task.name=evlm_packed`: the manifest of every packed corpus names the LM's tokenizer and
+  `model.num_media_tokens`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import os
 
 import torch
 
+from eve_ds.data.packed_shards import fingerprint_problems, tokenizer_record
+from eve_ds.data.pipeline import load_tokenizer
 from eve_ds.models.evlm.config import EVLMConfig
 from eve_ds.models.evlm.counts import param_counts
 from eve_ds.train.config import RunConfig, fit_micro_batch, phase_step
@@ -130,8 +134,27 @@ def init_problems(cfg: RunConfig) -> list[str]:
     return []
 
 
+def shard_problems(cfg: RunConfig) -> list[str]:
+    """`evlm_packed`: every corpus's manifest names the LM's tokenizer (the sha256 of its files) and K."""
+    m, d = cfg.model, cfg.data
+    path = m.lm_path or d.tokenizer
+    if cfg.task.name != "evlm_packed" or "$" in path or (m.lm_path and not os.path.isdir(path)):
+        return []  # an unset or missing LM folder is reported by lm_problems
+    specs = [(f"data.train[{c.name}].shards", c.shards) for c in d.train] + [("data.val", d.val)]
+    specs = [(k, s) for k, s in specs if s and "$" not in s and os.path.exists(s)]  # others: check_corpora
+    if not specs:
+        return []
+    try:
+        own = tokenizer_record(path, load_tokenizer(path))
+    except (OSError, ValueError) as e:
+        return [f"{'model.lm_path' if m.lm_path else 'data.tokenizer'}={path!r}: its tokenizer does not load: "
+                f"{first_line(e)}"]  # fmt: skip
+    where = f"{'model.lm_path' if m.lm_path else 'data.tokenizer'}={path!r}"
+    return [p for k, s in specs for p in fingerprint_problems(k, s, own, m.num_media_tokens, where)]
+
+
 def evlm_problems(cfg: RunConfig) -> list[str]:
-    return lm_problems(cfg.model) + vision_problems(cfg.model) + init_problems(cfg)
+    return lm_problems(cfg.model) + vision_problems(cfg.model) + init_problems(cfg) + shard_problems(cfg)
 
 
 def evlm_plan(cfg: RunConfig, world: int) -> dict:

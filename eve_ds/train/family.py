@@ -25,9 +25,9 @@ from eve_ds.models.evlm.config import FLAVORS as EVLM_FLAVORS
 from eve_ds.models.evlm.counts import param_counts
 from eve_ds.objectives import PretrainingModel
 from eve_ds.objectives.flops import TextShape, flops_per_pair
-from eve_ds.train.checkpoint import latest_complete
+from eve_ds.train.checkpoint import latest_complete, missing_trainable_problem
 from eve_ds.train.config import ConfigError, RunConfig
-from eve_ds.train.preflight import EVLM_PACKED_PENDING
+from eve_ds.train.preflight import EVLM_NEEDS_PACKED
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,9 @@ class ModelFamily:
     def flops_per_sample(self, cfg: RunConfig, shape) -> float:
         """Training FLOPs of one sample of a batch of `shape` (for the MFU)."""
         raise NotImplementedError
+
+    def check_resume(self, module: nn.Module, tag: Path) -> None:
+        """Raise when checkpoint `tag` cannot resume `module` (before it is loaded). Default: nothing."""
 
 
 class EVEFamily(ModelFamily):
@@ -117,7 +120,7 @@ class EVLMFamily(ModelFamily):
         from eve_ds.models.evlm.model import EVLMModel  # transformers: only for runs of this family
 
         if cfg.task.name == "msm":
-            raise ConfigError(EVLM_PACKED_PENDING)
+            raise ConfigError(EVLM_NEEDS_PACKED)
         backbone = EVLMModel(cfg.model)  # freezes all but the trainable set of model.stage
         backbone.set_grad_checkpointing(cfg.train.grad_checkpointing)
         return PretrainingModel(cfg.model, cfg.objective, backbone=backbone)
@@ -140,6 +143,13 @@ class EVLMFamily(ModelFamily):
             # The frozen weights are not in the checkpoint: say where they come from, and which version.
             "sources": {"lm": source_record(m.lm_path), "vision": source_record(m.vision_path)},
         }
+
+    def check_resume(self, module: nn.Module, tag: Path) -> None:
+        """The module file leaves out the frozen weights and is loaded non-strictly: what it lacks must be
+        exactly what the model freezes (a trainable key missing is one error naming it)."""
+        problem = missing_trainable_problem(module, tag)
+        if problem:
+            raise ConfigError(problem)
 
     def batch_shape(self, batch: dict) -> tuple[int, int]:
         """(row length S, images per row): what the LM and the tower each process per sample."""

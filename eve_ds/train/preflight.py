@@ -19,6 +19,7 @@ from eve_ds.data.manifest import MANIFEST, read_manifest, shard_counts
 from eve_ds.data.pipeline import corpus_shards, mixture
 from eve_ds.data.stream import Corpus
 from eve_ds.models.evlm.config import EVLMConfig
+from eve_ds.tasks.config import CORPUS_TASKS
 from eve_ds.train.config import RunConfig
 
 # The BEiT v2 checkpoint each flavor starts from ([paper]: EVE is initialised from BEiT v2), by timm name.
@@ -28,10 +29,10 @@ BEITV2 = {
 }
 
 
-# What an EVLM stage on real data still lacks in the trainer (its configs are complete otherwise).
-EVLM_PACKED_PENDING = (
-    "task.name=msm with an EVLM flavor: reading the packed EVLM shards (eve-make-shards --format "
-    "interleaved | sft) is not wired into the trainer yet"
+# EVLM reads packed rows, not EVE's image-caption pairs.
+EVLM_NEEDS_PACKED = (
+    "task.name=msm with an EVLM flavor: EVLM trains on packed shards (eve-make-shards --format "
+    "interleaved | caption | vqa | grounding | sft | video); set task.name=evlm_packed"
 )
 
 
@@ -76,7 +77,7 @@ def start_problems(cfg: RunConfig) -> list[str]:
     """What stops a run before it starts anything (the trainer checks these first): among them the corpora
     the training loader would refuse, so that such a run writes nothing into its directory."""
     problem = init_problem(cfg)
-    data = check_corpora(cfg, strict=False)[1] if cfg.task.name == "msm" else []
+    data = check_corpora(cfg, strict=False)[1] if cfg.task.name in CORPUS_TASKS else []
     return unset_variables(cfg) + data + ([problem] if problem else [])
 
 
@@ -89,7 +90,7 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
     """-> {"mixture": [{name, pairs, shards, fraction}], "steps_per_epoch", "init_from", "world_size",
     "problems": [...]}; an empty problem list means the run would start."""
     problems = unset_variables(cfg) + layout_problems(cfg, world_size)
-    corpora, data_problems = check_corpora(cfg) if cfg.task.name == "msm" else ([], [])
+    corpora, data_problems = check_corpora(cfg) if cfg.task.name in CORPUS_TASKS else ([], [])
     problems += data_problems + task_problems(cfg)
     rows, steps = mixture(corpora, cfg.train.global_batch_size) if corpora else ([], 0)
     problem = init_problem(cfg)
@@ -182,8 +183,8 @@ def task_problems(cfg: RunConfig) -> list[str]:
     """A downstream task's dataset directory must exist (a synthetic set is generated at start)."""
     t = cfg.task
     if t.name == "msm" and isinstance(cfg.model, EVLMConfig):
-        return [EVLM_PACKED_PENDING]
-    if t.name == "msm" or t.synthetic or not t.data_root or "$" in t.data_root:
+        return [EVLM_NEEDS_PACKED]
+    if t.name in CORPUS_TASKS or t.synthetic or not t.data_root or "$" in t.data_root:
         return []
     return [] if os.path.isdir(t.data_root) else [f"task.data_root={t.data_root!r}: no such directory"]
 

@@ -171,6 +171,7 @@ class Trainer:
         # Optimizer state is not loaded when a reshard dropped it or the layout (world, ep_size) changed.
         opts = resume_options(tag, world_size=self.world, ep_size=self.cfg.model.ep_size)
         base_lrs = list(self.scheduler.base_lrs)  # this run's; loading the checkpoint restores the saved
+        self.family.check_resume(self.engine.module, tag)
         self.engine.load_checkpoint(str(tag.parent), tag=tag.name, **opts, **self.family.load_kwargs)
         saved = json.loads((tag / "trainer_state.json").read_text())
         if saved["world_size"] != self.world:

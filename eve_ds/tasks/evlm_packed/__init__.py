@@ -1,0 +1,1 @@
+"""EVLM on packed webdataset rows (`eve-make-shards --format interleaved|caption|vqa|grounding|sft|video`)."""
