@@ -92,6 +92,11 @@ class TrainConfig:
     init_from: str | None = None
     grad_checkpointing: bool = False
     max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run
+    # (ours) Where a micro-batch's loss is tested for inf/nan. "device": on the device, read once per log
+    # interval (no host sync per micro-batch); a non-finite loss turns the step's gradients into NaN, so the
+    # optimizer skips the whole update on the device (skipped_updates). "host": read after each forward
+    # (a sync), and the micro-batch is replaced by the next one. Finite runs are the same, bit for bit.
+    nonfinite_check: str = "device"
     dist_timeout_s: int = 600  # a collective that waits this long on a dead rank fails the run
     device: str = "auto"  # auto | cpu | cuda
     # Bitwise-reproducible runs (ours): deterministic algorithms and one intra-op CPU thread. Without it a
@@ -145,6 +150,12 @@ class RunConfig:
         for key in ("checkpoint_every", "eval_every", "log_every", "keep_last", "max_nonfinite_steps"):
             check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), ">= 1")
         check(t.device in ("auto", "cpu", "cuda"), "train.device", t.device, "one of auto, cpu, cuda")
+        check(
+            t.nonfinite_check in ("device", "host"),
+            "train.nonfinite_check",
+            t.nonfinite_check,
+            "device or host",
+        )
         check(o.lr > 0, "optim.lr", o.lr, "> 0")
         check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"in [0, optim.lr={o.lr}]")
         check(
