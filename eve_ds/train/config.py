@@ -97,6 +97,10 @@ class TrainConfig:
     # optimizer skips the whole update on the device (skipped_updates). "host": read after each forward
     # (a sync), and the micro-batch is replaced by the next one. Finite runs are the same, bit for bit.
     nonfinite_check: str = "device"
+    # (ours) How DeepSpeed's ZeRO-1/2 step takes the gradient norm: "deepspeed", its loop of 2 ops per
+    # gradient tensor; "foreach", one torch._foreach_norm per parameter group (the same norm to float
+    # precision, not always bit for bit: another reduction kernel on CUDA). Both without host reads.
+    zero_grad_norm: str = "deepspeed"
     dist_timeout_s: int = 600  # a collective that waits this long on a dead rank fails the run
     device: str = "auto"  # auto | cpu | cuda
     # Bitwise-reproducible runs (ours): deterministic algorithms and one intra-op CPU thread. Without it a
@@ -149,13 +153,10 @@ class RunConfig:
         check(t.global_batch_size >= 1, "train.global_batch_size", t.global_batch_size, ">= 1")
         for key in ("checkpoint_every", "eval_every", "log_every", "keep_last", "max_nonfinite_steps"):
             check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), ">= 1")
-        check(t.device in ("auto", "cpu", "cuda"), "train.device", t.device, "one of auto, cpu, cuda")
-        check(
-            t.nonfinite_check in ("device", "host"),
-            "train.nonfinite_check",
-            t.nonfinite_check,
-            "device or host",
-        )
+        choices = {"device": ("auto", "cpu", "cuda"), "nonfinite_check": ("device", "host")}
+        choices["zero_grad_norm"] = ("deepspeed", "foreach")
+        for key, allowed in choices.items():
+            check(getattr(t, key) in allowed, f"train.{key}", getattr(t, key), "one of " + ", ".join(allowed))
         check(o.lr > 0, "optim.lr", o.lr, "> 0")
         check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"in [0, optim.lr={o.lr}]")
         check(
