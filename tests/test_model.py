@@ -246,6 +246,64 @@ def test_host_padding_flag_gives_the_same_losses_and_gradients_without_a_sync(B)
     assert len(reads_a) == 2 and reads_b == []  # one bool(valid.all()) per encoder pass (MLM, MIM) before
 
 
+HOST_KEYS = ("text_padded", "text_real", "text_maskable")
+
+
+def host_hints(batch: dict) -> dict:
+    """What batch_to_device reads from the host copy of text_mask."""
+    from eve_ds.data.transforms import batch_to_device
+
+    moved = batch_to_device({"image": batch["image"], "text_mask": batch["text_mask"]}, "cpu")
+    return {k: moved[k] for k in HOST_KEYS}
+
+
+@pytest.mark.parametrize("dispatch", ["deepspeed", "grouped"])
+@pytest.mark.parametrize("objectives", [["mlm", "mim_pixel"], ["msm_joint"]])
+def test_host_counts_give_the_same_step_and_no_sync_in_forward_or_backward(dispatch, objectives):
+    """The host-side counts of the data path (text_padded, text_real, text_maskable) replace every device
+    read of the MSM forward and backward: the MLM positions and the soft routers' real tokens are indexed
+    with host-known sizes. Same losses and gradients, bit for bit; no would-be sync in forward or backward
+    left but DeepSpeed's int(C) of the no-drop capacity (none at all with moe_dispatch=grouped). This is the
+    guard that fails when a sync comes back."""
+    from eve_ds.bench.count import count_call
+
+    cfg = dataclasses.replace(eve_tiny(), moe_dispatch=dispatch)
+    batch = make_batch(cfg, B=3, L=12)
+    hints = host_hints(batch)
+    assert hints["text_padded"] and hints["text_real"] == int(batch["text_mask"].sum())
+    results = []
+    for b in (batch, {**batch, **hints}):
+        model = build(cfg, objectives=objectives)
+        fwd, out = count_call(lambda b=b, model=model: model(b, gen()), record_forward_sites=True)
+        bwd, _ = count_call(out["loss"].backward)
+        losses = {k: v for k, v in out.items() if k.endswith("_loss") or k == "loss"}
+        syncs = [site for _, site in fwd.syncs | bwd.syncs]
+        results.append((losses, {n: p.grad for n, p in model.named_parameters()}, syncs))
+    (loss_a, grad_a, syncs_a), (loss_b, grad_b, syncs_b) = results
+    assert loss_a.keys() == loss_b.keys() and all(torch.equal(loss_a[k], loss_b[k]) for k in loss_a)
+    assert all(torch.equal(grad_a[n], grad_b[n]) for n in grad_a)
+    assert any("eve_ds/" in s for s in syncs_a)  # without the counts: nonzero, boolean MLM indexing
+    left = [s for s in syncs_b if not s.startswith("deepspeed/moe/sharded_moe.py:667")]
+    assert left == [], left
+    assert (dispatch == "grouped") == (syncs_b == [])
+
+
+def test_masked_text_count_is_the_number_of_masked_tokens():
+    """The host count (pure Python) equals what mask_text masks on the device, for many lengths and
+    ratios, rounding halves included (ratio 0.5 on odd counts)."""
+    from eve_ds.objectives.masking import masked_text_count
+
+    L = 40
+    mask = (torch.arange(L)[None] < torch.arange(L + 1)[:, None]).long()  # every length 0..L
+    ids = torch.full((L + 1, L), 7)
+    for ratio in (0.15, 0.4, 0.5, 0.25, 1 / 3, 0.05, 0.9):
+        _, mlm_mask = mask_text(ids, mask, ratio, 103, gen())
+        assert masked_text_count(host_hints({"image": torch.zeros(1), "text_mask": mask}), ratio) == int(
+            mlm_mask.sum()
+        )
+    assert masked_text_count({}, 0.15) is None
+
+
 def test_head_options_come_from_objective_heads_and_old_saved_keys_still_load():
     """The task's head options reach the heads' constructors through `objective.heads`; a checkpoint saved
     with the former flat keys (`vqa_num_answers`, `nlvr2_head`) rebuilds the same heads."""

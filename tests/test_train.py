@@ -419,7 +419,11 @@ def test_an_interrupted_save_is_never_resumed_from(tmp_path, cache_dir):
     assert complete_steps(run) == [2, 4] and not partial.exists()
 
 
-def test_nonfinite_losses_stop_the_run_naming_the_last_good_checkpoint(tmp_path, cache_dir):
+@pytest.mark.parametrize("check", ["device", "host"])
+def test_nonfinite_losses_stop_the_run_naming_the_last_good_checkpoint(tmp_path, cache_dir, check):
+    """train.nonfinite_check=device (the default) reads the losses' finiteness once per log interval: the
+    non-finite micro-batches are counted in the metrics (skipped_nonfinite) and their steps' updates
+    skipped on the device (skipped_updates); host replaces each such micro-batch by the next one."""
     run = tmp_path / "run"
     overrides = small(
         cache_dir,
@@ -428,6 +432,7 @@ def test_nonfinite_losses_stop_the_run_naming_the_last_good_checkpoint(tmp_path,
             "train.checkpoint_every": 2,
             "train.eval_every": 100,
             "train.max_nonfinite_steps": 2,
+            "train.nonfinite_check": check,
             "optim.lr": 1e30,
             "optim.warmup_steps": 0,
             "optim.grad_clip": 0.0,
@@ -437,6 +442,23 @@ def test_nonfinite_losses_stop_the_run_naming_the_last_good_checkpoint(tmp_path,
     assert result.returncode == 3, result.stderr[-3000:]
     assert "non-finite losses in a row" in result.stderr
     assert "last good checkpoint" in result.stderr
+    if check == "device":
+        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        last = [r for r in records if "skipped_nonfinite" in r][-1]
+        assert last["skipped_nonfinite"] == 1 and last["skipped_updates"] >= 1
+
+
+def test_the_device_side_loss_check_trains_bit_for_bit_as_the_host_one(tmp_path, cache_dir):
+    """Finite losses: the device check (loss x 1.0 into the backward, no host read) changes nothing."""
+    overrides = small(
+        cache_dir, **{"train.max_steps": 3, "train.eval_every": 100, "train.deterministic": "true"}
+    )
+    losses = {}
+    for check in ("device", "host"):
+        result = run_train(tmp_path / check, [*overrides, f"train.nonfinite_check={check}"], one_thread=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[check] = train_losses(tmp_path / check)
+    assert len(losses["device"]) == 3 and losses["device"] == losses["host"]
 
 
 @pytest.mark.slow

@@ -64,6 +64,7 @@ class BenchConfig:
     peak_tflops: float | None = None  # None: from the device name (null on CPU)
     seed: int = 0
     model_overrides: list[str] = field(default_factory=list)  # "key=value" on the flavor's EVEConfig
+    zero_grad_norm: str = "deepspeed"  # train.zero_grad_norm of the engine: deepspeed | foreach
 
     CPU_DEFAULT_BATCH = 8
 
@@ -197,6 +198,7 @@ def build_bench_engine(bc: BenchConfig, cfg: EVEConfig, obj: ObjectiveConfig, mi
         device=bc.device,
         seed=bc.seed,
         max_steps=10**6,
+        zero_grad_norm=bc.zero_grad_norm,
     )
     run = RunConfig(
         model=cfg,

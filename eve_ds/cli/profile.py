@@ -55,6 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="instead: count ATen ops and would-be host syncs of one training step (eve_ds.bench.count)",
     )
     p.add_argument("--ds-config", default="zero2_bf16", help="DeepSpeed config for --count")
+    p.add_argument(
+        "--zero-grad-norm",
+        default="deepspeed",
+        choices=["deepspeed", "foreach"],
+        help="train.zero_grad_norm of the --count engine",
+    )
     return p.parse_args(argv)
 
 
@@ -108,7 +114,13 @@ def meta(args: argparse.Namespace, argv: list[str] | None) -> dict:
 
 def count_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     """--count: ops and syncs per phase of one DeepSpeed training step, printed and (--json) written."""
-    bc = BenchConfig(model=args.model, device=args.device, ds_config=args.ds_config, model_overrides=args.set)
+    bc = BenchConfig(
+        model=args.model,
+        device=args.device,
+        ds_config=args.ds_config,
+        model_overrides=args.set,
+        zero_grad_norm=args.zero_grad_norm,
+    )
     t0 = time.perf_counter()
     result = {
         "model": args.model,

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from eve_ds.utils.image import normalize_image
+from eve_ds.utils.text import maskable_text_positions
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 TEXT_KEYS = ("txt", "caption")
@@ -31,8 +32,12 @@ def batch_to_device(
 ) -> dict:
     """Every tensor of `batch` moved to `device`, the image normalised there (`normalize_image`) in `dtype`;
     the uint8 image stays available as `pixels` (pixel targets are computed from it in float32, not from
-    the bf16-rounded image). Other values (keys, counts) are kept as they are. `text_padded`: whether any
-    text is padded, read here from the host copy so that the encoder need not read it from the device."""
+    the bf16-rounded image). Other values (keys, counts) are kept as they are.
+
+    Read here from the host copy of text_mask, so that nothing in the forward pass reads a device value:
+    `text_padded`, whether any text is padded; `text_real`, the number of real text tokens (the static
+    size of the real-token index, `Tokens.real_index`); `text_maskable`, each caption's number of
+    maskable tokens (the MLM objectives count their masked tokens from it, `masked_text_count`)."""
     mask = batch.get("text_mask")
     out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     if not out["image"].is_floating_point():
@@ -40,6 +45,8 @@ def batch_to_device(
     out["image"] = normalize_image(out["image"], dtype, mean, std)
     if isinstance(mask, torch.Tensor) and mask.device.type == "cpu":
         out["text_padded"] = not bool(mask.bool().all())
+        out["text_real"] = int(mask.bool().sum())
+        out["text_maskable"] = maskable_text_positions(mask).sum(1).tolist()
     return out
 
 

@@ -163,6 +163,7 @@ class EVEModel(nn.Module):
         keep_ids: Tensor | None = None,
         patch_mask: Tensor | None = None,
         has_padding: bool | None = None,
+        text_real: int | None = None,
     ) -> EncoderOutput:
         """Encode [image; text]; either part may be absent (image-only / text-only passes).
 
@@ -170,7 +171,9 @@ class EVEModel(nn.Module):
         keep_ids: (B, n) visible patch indices for the asymmetric MIM pass;
         patch_mask: (B, P) bool, patches replaced by the learned mask token (MIM with token targets);
         has_padding: whether text_mask has a 0 anywhere, when the caller knows it on the host (the data
-            path: `batch["text_padded"]`); None reads it from text_mask, a host sync on a GPU.
+            path: `batch["text_padded"]`); None reads it from text_mask, a host sync on a GPU;
+        text_real: the number of real (text_mask 1) text tokens, when the host knows it (`batch["text_real"]`):
+            decides has_padding and gives the soft-router blocks' real-token index a static size.
         """
         parts, n_image = [], 0
         if image is not None:
@@ -188,11 +191,18 @@ class EVEModel(nn.Module):
         key_padding = None
         if text_ids is not None and text_mask is not None:
             valid[:, n_image:] = text_mask.bool()
+            if has_padding is None and text_real is not None:
+                has_padding = text_real < text_mask.numel()
             if has_padding is None:
                 has_padding = not bool(valid.all())
             if has_padding:
                 key_padding = ~valid
-        tokens = Tokens(n_image, keep_ids, key_padding, valid)
+        num_real = None
+        if text_ids is None or text_mask is None:
+            num_real = B * N
+        elif text_real is not None:
+            num_real = B * n_image + text_real
+        tokens = Tokens(n_image, keep_ids, key_padding, valid, num_real=num_real)
         aux = x.new_zeros((), dtype=torch.float32)
         counts: dict[int, Tensor] = {}
         for i, block in enumerate(self.blocks):

@@ -36,6 +36,8 @@ class Tokens:
     valid: (B, N) True on real tokens (everything but text padding).
     valid_index: (T,) positions of the real tokens in the flattened (B * N) sequence, computed once per
         forward pass (the soft-router blocks gather and scatter with it: no host synchronisation each).
+    num_real: T when the host knows it (the data path counts the real text tokens): the index then has a
+        static size and is found without reading the device; None finds it with `nonzero` (a host sync).
     """
 
     n_image: int
@@ -43,10 +45,16 @@ class Tokens:
     key_padding: Tensor | None
     valid: Tensor
     valid_index: Tensor | None = None
+    num_real: int | None = None
 
     def real_index(self) -> Tensor:
         if self.valid_index is None:
-            self.valid_index = self.valid.reshape(-1).nonzero().squeeze(1)
+            flat = self.valid.reshape(-1)
+            if self.num_real is None:
+                self.valid_index = flat.nonzero().squeeze(1)
+            else:
+                # The same positions in the same order; sync-free on CUDA (a static output size).
+                self.valid_index = torch.nonzero_static(flat, size=self.num_real).squeeze(1)
         return self.valid_index
 
 

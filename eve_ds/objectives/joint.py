@@ -18,7 +18,7 @@ from torch import nn
 from eve_ds.models.config import EVEConfig
 from eve_ds.models.eve import EVEModel
 from eve_ds.objectives.base import ObjectiveConfig, register_objective
-from eve_ds.objectives.masking import mask_patches, mask_text
+from eve_ds.objectives.masking import mask_patches, mask_text, masked_text_count, text_positions
 from eve_ds.objectives.msm import MaskedImageModeling, MaskedLanguageModeling
 
 
@@ -44,10 +44,18 @@ class JointMaskedSignalModeling(nn.Module):
         keep_ids, ids_restore, patch_mask = mask_patches(
             B, P, self.cfg.joint_image_mask_ratio, image.device, generator
         )  # (B, n_keep), (B, P), (B, P) 1.0 where dropped
-        enc = encoder(image, ids, text_mask, keep_ids=keep_ids, has_padding=batch.get("text_padded"))
-
-        logits = self.mlm.head(enc.text[mlm_mask]).float()  # (T, V), masked positions only
-        target = text_ids[mlm_mask]
+        enc = encoder(
+            image,
+            ids,
+            text_mask,
+            keep_ids=keep_ids,
+            has_padding=batch.get("text_padded"),
+            text_real=batch.get("text_real"),
+        )
+        # (T, V), masked positions only, gathered by an index of host-known size (as in MLM)
+        where = text_positions(mlm_mask, enc.n_image, masked_text_count(batch, self.cfg.text_mask_ratio))
+        logits = self.mlm.head(enc.hidden.reshape(-1, enc.hidden.shape[-1]).index_select(0, where)).float()
+        target = text_ids.reshape(-1).index_select(0, text_positions(mlm_mask, 0, where.numel()))
         pred_tokens = logits.argmax(-1)
         pixels = self.mim.decoder(enc.image, ids_restore).float()  # (B, P, p*p*C)
         per_patch = (pixels - self.mim.target(batch)).pow(2).mean(-1)  # (B, P)

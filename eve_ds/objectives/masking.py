@@ -2,19 +2,49 @@
 
 from __future__ import annotations
 
+import struct
+
 import torch
 from torch import Tensor
 
+from eve_ds.utils.text import maskable_text_positions
 
-def maskable_text_positions(text_mask: Tensor) -> Tensor:
-    """(B, L) True on real tokens that may be masked: not [CLS] (position 0), not [SEP] (last real
-    token), not padding."""
-    real = text_mask.bool().clone()
-    lengths = real.sum(1)
-    real[:, 0] = False
-    rows = torch.arange(real.shape[0], device=real.device)
-    real[rows, (lengths - 1).clamp(min=0)] = False
-    return real
+
+def text_mask_counts(text_mask: Tensor, ratio: float) -> tuple[Tensor, Tensor]:
+    """-> (maskable positions (B, L) bool, tokens each caption masks (B, 1) long): round(ratio * n) of its
+    n maskable tokens, at least one (none when it has none)."""
+    maskable = maskable_text_positions(text_mask)
+    n = maskable.sum(1, keepdim=True)
+    return maskable, torch.clamp(torch.round(n.float() * ratio), min=1).long().minimum(n)
+
+
+def _float32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def masked_text_count(batch: dict, ratio: float) -> int | None:
+    """How many text tokens `mask_text` masks in `batch`, from the host-side count of maskable tokens per
+    caption (`batch["text_maskable"]`, set by the data path); None when the batch does not have it.
+
+    Pure Python, so that nothing is read from a tensor: `text_mask_counts` multiplies in float32 (the
+    scalar ratio is cast to float32) and rounds half to even; the product of two float32 is exact in a
+    double, so rounding it to float32 gives the same number, and Python's `round` is half to even too."""
+    maskable = batch.get("text_maskable")
+    if maskable is None:
+        return None
+    r = _float32(ratio)
+    return sum(min(max(round(_float32(_float32(float(n)) * r)), 1), n) for n in maskable)
+
+
+def text_positions(mask: Tensor, n_image: int, count: int | None) -> Tensor:
+    """mask: (B, L) over the text part of a [image (n_image); text (L)] sequence -> (count,) positions of its
+    True entries in the flattened (B * (n_image + L)) sequence, row-major, as boolean indexing orders them.
+    With the host-known count the index has a static size (`nonzero_static`: no host sync on CUDA);
+    None finds it with `nonzero` (a sync)."""
+    flat = torch.nn.functional.pad(mask, (n_image, 0)).reshape(-1)
+    if count is None:
+        return flat.nonzero().squeeze(1)
+    return torch.nonzero_static(flat, size=count).squeeze(1)
 
 
 def mask_text(
@@ -28,9 +58,7 @@ def mask_text(
 
     -> (masked ids (B, L), mlm_mask (B, L) True where a token was masked).
     """
-    maskable = maskable_text_positions(text_mask)
-    n = maskable.sum(1, keepdim=True)
-    n_mask = torch.clamp(torch.round(n.float() * ratio), min=1).long().minimum(n)
+    maskable, n_mask = text_mask_counts(text_mask, ratio)
     noise = torch.rand(text_ids.shape, device=text_ids.device, generator=generator)
     noise = noise.masked_fill(~maskable, 2.0)  # non-maskable positions sort last
     rank = noise.argsort(1).argsort(1)

@@ -160,6 +160,7 @@ class TokenMaskedImageModeling(nn.Module):
             batch["text_mask"],
             patch_mask=mask,
             has_padding=batch.get("text_padded"),
+            text_real=batch.get("text_real"),
         )
         logits = self.head(enc.image[:, 1:][mask]).float()  # (M, V): masked patches only
         return {

@@ -11,7 +11,7 @@ from eve_ds.models.config import EVEConfig
 from eve_ds.models.eve import EVEModel
 from eve_ds.models.heads import MLMHead, PixelDecoder
 from eve_ds.objectives.base import ObjectiveConfig, register_objective
-from eve_ds.objectives.masking import mask_patches, mask_text, patchify
+from eve_ds.objectives.masking import mask_patches, mask_text, masked_text_count, patchify, text_positions
 from eve_ds.utils.image import normalize_image
 
 
@@ -28,10 +28,18 @@ class MaskedLanguageModeling(nn.Module):
         ids, mlm_mask = mask_text(
             batch["text_ids"], batch["text_mask"], self.cfg.text_mask_ratio, self.cfg.mask_token_id, generator
         )
-        enc = encoder(batch["image"], ids, batch["text_mask"], has_padding=batch.get("text_padded"))
-        # Logits only where a token was masked: the vocabulary projection dominates the head's cost.
-        logits = self.head(enc.text[mlm_mask]).float()  # (T, V)
-        target = batch["text_ids"][mlm_mask]
+        enc = encoder(
+            batch["image"],
+            ids,
+            batch["text_mask"],
+            has_padding=batch.get("text_padded"),
+            text_real=batch.get("text_real"),
+        )
+        # Logits only where a token was masked: the vocabulary projection dominates the head's cost. The
+        # masked positions are gathered by an index of host-known size, not a boolean mask (a host sync).
+        where = text_positions(mlm_mask, enc.n_image, masked_text_count(batch, self.cfg.text_mask_ratio))
+        logits = self.head(enc.hidden.reshape(-1, enc.hidden.shape[-1]).index_select(0, where)).float()
+        target = batch["text_ids"].reshape(-1).index_select(0, text_positions(mlm_mask, 0, where.numel()))
         pred = logits.argmax(-1)
         return {
             "mlm_loss": F.cross_entropy(logits, target),
@@ -73,6 +81,7 @@ class MaskedImageModeling(nn.Module):
             batch["text_mask"],
             keep_ids=keep_ids,
             has_padding=batch.get("text_padded"),
+            text_real=batch.get("text_real"),
         )
         pred = self.decoder(enc.image, ids_restore).float()  # (B, P, p*p*C)
         per_patch = (pred - self.target(batch)).pow(2).mean(-1)  # (B, P), float32

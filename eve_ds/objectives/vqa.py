@@ -35,7 +35,11 @@ class VQAClassification(nn.Module):
 
     def forward(self, encoder: EVEModel, batch: dict, generator: torch.Generator | None) -> dict:
         enc = encoder(
-            batch["image"], batch["text_ids"], batch["text_mask"], has_padding=batch.get("text_padded")
+            batch["image"],
+            batch["text_ids"],
+            batch["text_mask"],
+            has_padding=batch.get("text_padded"),
+            text_real=batch.get("text_real"),
         )
         logits = self.head(enc.hidden[:, enc.n_image]).float()  # (B, A)
         out = {"vqa_logits": logits.detach(), "encoder_outputs": [enc]}

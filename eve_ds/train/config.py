@@ -97,6 +97,15 @@ class TrainConfig:
     init_from: str | None = None
     grad_checkpointing: bool = False
     max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run
+    # (ours) Where a micro-batch's loss is tested for inf/nan. "device": on the device, read once per log
+    # interval (no host sync per micro-batch); a non-finite loss turns the step's gradients into NaN, so the
+    # optimizer skips the whole update on the device (skipped_updates). "host": read after each forward
+    # (a sync), and the micro-batch is replaced by the next one. Finite runs are the same, bit for bit.
+    nonfinite_check: str = "device"
+    # (ours) How DeepSpeed's ZeRO-1/2 step takes the gradient norm: "deepspeed", its loop of 2 ops per
+    # gradient tensor; "foreach", one torch._foreach_norm per parameter group (the same norm to float
+    # precision, not always bit for bit: another reduction kernel on CUDA). Both without host reads.
+    zero_grad_norm: str = "deepspeed"
     dist_timeout_s: int = 600  # a collective that waits this long on a dead rank fails the run
     device: str = "auto"  # auto | cpu | cuda
     # torch's intra-op CPU threads (null: torch's default, one per core). On a shared CPU, 1 avoids the
@@ -182,7 +191,10 @@ class RunConfig:
         check(t.global_batch_size >= 1, "train.global_batch_size", t.global_batch_size, ">= 1")
         for key in ("checkpoint_every", "eval_every", "log_every", "keep_last", "max_nonfinite_steps"):
             check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), ">= 1")
-        check(t.device in ("auto", "cpu", "cuda"), "train.device", t.device, "one of auto, cpu, cuda")
+        choices = {"device": ("auto", "cpu", "cuda"), "nonfinite_check": ("device", "host")}
+        choices["zero_grad_norm"] = ("deepspeed", "foreach")
+        for key, allowed in choices.items():
+            check(getattr(t, key) in allowed, f"train.{key}", getattr(t, key), "one of " + ", ".join(allowed))
         check(t.num_threads is None or t.num_threads >= 1, "train.num_threads", t.num_threads, ">= 1 or null")
         check(o.lr > 0, "optim.lr", o.lr, "> 0")
         check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"in [0, optim.lr={o.lr}]")

@@ -16,6 +16,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from torch import Tensor, nn
 
 from eve_ds.train.config import DS_CONFIG_DIR, ConfigError, RunConfig, phase_step
+from eve_ds.train.zero_step import make_step_sync_free
 
 logger = logging.getLogger(__name__)
 
@@ -218,4 +219,6 @@ def build_engine(cfg: RunConfig, model: nn.Module, world_size: int, device: str)
     if engine.zero_optimization_stage() in (1, 2):
         # ZeRO-1/2 set the norm before each inner step; other wrappers skip non-finite steps themselves.
         engine.optimizer.optimizer.grad_norm = lambda: getattr(engine.optimizer, "_global_grad_norm", None)
+        # Its norm and clip without host reads (same numbers); one foreach norm per group if asked.
+        make_step_sync_free(engine.optimizer, foreach_norm=cfg.train.zero_grad_norm == "foreach")
     return engine, optimizer, scheduler, ds_config

@@ -89,6 +89,9 @@ class Trainer:
         # Optimizer updates skipped for non-finite gradients since the last read: a device scalar, added to
         # state["skipped_updates"] at log and checkpoint time only (`_read_skipped_updates`).
         self.unread_skips: torch.Tensor | None = None
+        # train.nonfinite_check=device: non-finite micro-batch losses since the last read, the current run of
+        # them in a row and the longest run (device scalars, read at log time: `_read_nonfinite_losses`).
+        self.unread_bad = self.bad_run = self.worst_run = None
 
     def _check_layout(self) -> None:
         ep = self.cfg.model.ep_size
@@ -209,6 +212,7 @@ class Trainer:
         return self.state["skipped_updates"]
 
     def save(self) -> Path:
+        self._read_nonfinite_losses()
         self._read_skipped_updates()
         eve_config = self.family.checkpoint_config(self.cfg)
         # e.g. the VQA answer vocabulary: travels with checkpoints and exports
@@ -251,12 +255,49 @@ class Trainer:
         self.batch_shape = self.family.batch_shape(batch)  # for the FLOP count (MFU)
         data = self.cfg.data
         out = self.engine(batch_to_device(batch, self.device, self.dtype, data.image_mean, data.image_std))
+        if self.cfg.train.nonfinite_check == "device":
+            self.engine.backward(self._poison_if_nonfinite(out["loss"]))
+            self.engine.step()
+            return out
         bad = all_reduce_max(0.0 if bool(torch.isfinite(out["loss"])) else 1.0, self.device)
         if bad:
             return None
         self.engine.backward(out["loss"])
         self.engine.step()
         return out
+
+    def _poison_if_nonfinite(self, loss: torch.Tensor) -> torch.Tensor:
+        """loss x 1, or x NaN when it is not finite, decided on the device: a finite loss back-propagates
+        exactly as before (x 1.0 is exact); a non-finite one makes every gradient NaN, whatever the loss's
+        own gradient would be, so the optimizer skips the update (SkipNonFiniteAdamW, DeepSpeed's wrappers)
+        on every rank (the gradient all-reduce spreads the NaN). Counted for `_read_nonfinite_losses`."""
+        bad = (~torch.isfinite(loss.detach())).float().reshape(())
+        if self.unread_bad is None:
+            self.unread_bad, self.bad_run, self.worst_run = bad, bad, bad
+        else:
+            self.unread_bad = self.unread_bad + bad
+            self.bad_run = (self.bad_run + 1) * bad  # resets to 0 on a finite loss
+            self.worst_run = torch.maximum(self.worst_run, self.bad_run)
+        return loss * torch.where(bad > 0, float("nan"), 1.0).to(loss.dtype)
+
+    def _read_nonfinite_losses(self) -> None:
+        """train.nonfinite_check=device: add the non-finite losses since the last read to
+        state["skipped_nonfinite"] (the max over ranks) and stop the run when max_nonfinite_steps of them
+        came in a row. One host read per log interval."""
+        if self.unread_bad is None:
+            return
+        vec = torch.stack([self.unread_bad, self.worst_run]).to(self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(vec, op=torch.distributed.ReduceOp.MAX)
+        bad, worst = (int(v) for v in vec.tolist())
+        self.unread_bad, self.worst_run = torch.zeros_like(self.unread_bad), self.bad_run  # a run goes on
+        self.state["skipped_nonfinite"] += bad
+        if worst >= self.cfg.train.max_nonfinite_steps:
+            last = latest_complete(self.run_dir / "checkpoints")
+            raise NonFiniteLossError(
+                f"{worst} non-finite losses in a row by step {self.state['step']}; last good checkpoint: "
+                f"{last if last else 'none'}"
+            )
 
     def _train_step(self, data_iter) -> dict:
         """One optimizer step of `accum` micro-batches -> metrics averaged over them."""
@@ -288,6 +329,7 @@ class Trainer:
         return {"lr": lr, **{k: sum(o[k].detach().float() for o in outs) / len(outs) for k in keep}}
 
     def _log(self, step: int, m: dict, window_samples: int, window_s: float) -> None:
+        self._read_nonfinite_losses()
         keys = sorted(k for k in m if not k.startswith("expert_load") and k != "lr")
         vec = torch.stack([m[k].reshape(()) for k in keys]).to(self.device)
         if self.world > 1:
