@@ -50,7 +50,7 @@ from eve_ds.data.pipeline import (
     load_corpus,
 )
 from eve_ds.data.skipped import Skipped
-from eve_ds.data.stream import Corpus, raw_stream
+from eve_ds.data.stream import Corpus, ShardStream
 from eve_ds.data.transforms import crop_resize
 from eve_ds.models.evlm.masks import layout_row, stack_rows
 from eve_ds.utils.image import normalize_image
@@ -309,7 +309,7 @@ def collate_stage(batches: Iterator[tuple[list[dict], list[tuple]]], pad: int) -
         yield collate_rows([s["row"] for s in samples], pad, [Skipped(*b) for b in bad])
 
 
-class PackedStream(IterableDataset):
+class PackedStream(ShardStream):
     """Batches of packed rows for this rank, in the order of `stream.raw_stream` (as `TrainStream`)."""
 
     def __init__(
@@ -325,29 +325,12 @@ class PackedStream(IterableDataset):
         )
         self.batch_size, self.rank, self.world_size = at.batch_size, at.rank, at.world_size
 
-    def pipeline(self, virtual_worker: int, local_batch: int) -> wds.DataPipeline:
-        workers = max(self.cfg.num_workers, 1)
-        stream = self.rank * workers + virtual_worker
-        return wds.DataPipeline(
-            functools.partial(
-                raw_stream,
-                self.corpora,
-                seed=self.seed,
-                stream=stream,
-                num_streams=self.world_size * workers,
-                start_slot=local_batch * self.batch_size,
-                buffer=self.cfg.shuffle_buffer,
-            ),
+    def stages(self, stream: int) -> list:
+        return [
             functools.partial(read_stage, reader=self.reader),
             functools.partial(fill_batches, batch_size=self.batch_size),
             functools.partial(collate_stage, pad=pad_id(self.reader.tokenizer)),
-        )
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        workers = max(self.cfg.num_workers, 1)
-        position = self.start_batch + (info.id if info is not None else 0)
-        return iter(self.pipeline(position % workers, position // workers))
+        ]
 
 
 def build_packed_loader(

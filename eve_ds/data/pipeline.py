@@ -35,7 +35,7 @@ from eve_ds.data.manifest import (
     shard_counts,
 )
 from eve_ds.data.skipped import SkipLog, skipped_of
-from eve_ds.data.stream import Corpus, raw_stream
+from eve_ds.data.stream import Corpus, ShardStream
 from eve_ds.data.synthetic import ensure_synthetic_corpus
 from eve_ds.data.transforms import BadSample, collate, eval_transform, train_transform
 
@@ -218,7 +218,7 @@ class Placement:
     world_size: int = 1
 
 
-class TrainStream(IterableDataset):
+class TrainStream(ShardStream):
     """Batches of this rank; DataLoader worker slot k serves the virtual worker (start_batch + k) % W."""
 
     def __init__(
@@ -229,9 +229,7 @@ class TrainStream(IterableDataset):
         self.image_size, self.max_text_len, self.batch_size = at.image_size, at.max_text_len, at.batch_size
         self.rank, self.world_size, self.seed, self.start_batch = at.rank, at.world_size, seed, start_batch
 
-    def pipeline(self, virtual_worker: int, local_batch: int) -> wds.DataPipeline:
-        workers = max(self.cfg.num_workers, 1)
-        stream = self.rank * workers + virtual_worker
+    def stages(self, stream: int) -> list:
         transform = dict(
             image_size=self.image_size,
             scale=self.cfg.crop_scale,
@@ -239,27 +237,11 @@ class TrainStream(IterableDataset):
             hflip=self.cfg.hflip,
             hflip_text=self.cfg.hflip_text,
         )
-        return wds.DataPipeline(
-            functools.partial(
-                raw_stream,
-                self.corpora,
-                seed=self.seed,
-                stream=stream,
-                num_streams=self.world_size * workers,
-                start_slot=local_batch * self.batch_size,
-                buffer=self.cfg.shuffle_buffer,
-            ),
+        return [
             wds.map(functools.partial(augment, seed=self.seed, stream=stream, **transform)),
             functools.partial(fill_batches, batch_size=self.batch_size),
             functools.partial(collate_stage, tokenizer=self.tokenizer, max_text_len=self.max_text_len),
-        )
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        slot = info.id if info is not None else 0
-        workers = max(self.cfg.num_workers, 1)
-        position = self.start_batch + slot
-        return iter(self.pipeline(position % workers, position // workers))
+        ]
 
 
 class TrainLoader:

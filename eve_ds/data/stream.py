@@ -18,6 +18,7 @@ decoded) samples only inside the one visit where it lands.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import random
@@ -25,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 from webdataset.tariterators import tarfile_samples
 
@@ -135,3 +138,37 @@ def raw_stream(
         c = int(choices[slot % BLOCK])
         sample = dict(next(readers[c]), __corpus__=corpora[c].name, __slot__=slot)
         yield sample
+
+
+class ShardStream(IterableDataset):
+    """A rank's training batches: `raw_stream` over `corpora`, then the stages a subclass adds (`stages`).
+
+    Each loader worker reads its own stream (rank * workers + worker of world_size * workers); batch b of
+    the rank comes from worker b % workers, at its local batch b // workers, so a restart at `start_batch`
+    reproduces the uninterrupted order. Subclasses set corpora, cfg (num_workers, shuffle_buffer), seed,
+    start_batch, batch_size, rank and world_size.
+    """
+
+    def stages(self, stream: int) -> list:
+        """The pipeline stages after the raw samples of `stream`."""
+        raise NotImplementedError
+
+    def pipeline(self, virtual_worker: int, local_batch: int) -> wds.DataPipeline:
+        workers = max(self.cfg.num_workers, 1)
+        stream = self.rank * workers + virtual_worker
+        source = functools.partial(
+            raw_stream,
+            self.corpora,
+            seed=self.seed,
+            stream=stream,
+            num_streams=self.world_size * workers,
+            start_slot=local_batch * self.batch_size,
+            buffer=self.cfg.shuffle_buffer,
+        )
+        return wds.DataPipeline(source, *self.stages(stream))
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        workers = max(self.cfg.num_workers, 1)
+        position = self.start_batch + (info.id if info is not None else 0)
+        return iter(self.pipeline(position % workers, position // workers))
