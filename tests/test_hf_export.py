@@ -55,6 +55,7 @@ def test_hf_export_answers_vqa_like_eve_ds_without_eve_ds(vqa_run, tmp_path, mon
     cfg = json.loads((dst / "config.json").read_text())
     assert cfg["auto_map"]["AutoModelForVisualQuestionAnswering"] == "modeling_eve.EVEForVQA"
     assert cfg["auto_map"]["AutoModel"] == "modeling_eve.EVEHFModel"
+    assert cfg["text_rule"] is None  # the run tokenized its texts as they are
     vqa = VQAPredictor.from_pretrained(run)
     assert [cfg["id2label"][str(i)] for i in range(len(vqa.vocab))] == vqa.vocab.answers
     proc = json.loads((dst / "preprocessor_config.json").read_text())

@@ -129,3 +129,27 @@ def test_collate_and_inference_context_apply_the_rule(tmp_path):
     assert ctx.tokenizer.rule == TextRule("caption", 30)
     assert not isinstance(pre.context({}, eve_tiny(), "retrieval").tokenizer, RuledTokenizer)
     assert not isinstance(pre.context(config, eve_tiny()).tokenizer, RuledTokenizer)  # the bare encoder
+
+
+TEXTS = [
+    "What's the man's-name/title?",
+    "Is it  RED?!  ",
+    "  why?",
+    "a  b c d e",
+    "it`s a <PERSON>'s bike",
+    "two\tcats\n\non a  mat.",
+    "left/right and up-down",
+    "Café ÉTÉ?",
+    "one two three four five six",
+]
+
+
+@pytest.mark.parametrize("kind", ["question", "caption"])
+@pytest.mark.parametrize("words", [None, 3, 30])
+def test_hf_export_clean_text_equals_the_rule(kind, words):
+    """The standalone copy in the HF export's modeling file cleans as eve_ds.data.text does."""
+    from eve_ds.hf.modeling_eve import clean_text
+
+    for text in TEXTS:
+        assert clean_text(text, {"kind": kind, "max_words": words}) == TextRule(kind, words)(text), text
+    assert clean_text(TEXTS[0], None) == TEXTS[0]

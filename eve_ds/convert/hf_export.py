@@ -24,6 +24,8 @@ from eve_ds.hf.modeling_eve import EVEForVQA, EVEHFConfig, EVEHFModel
 from eve_ds.models.eve import EVEModel
 from eve_ds.models.weights import mismatch_report
 from eve_ds.objectives import PretrainingModel
+from eve_ds.tasks.base import TASK_MODULES, task_text_rule
+from eve_ds.tasks.config import TaskConfig
 
 RENAMES = [  # EVEModel key -> HF key
     (re.compile(r"^patch_embed\.proj\."), "patch_embed."),
@@ -105,11 +107,23 @@ def image_processor(encoder: EVEModel, cfg: dict):
     )
 
 
+def text_rule(cfg: dict) -> dict | None:
+    """How the checkpoint's task cleaned its texts in evaluation (task.text_preprocess): {"kind": question |
+    caption, "max_words": N} for the HF config, or None (texts as they are; no task, or no rule)."""
+    saved = (cfg.get("run") or {}).get("task") or {}
+    if saved.get("text_preprocess", "none") == "none" or saved.get("name") not in TASK_MODULES:
+        return None
+    fields = {k: v for k, v in saved.items() if k in TaskConfig.__dataclass_fields__}
+    rule = task_text_rule(TaskConfig(**(fields | {"synthetic": False})), train=False)
+    return None if rule.kind == "none" else {"kind": rule.kind, "max_words": rule.max_words}
+
+
 def hf_model(model: PretrainingModel, cfg: dict) -> tuple[EVEHFModel | EVEForVQA, dict[str, torch.Tensor]]:
     """The HF model for the checkpoint's task (EVEForVQA for a VQA fine-tune, else the encoder) and its
     state dict in HF names."""
     config = EVEHFConfig(**hf_config_kwargs(model.encoder))
     config.eve = {k: cfg[k] for k in ("model", "objective") if k in cfg}
+    config.text_rule = text_rule(cfg)
     sd = hf_state_dict(model.encoder)
     if "vqa" not in model.objectives:
         hf = EVEHFModel(config)

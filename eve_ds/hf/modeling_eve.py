@@ -58,6 +58,7 @@ class EVEHFConfig(PretrainedConfig):
         ffn_act="gelu",
         modality_bias_to_experts=False,
         head_norm_eps=None,
+        text_rule=None,
         **kwargs,
     ):
         self.image_size, self.patch_size, self.in_chans = image_size, patch_size, in_chans
@@ -79,7 +80,29 @@ class EVEHFConfig(PretrainedConfig):
         self.text_embed_norm, self.embed_norm, self.ffn_act = text_embed_norm, embed_norm, ffn_act
         self.modality_bias_to_experts = modality_bias_to_experts
         self.head_norm_eps = head_norm_eps  # LayerNorm ε of task heads; None = norm_eps
+        # How the fine-tuning cleaned texts before the tokenizer ({"kind": "question" | "caption",
+        # "max_words": N}; None: as they are); apply it with `clean_text` before tokenising.
+        self.text_rule = text_rule
         super().__init__(pad_token_id=pad_token_id, **kwargs)
+
+
+_DROP = ",.'!?\"()*#:;~"
+_QUESTION_TABLE = str.maketrans({**dict.fromkeys(_DROP), "-": " ", "/": " "})
+_CAPTION_TABLE = str.maketrans({**dict.fromkeys(_DROP + "`"), "-": " ", "/": " "})
+
+
+def clean_text(text: str, rule: dict | None) -> str:
+    """`text` cleaned by `config.text_rule` as the model's fine-tuning cleaned it (the official EVE rules:
+    lower case, punctuation removed, "-" and "/" as spaces, the first max_words words); None: unchanged.
+    Kept standalone here (the export imports no eve_ds); eve_ds.data.text is the reference it is tested on."""
+    if not rule:
+        return text
+    if rule["kind"] == "question":
+        out = text.lower().translate(_QUESTION_TABLE).rstrip(" ")
+    else:
+        out = " ".join(text.lower().translate(_CAPTION_TABLE).replace("<person>", "person").split())
+    words, n = out.split(" "), rule.get("max_words")
+    return out if n is None or len(words) <= n else " ".join(words[:n])
 
 
 @dataclass

@@ -144,11 +144,7 @@ class Task:
 
     def text_rule(self, train: bool) -> TextRule:
         """How this task's texts are cleaned before tokenisation (task.text_preprocess, text_max_words)."""
-        if self.cfg.text_preprocess == "none" or self.official_text is None:
-            return TextRule()
-        kind, train_words, eval_words = self.official_text
-        words = self.cfg.text_max_words or (train_words if train else eval_words)
-        return TextRule(kind, words)
+        return task_text_rule(self.cfg, train)
 
     def tokenizer(self, train: bool):
         """The run's tokenizer with this task's text rule in front (`eve_ds.data.text`)."""
@@ -414,9 +410,23 @@ def register_task(name: str):
     return wrap
 
 
+def task_class(name: str) -> type[Task]:
+    """The Task subclass registered as `name` (`msm` = pre-training)."""
+    importlib.import_module(f"eve_ds.tasks.{TASK_MODULES[name]}")  # registers the task
+    if name not in TASKS:
+        raise ValueError(f"task.name={name!r}: no such task (have {sorted(TASKS)})")
+    return TASKS[name]
+
+
+def task_text_rule(cfg: TaskConfig, train: bool) -> TextRule:
+    """The text rule of task `cfg.name` under cfg.text_preprocess / text_max_words, in training or evaluation."""
+    official = task_class(cfg.name).official_text
+    if cfg.text_preprocess == "none" or official is None:
+        return TextRule()
+    kind, train_words, eval_words = official
+    return TextRule(kind, cfg.text_max_words or (train_words if train else eval_words))
+
+
 def build_task(cfg: TaskConfig, ctx: TaskContext) -> Task:
     """The task of `cfg.name` (`msm` = pre-training)."""
-    importlib.import_module(f"eve_ds.tasks.{TASK_MODULES[cfg.name]}")  # registers the task
-    if cfg.name not in TASKS:
-        raise ValueError(f"task.name={cfg.name!r}: no such task (have {sorted(TASKS)})")
-    return TASKS[cfg.name](cfg, ctx)
+    return task_class(cfg.name)(cfg, ctx)
