@@ -33,6 +33,9 @@ tok = AutoTokenizer.from_pretrained(d, trust_remote_code=True)
 vqa = AutoModelForVisualQuestionAnswering.from_pretrained(d, trust_remote_code=True).eval()
 enc = AutoModel.from_pretrained(d, trust_remote_code=True).eval()
 pix = proc([Image.open(p) for p, _ in pairs], return_tensors="pt")["pixel_values"]
+clean = sys.modules[type(vqa).__module__].clean_text  # the modeling file's text rule (docs/conversion.md)
+assert clean("Why-Not?", {"kind": "question", "max_words": 50}) == "why not"
+pairs = [[p, clean(q, vqa.config.text_rule)] for p, q in pairs]
 t = tok([q for _, q in pairs], padding="max_length", max_length=vqa.config.max_text_len, return_tensors="pt")
 inputs = dict(pixel_values=pix, input_ids=t["input_ids"], attention_mask=t["attention_mask"])
 with torch.no_grad():
