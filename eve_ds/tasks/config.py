@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from eve_ds.utils.config import check
 
-TASK_NAMES = ("msm", "vqa", "retrieval", "nlvr2", "evlm_synthetic", "evlm_packed")
+# EVLM on the public benchmarks (tasks/evlm_bench/): evaluation only, each with its own default split.
+BENCHMARK_TASKS = ("vqav2", "gqa", "textvqa", "pope", "mme", "mmbench")
+TASK_NAMES = ("msm", "vqa", "retrieval", "nlvr2", "evlm_synthetic", "evlm_packed", *BENCHMARK_TASKS)
 # Tasks that read the corpora of the `data:` section (data.train, data.val), not a task.data_root.
 CORPUS_TASKS = ("msm", "evlm_packed")
 IMAGE_GEOMETRIES = ("square_crop", "official")  # task.image_geometry (read by tasks/base.py decode_image)
