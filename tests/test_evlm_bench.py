@@ -363,3 +363,56 @@ def test_a_benchmark_without_its_files_is_one_line_naming_them(run, tmp_path, ca
     assert evaluate_main(argv) != 0
     err = capsys.readouterr().err
     assert "testdev_balanced_questions.json does not exist" in err and "Traceback" not in err
+
+
+def test_a_question_is_media_tokens_prompt_and_its_image_as_the_model_reads_them(run, tmp_path):
+    """Rebuilt by hand for one POPE question: K media ids + the prompt's ids, the image centre-cropped and
+    ImageNet-normalised. The task's batch gives the same logits; another image changes them (the trained
+    gates are open); greedy decoding of the hand-built row gives the answer eve-evaluate wrote."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from transformers import PreTrainedTokenizerFast
+
+    from eve_ds.train.evaluation import (
+        EvalRequest,
+        checkpoint_task,
+        follow_run,
+        load_checkpoint_model,
+        run_config,
+    )
+
+    root = tmp_path / "pope"
+    pope(root)
+    _, records = evaluate(run, "pope", root, tmp_path, "--split", "random")
+    model, config = load_checkpoint_model(str(run), device="cpu")
+    backbone = model.encoder
+    tok = PreTrainedTokenizerFast.from_pretrained(str(run / "lm"))
+    K, S = backbone.cfg.num_media_tokens, backbone.cfg.image_size
+    prompt = tok(f"Is there a ball?\n{SHORT_ANSWER}", add_special_tokens=False)["input_ids"]
+    ids = [backbone.media_token_id] * K + prompt
+    with Image.open(root / "val2014" / "COCO_val2014_000000000001.jpg") as img:  # 40 x 30: the centre 30 x 30
+        rgb = img.convert("RGB").resize((S, S), Image.BILINEAR, box=(5, 0, 35, 30))
+    x = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255).permute(2, 0, 1)
+    x = (x - torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]) / torch.tensor(IMAGENET_DEFAULT_STD)[
+        :, None, None
+    ]
+    zeros = torch.zeros(1, len(ids), dtype=torch.long)  # every token reads image slot 0
+    hand = {"input_ids": torch.tensor([ids]), "lo": zeros, "hi": zeros, "images": x[None],
+            "image_slot": torch.zeros(1, 2, dtype=torch.long), "num_slots": 1}  # fmt: skip
+
+    run_cfg = run_config(config)
+    request = follow_run(EvalRequest(task="pope", data_root=str(root)), run_cfg)
+    task = checkpoint_task(model, config, request, run_cfg)
+    task.prepare()
+    q = task.questions("random")[0]
+    with torch.no_grad():
+        ours = backbone(task.batch(backbone, [prompt], [task.load(q.image)], "cpu")).logits
+        expected = backbone(hand).logits
+        blue = backbone({**hand, "images": torch.zeros_like(x)[None] + 0.5}).logits
+    torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-5)
+    assert (blue - expected).abs().max() > 1e-2  # measured 0.35 (and 3.6e-7 between the two above)
+    out = backbone.generate_greedy(hand, 8, tok.eos_token_id)[0].tolist()
+    out = out[: out.index(tok.eos_token_id)] if tok.eos_token_id in out else out
+    assert records[0]["prediction"] == tok.decode(out, skip_special_tokens=True).strip()

@@ -165,10 +165,8 @@ class EVLMBenchTask(Task):
             return None
         return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
-    def generate(
-        self, backbone, prompts: list[list[int]], images: list[torch.Tensor], device: str
-    ) -> list[str]:
-        """Greedy answers of rows [media tokens] + prompt, each reading its own image."""
+    def batch(self, backbone, prompts: list[list[int]], images: list[torch.Tensor], device: str) -> dict:
+        """The model batch of rows [K media tokens] + prompt (equal lengths), row i reading images[i]."""
         K = backbone.cfg.num_media_tokens
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         rows = [layout_row([[{"image": 0}, {"text": ids}]], self.media_id, K) for ids in prompts]
@@ -179,7 +177,14 @@ class EVLMBenchTask(Task):
         n = len(prompts)
         batch["image_slot"] = torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long)], 1).to(device)
         batch["num_slots"] = 1
+        return batch
+
+    def generate(
+        self, backbone, prompts: list[list[int]], images: list[torch.Tensor], device: str
+    ) -> list[str]:
+        """Greedy answers of rows [media tokens] + prompt, each reading its own image."""
         eos = self.tokenizer.eos_token_id
+        batch = self.batch(backbone, prompts, images, device)
         tokens = backbone.generate_greedy(batch, self.bench.max_new_tokens, -1 if eos is None else eos)
         texts = []
         for row in tokens.tolist():
