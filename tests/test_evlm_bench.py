@@ -179,6 +179,32 @@ def test_a_file_with_rotations_is_not_rotated_again(tmp_path, roots):
     ]
 
 
+def test_mme_eval_tool_lists_give_the_same_questions_as_the_release_files(tmp_path, roots):
+    import shutil
+
+    shutil.copytree(roots["mme"], tmp_path / "mme")
+    tool = tmp_path / "mme" / "eval_tool" / "Your_Results"
+    tool.mkdir(parents=True)
+    for category, name in (("artwork", "10002.jpg"), ("color", "000000006723.png")):
+        folder = roots["mme"] / category
+        txt = next(folder.rglob("*.txt"))
+        tool.joinpath(f"{category}.txt").write_text(
+            "".join(f"{name}\t{line}\n" for line in txt.read_text().splitlines())
+        )
+        shutil.rmtree(tmp_path / "mme" / category / "questions_answers_YN", ignore_errors=True)
+        for stray in (tmp_path / "mme" / category).glob("*.txt"):
+            stray.unlink()  # only the eval tool's lists are left to read from
+    release = READERS["mme"](str(roots["mme"]), None)
+    listed = READERS["mme"](str(tmp_path / "mme"), None)
+    assert [(q.key, q.prompt, q.answers) for q in listed] == [(q.key, q.prompt, q.answers) for q in release]
+    assert [Path(q.image).relative_to(tmp_path / "mme") for q in listed] == [
+        Path(q.image).relative_to(roots["mme"]) for q in release
+    ]
+    tool.joinpath("color.txt").write_text("000000006723.png\tIs it green?\tmaybe\n")
+    with pytest.raises(TaskDataError, match=r"Your_Results/color\.txt:1: expected 'question<TAB>Yes\|No'"):
+        READERS["mme"](str(tmp_path / "mme"), None)
+
+
 def test_missing_files_and_keys_are_one_line_errors_naming_them(tmp_path, roots):
     with pytest.raises(MissingDataFile, match=r"testdev_balanced_questions\.json does not exist"):
         READERS["gqa"](str(tmp_path), None)

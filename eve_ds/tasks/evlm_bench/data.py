@@ -10,7 +10,8 @@ prompts of LLaVA-1.5's evaluation (llava/eval/*, the prompts its EVLM-era compar
     pope     coco_pope_<sampler>.json, JSON lines {"question_id", "image", "text", "label": "yes" | "no"},
              val2014/<image> (split: random | popular | adversarial | all)
     mme      <category>/images/*.jpg + <category>/questions_answers_YN/<image stem>.txt, or the images and
-             their .txt side by side in <category>/; each .txt has lines "question<TAB>Yes|No" (14 categories)
+             their .txt side by side in <category>/; each .txt has lines "question<TAB>Yes|No" (14 categories);
+             or the eval tool's eval_tool/Your_Results/<category>.txt, lines "image<TAB>question<TAB>Yes|No"
     mmbench  MMBench_<split>.tsv: index, question, hint, A, B, C, D, answer, category, image (base64) ...
              (split: DEV_EN | DEV_CN | ... or a .tsv file name)
 
@@ -26,6 +27,7 @@ import csv
 import json
 import os
 import sys
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 from eve_ds.tasks.base import DATA_ROOT_HINT, MissingDataFile, TaskDataError, read_json_file
@@ -162,25 +164,50 @@ def read_pope(root: str, split: str | None) -> list[BenchQuestion]:
     return out
 
 
-def _mme_category(root: str, category: str) -> list[BenchQuestion]:
-    """One MME category folder: each .txt names its image by its stem (.jpg or .png next to it)."""
+def _mme_images(root: str, category: str) -> tuple[str, str]:
+    """(image folder, question folder) of a category: images/ + questions_answers_YN/, or one folder."""
     base = os.path.join(root, category)
-    split_dirs = os.path.isdir(os.path.join(base, "images"))
-    images = os.path.join(base, "images") if split_dirs else base
-    qa = os.path.join(base, "questions_answers_YN") if split_dirs else base
-    stems = {os.path.splitext(n)[0]: n for n in os.listdir(images) if not n.endswith(".txt")}
+    if os.path.isdir(os.path.join(base, "images")):
+        return os.path.join(base, "images"), os.path.join(base, "questions_answers_YN")
+    return base, base
+
+
+def _mme_rows(root: str, category: str) -> list[tuple[str, str, list[str]]]:
+    """(image file name, where, [question, answer]) of a category, in order: from the eval tool's
+    eval_tool/Your_Results/<category>.txt (lines image<TAB>question<TAB>answer) when the root has it,
+    else from the release's one .txt per image (lines question<TAB>answer, named by the image's stem)."""
+    listed = os.path.join(root, "eval_tool", "Your_Results", f"{category}.txt")
+    if os.path.isfile(listed):
+        with open(listed, encoding="utf-8") as f:
+            lines = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+        return [(r[0], f"{listed}:{n + 1}", r[1:]) for n, r in enumerate(lines)]
+    images, qa = _mme_images(root, category)
+    names = {os.path.splitext(n)[0]: n for n in os.listdir(images) if not n.endswith(".txt")}
     out = []
     for name in sorted(n for n in os.listdir(qa) if n.endswith(".txt")):
-        stem, path = name[:-4], os.path.join(qa, name)
-        image = os.path.join(images, stems.get(stem, f"{stem}.jpg"))
-        with open(path, encoding="utf-8") as f:
-            rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
-        for n, row in enumerate(rows):
-            if len(row) != 2 or row[1].strip().lower() not in ("yes", "no"):
-                raise TaskDataError(f"{path}:{n + 1}: expected 'question<TAB>Yes|No', got {row!r:.80}")
-            key = f"{category}/{stem}/{n}"
-            meta = {"category": category, "image": stem}
-            out.append(BenchQuestion(key, key, image, short(row[0]), (row[1].strip().lower(),), meta))
+        with open(os.path.join(qa, name), encoding="utf-8") as f:
+            lines = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+        image = names.get(name[:-4], f"{name[:-4]}.jpg")
+        out += [(image, f"{os.path.join(qa, name)}:{n + 1}", r) for n, r in enumerate(lines)]
+    return out
+
+
+def _mme_category(root: str, category: str) -> list[BenchQuestion]:
+    images, _ = _mme_images(root, category)
+    seen: dict[str, int] = defaultdict(int)
+    out = []
+    for image, where, row in _mme_rows(root, category):
+        if len(row) != 2 or row[1].strip().lower() not in ("yes", "no"):
+            raise TaskDataError(f"{where}: expected 'question<TAB>Yes|No' after the image, got {row!r:.80}")
+        stem = os.path.splitext(image)[0]
+        key = f"{category}/{stem}/{seen[stem]}"
+        seen[stem] += 1
+        meta = {"category": category, "image": stem}
+        out.append(
+            BenchQuestion(
+                key, key, os.path.join(images, image), short(row[0]), (row[1].strip().lower(),), meta
+            )
+        )
     return out
 
 
