@@ -23,7 +23,8 @@ TEXT_PREPROCESS = ("none", "official")  # task.text_preprocess (eve_ds/data/text
 @dataclass
 class TaskConfig:
     # msm (pre-training) | vqa | retrieval | nlvr2 | evlm_synthetic (EVLM captions) | evlm_packed (EVLM on
-    # packed shards: data.train, data.val)
+    # packed shards: data.train, data.val) | vqav2, gqa, textvqa, pope, mme, mmbench (EVLM on a benchmark:
+    # evaluation only, eve-evaluate --task NAME --data-root DIR)
     name: str = "msm"
     # The dataset's files as distributed (see docs/finetuning.md for each layout); `${VAR}` is expanded.
     data_root: str | None = None
