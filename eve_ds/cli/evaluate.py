@@ -4,6 +4,8 @@ eve-evaluate --checkpoint RUN_DIR [--json]      # what the run validated on, as 
 eve-evaluate --checkpoint RUN_DIR|TAG_DIR|EXPORT_DIR --data SHARDS        # pre-training: other shards
 eve-evaluate --checkpoint RUN_DIR --task vqa --data-root DIR --split test-dev --predictions FILE
 eve-evaluate --checkpoint runs/evlm_tiny_synthetic --task evlm_synthetic    # EVLM: captions, VQA, POPE
+eve-evaluate --checkpoint RUN --task gqa|textvqa|pope|mme|mmbench|vqav2 --data-root DIR \
+    --output metrics.json --predictions answers.jsonl                        # EVLM on a benchmark
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from eve_ds.tasks.config import BENCHMARK_TASKS
 from eve_ds.train.evaluation import EvalRequest, evaluate_checkpoint
 from eve_ds.train.metrics import setup_logging
 from eve_ds.utils.errors import cli_main
+from eve_ds.utils.io import atomic_write_json
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -26,7 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="run dir, DeepSpeed tag dir or native export dir")
     p.add_argument(
         "--task",
-        choices=["msm", "vqa", "retrieval", "nlvr2", "evlm_synthetic"],
+        choices=["msm", "vqa", "retrieval", "nlvr2", "evlm_synthetic", *BENCHMARK_TASKS],
         default=None,
         help="default: the run's task",
     )
@@ -35,11 +39,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--split",
         help="vqa: minival | val | test-dev | test; retrieval: val | test; nlvr2: dev | test1 "
-        "(default: the run's task.eval_split)",
+        "(default: the run's task.eval_split); EVLM benchmarks: vqav2 val | test-dev, gqa testdev | val, "
+        "textvqa val, pope random | popular | adversarial | all, mmbench DEV_EN | DEV_CN | FILE.tsv "
+        "(default: the first)",
     )
     p.add_argument("--dataset", default=None, choices=["coco", "flickr30k"], help="retrieval")
     p.add_argument("--rerank-k", type=int, default=None, help="retrieval: ITC top-k re-scored by ITM")
-    p.add_argument("--predictions", help="vqa: write the EvalAI file [{question_id, answer}] here")
+    p.add_argument(
+        "--predictions",
+        help="vqa, vqav2: write the EvalAI file [{question_id, answer}] here; other EVLM benchmarks: "
+        "the answer to every question (JSON lines)",
+    )
+    p.add_argument("--output", help="also write the metrics here (a JSON file, written atomically)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable evaluation images")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's micro-batch")
     p.add_argument(
@@ -75,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         synthetic=args.synthetic,
     )
     metrics = evaluate_checkpoint(args.checkpoint, request, device=args.device)
+    if args.output:
+        atomic_write_json(args.output, metrics)
     if args.json:
         print(json.dumps(metrics, sort_keys=True))
     else:

@@ -33,7 +33,7 @@ from eve_ds.data.augment import official_rand_augment
 from eve_ds.data.config import DataConfig
 from eve_ds.data.text import TextRule, with_rule
 from eve_ds.data.transforms import _LEFT_RIGHT, crop_params, crop_resize
-from eve_ds.tasks.config import TaskConfig
+from eve_ds.tasks.config import BENCHMARK_TASKS, TaskConfig
 from eve_ds.utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -399,6 +399,7 @@ TASK_MODULES = {
     "nlvr2": "nlvr2.task",
     "evlm_synthetic": "evlm_synthetic.task",
     "evlm_packed": "evlm_packed.task",
+    **{name: "evlm_bench.task" for name in BENCHMARK_TASKS},
 }
 
 

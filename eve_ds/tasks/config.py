@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from eve_ds.utils.config import check
 
-TASK_NAMES = ("msm", "vqa", "retrieval", "nlvr2", "evlm_synthetic", "evlm_packed")
+# EVLM on the public benchmarks (tasks/evlm_bench/): evaluation only, each with its own default split.
+BENCHMARK_TASKS = ("vqav2", "gqa", "textvqa", "pope", "mme", "mmbench")
+TASK_NAMES = ("msm", "vqa", "retrieval", "nlvr2", "evlm_synthetic", "evlm_packed", *BENCHMARK_TASKS)
 # Tasks that read the corpora of the `data:` section (data.train, data.val), not a task.data_root.
 CORPUS_TASKS = ("msm", "evlm_packed")
 IMAGE_GEOMETRIES = ("square_crop", "official")  # task.image_geometry (read by tasks/base.py decode_image)
@@ -21,7 +23,8 @@ TEXT_PREPROCESS = ("none", "official")  # task.text_preprocess (eve_ds/data/text
 @dataclass
 class TaskConfig:
     # msm (pre-training) | vqa | retrieval | nlvr2 | evlm_synthetic (EVLM captions) | evlm_packed (EVLM on
-    # packed shards: data.train, data.val)
+    # packed shards: data.train, data.val) | vqav2, gqa, textvqa, pope, mme, mmbench (EVLM on a benchmark:
+    # evaluation only, eve-evaluate --task NAME --data-root DIR)
     name: str = "msm"
     # The dataset's files as distributed (see docs/finetuning.md for each layout); `${VAR}` is expanded.
     data_root: str | None = None

@@ -23,7 +23,7 @@ from eve_ds.data import load_tokenizer
 from eve_ds.data.config import DataConfig
 from eve_ds.models.weights import is_native_export
 from eve_ds.tasks.base import Task, TaskContext, build_task
-from eve_ds.tasks.config import TaskConfig
+from eve_ds.tasks.config import BENCHMARK_TASKS, TaskConfig
 from eve_ds.train.config import ConfigError, RunConfig, from_dict, task_context
 from eve_ds.train.distributed import resolve_device
 from eve_ds.train.family import family_of
@@ -36,7 +36,7 @@ class EvalRequest:
     `task.eval_split`), its micro-batch, `train.eval_batches` and `train.seed` — so a run's checkpoint
     scores exactly what the run's own validation scored."""
 
-    task: str | None = None  # msm | vqa | retrieval | nlvr2
+    task: str | None = None  # msm | vqa | retrieval | nlvr2 | evlm_synthetic | an EVLM benchmark
     data: str | None = None  # msm: validation shards (a shard directory or brace spec)
     data_root: str | None = None  # downstream task: the dataset's files as distributed
     split: str | None = None
@@ -120,6 +120,8 @@ def follow_run(request: EvalRequest, run: RunConfig | None) -> EvalRequest:
             "max_batches": run.train.eval_batches,
             "seed": run.train.seed,
         }
+    if request.task in BENCHMARK_TASKS:  # a benchmark's splits are its own: None = its default
+        fallback.pop("split", None)
     return replace(request, **{k: v for k, v in fallback.items() if getattr(request, k) is None})
 
 

@@ -90,6 +90,8 @@ class EVLMSyntheticTask(Task):
     ) -> dict:
         """The metrics of the scenes of `split` (this rank's share, `train.eval_batches` batches per rank
         at most), with the images and with them rolled (module doc)."""
+        if "tokenizer" not in vars(self):  # `eve-evaluate` of another split than the run's: not prepared
+            self.prepare()
         dataset = self.dataset(split)
         mine = even_rank_slice(len(dataset))
         if self.ctx.eval_batches:
