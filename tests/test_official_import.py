@@ -694,9 +694,12 @@ def test_tokenizer_folder(ckpts, tmp_path):
     from eve_ds.data import load_tokenizer
 
     assert load_tokenizer(cfg["run"]["data"]["tokenizer"]).pad_token_id == 3
-    from eve_ds.convert.hf_export import text_rule
+    from eve_ds.infer.preprocess import hf_text_rule
 
-    assert text_rule(cfg) == {"kind": "question", "max_words": 50}  # the HF config's: the release's eval rule
+    assert hf_text_rule(cfg) == {
+        "kind": "question",
+        "max_words": 50,
+    }  # the HF config's: the release's eval rule
     big = tmp_path / "big"
     (tmp_path / "v2.txt").write_text("\n".join(vocab + [f"x{i}" for i in range(200)]) + "\n")
     BertTokenizer(str(tmp_path / "v2.txt")).save_pretrained(big)

@@ -86,7 +86,16 @@ def run(args: argparse.Namespace) -> None:
     if args.cmd == "import-official":
         run_import_official(args)
     elif args.cmd == "export":
-        export(args.src, args.dst, dtype=args.dtype, fmt=args.fmt, overwrite=args.overwrite)
+        from eve_ds.infer.preprocess import hf_text_rule
+
+        export(
+            args.src,
+            args.dst,
+            dtype=args.dtype,
+            fmt=args.fmt,
+            overwrite=args.overwrite,
+            text_rule=hf_text_rule,
+        )
     elif args.cmd == "reshard":
         reshard(
             args.src,

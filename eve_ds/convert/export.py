@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -129,9 +130,17 @@ def write_native(dst: Path, state_dict: dict[str, torch.Tensor], cfg: dict, dtyp
 
 
 def export(
-    src: str | Path, dst: str | Path, dtype: str = "fp32", fmt: str = "native", overwrite: bool = False
+    src: str | Path,
+    dst: str | Path,
+    dtype: str = "fp32",
+    fmt: str = "native",
+    overwrite: bool = False,
+    text_rule: Callable[[dict], dict | None] | None = None,
 ) -> Path:
-    """DeepSpeed checkpoint (any ep_size) or native export -> a native or Hugging Face folder at `dst`."""
+    """DeepSpeed checkpoint (any ep_size) or native export -> a native or Hugging Face folder at `dst`.
+
+    text_rule: for an HF export, a function of the checkpoint's config giving the text rule its task
+    applied before tokenising (recorded as config.text_rule; `eve_ds.infer.preprocess.hf_text_rule`)."""
     if fmt not in ("native", "hf"):
         raise ConvertError(f"--format {fmt!r}: choose native or hf")
     if dtype not in DTYPES:
@@ -144,6 +153,6 @@ def export(
             # transformers' modelling stack (seconds to import) only for an HF export
             from eve_ds.convert.hf_export import write_hf
 
-            write_hf(tmp, model, cfg, dtype)
+            write_hf(tmp, model, cfg, dtype, text_rule(cfg) if text_rule else None)
     logger.info("exported %s -> %s (%s, %s)", src, dst, fmt, dtype)
     return Path(dst)

@@ -24,8 +24,6 @@ from eve_ds.hf.modeling_eve import EVEForVQA, EVEHFConfig, EVEHFModel
 from eve_ds.models.eve import EVEModel
 from eve_ds.models.weights import mismatch_report
 from eve_ds.objectives import PretrainingModel
-from eve_ds.tasks.base import TASK_MODULES, task_text_rule
-from eve_ds.tasks.config import TaskConfig
 
 RENAMES = [  # EVEModel key -> HF key
     (re.compile(r"^patch_embed\.proj\."), "patch_embed."),
@@ -107,23 +105,14 @@ def image_processor(encoder: EVEModel, cfg: dict):
     )
 
 
-def text_rule(cfg: dict) -> dict | None:
-    """How the checkpoint's task cleaned its texts in evaluation (task.text_preprocess): {"kind": question |
-    caption, "max_words": N} for the HF config, or None (texts as they are; no task, or no rule)."""
-    saved = (cfg.get("run") or {}).get("task") or {}
-    if saved.get("text_preprocess", "none") == "none" or saved.get("name") not in TASK_MODULES:
-        return None
-    fields = {k: v for k, v in saved.items() if k in TaskConfig.__dataclass_fields__}
-    rule = task_text_rule(TaskConfig(**(fields | {"synthetic": False})), train=False)
-    return None if rule.kind == "none" else {"kind": rule.kind, "max_words": rule.max_words}
-
-
-def hf_model(model: PretrainingModel, cfg: dict) -> tuple[EVEHFModel | EVEForVQA, dict[str, torch.Tensor]]:
+def hf_model(
+    model: PretrainingModel, cfg: dict, text_rule: dict | None = None
+) -> tuple[EVEHFModel | EVEForVQA, dict[str, torch.Tensor]]:
     """The HF model for the checkpoint's task (EVEForVQA for a VQA fine-tune, else the encoder) and its
     state dict in HF names."""
     config = EVEHFConfig(**hf_config_kwargs(model.encoder))
     config.eve = {k: cfg[k] for k in ("model", "objective") if k in cfg}
-    config.text_rule = text_rule(cfg)
+    config.text_rule = text_rule  # how the task cleaned texts before its tokenizer (None: as they are)
     sd = hf_state_dict(model.encoder)
     if "vqa" not in model.objectives:
         hf = EVEHFModel(config)
@@ -143,9 +132,11 @@ def hf_model(model: PretrainingModel, cfg: dict) -> tuple[EVEHFModel | EVEForVQA
     return hf, sd
 
 
-def write_hf(dst: Path, model: PretrainingModel, cfg: dict, dtype: str) -> None:
-    """Write the HF folder into the (staging) directory `dst`."""
-    hf, sd = hf_model(model, cfg)
+def write_hf(
+    dst: Path, model: PretrainingModel, cfg: dict, dtype: str, text_rule: dict | None = None
+) -> None:
+    """Write the HF folder into the (staging) directory `dst`; `text_rule` goes into its config.json."""
+    hf, sd = hf_model(model, cfg, text_rule)
     report = mismatch_report(hf.state_dict(), sd, "the EVE checkpoint")
     if report:
         raise ConvertError(f"HF key mapping incomplete: {report}")

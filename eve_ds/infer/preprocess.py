@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from eve_ds.data import load_tokenizer
-from eve_ds.tasks.base import TaskContext, build_task, load_image
+from eve_ds.tasks.base import TaskContext, build_task, load_image, task_text_rule
 from eve_ds.tasks.config import TaskConfig
 from eve_ds.tasks.nlvr2.data import NLVR2Dataset, NLVR2Example, nlvr2_collate
 from eve_ds.tasks.retrieval.data import RetrievalImage
@@ -81,6 +81,16 @@ def task_config(config: dict, name: str) -> TaskConfig:
     """The checkpoint's task section (its run config) as a TaskConfig for task `name`."""
     saved = ((config.get("run") or {}).get("task") or {}) | {"name": name, "synthetic": False}
     return TaskConfig(**{k: v for k, v in saved.items() if k in TaskConfig.__dataclass_fields__})
+
+
+def hf_text_rule(config: dict) -> dict | None:
+    """How the checkpoint's task cleaned its texts in evaluation (task.text_preprocess), for an HF export's
+    config: {"kind": question | caption, "max_words": N}, or None (as they are; no task, or no rule)."""
+    saved = (config.get("run") or {}).get("task") or {}
+    if saved.get("text_preprocess", "none") == "none" or saved.get("name") not in TEXT_TASKS:
+        return None
+    rule = task_text_rule(task_config(config, saved["name"]), train=False)
+    return None if rule.kind == "none" else {"kind": rule.kind, "max_words": rule.max_words}
 
 
 def context(config: dict, model_cfg, task: str = "") -> TaskContext:
