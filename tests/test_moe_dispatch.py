@@ -118,7 +118,6 @@ def test_grouped_forward_has_no_syncs_and_fewer_ops():
     [
         ({"moe_dispatch": "bad"}, "model.moe_dispatch"),
         ({"moe_dispatch": "grouped", "drop_tokens": True}, "model.drop_tokens"),
-        ({"moe_dispatch": "grouped", "ep_size": 2}, "model.ep_size"),
         ({"moe_dispatch": "grouped", "top2_second_expert_sampling": True}, "model.top2_second_expert"),
     ],
 )
