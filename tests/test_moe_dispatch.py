@@ -1,6 +1,7 @@
 """model.moe_dispatch=grouped (sort by expert + torch._grouped_mm) computes today's DeepSpeed soft router:
 outputs, aux loss, expert loads and every gradient to 1e-6 relative in fp32, at the layer and through the
-whole eve_tiny model, with no would-be host sync in its forward."""
+whole eve_tiny model, with no would-be host sync in its forward; a checkpoint written with either dispatch
+loads into the other. (Expert parallelism: tests/test_moe_dispatch_ep.py and tests/test_model_ep.py.)"""
 
 from __future__ import annotations
 
@@ -125,3 +126,42 @@ def test_grouped_config_rules(override, key):
     """The config names the key that the grouped dispatch cannot honour."""
     with pytest.raises(ConfigError, match=key):
         eve_tiny(**override)
+
+
+def engine_of(dispatch: str):
+    """eve_tiny MSM through the trainer's engine builder (ZeRO-2, fp32 on CPU), 4 experts."""
+    from eve_ds.train.config import load_config
+    from eve_ds.train.distributed import init_distributed
+    from eve_ds.train.engine import build_engine
+
+    init_distributed("cpu", timeout_s=600)
+    overrides = ["model.num_experts=4", f"model.moe_dispatch={dispatch}", "model.drop_path_rate=0.0"]
+    cfg = load_config(
+        "eve_tiny_synthetic", [*overrides, "train.global_batch_size=2", "train.micro_batch_size=2"]
+    )
+    # Different initial weights per dispatch: the load must fill them.
+    torch.manual_seed(0 if dispatch == "deepspeed" else 1)
+    model = PretrainingModel(cfg.model, cfg.objective)
+    model.init_experts(0)
+    engine, *_ = build_engine(cfg, model, 1, "cpu")
+    return engine, cfg
+
+
+@pytest.mark.parametrize("saved,loaded", [("deepspeed", "grouped"), ("grouped", "deepspeed")])
+def test_checkpoint_of_one_dispatch_loads_into_the_other(tmp_path, saved, loaded):
+    """A DeepSpeed checkpoint (model and expert files, optimizer state) written with one dispatch loads
+    into an engine with the other: the same weights bit for bit, the same losses to float precision."""
+    engine, cfg = engine_of(saved)
+    batch = make_batch(cfg.model, B=2)
+    out = engine(batch, torch.Generator().manual_seed(3))
+    engine.backward(out["loss"])
+    engine.step()  # the saved state includes a step's Adam moments
+    engine.save_checkpoint(str(tmp_path), tag="t")
+    want = {k: v.detach().float() for k, v in engine(batch, torch.Generator().manual_seed(4)).items()}
+    other, _ = engine_of(loaded)
+    other.load_checkpoint(str(tmp_path), tag="t")
+    a, b = engine.module.state_dict(), other.module.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    got = other(batch, torch.Generator().manual_seed(4))
+    for key in ("loss", "mlm_loss", "mim_pixel_loss", "aux_loss"):
+        assert abs(float(got[key].detach() - want[key])) <= TOL * float(want[key]), key
