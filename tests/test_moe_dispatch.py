@@ -26,9 +26,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
 
-def layer_pair(top_k: int) -> tuple[SoftRouterFFN, SoftRouterFFN]:
+def layer_pair(top_k: int, bias_to_experts: bool = False) -> tuple[SoftRouterFFN, SoftRouterFFN]:
     """Two soft-router layers with the same random parameters (modality bias included), 8 experts."""
-    cfg = eve_tiny(num_experts=8, top_k=top_k, hidden_size=32, ffn_size=64)
+    cfg = eve_tiny(
+        num_experts=8, top_k=top_k, hidden_size=32, ffn_size=64, modality_bias_to_experts=bias_to_experts
+    )
     torch.manual_seed(0)
     ref = SoftRouterFFN(cfg)
     with torch.no_grad():
@@ -57,10 +59,14 @@ def run(layer: SoftRouterFFN, x: torch.Tensor, tok: Tokens, g: torch.Tensor) -> 
     return {"out": out.detach(), "l_aux": l_aux.detach(), "counts": counts, "dx": x.grad, "grads": grads}
 
 
-@pytest.mark.parametrize("top_k", [1, 2])
-@pytest.mark.parametrize("n_image,n_text", [(17, 12), (5, 12), (17, 0), (0, 12)])
-def test_grouped_layer_equals_deepspeed(top_k, n_image, n_text):
-    ref, grouped = layer_pair(top_k)
+@pytest.mark.parametrize(
+    "top_k,n_image,n_text,bias_to_experts",
+    [(k, i, t, False) for k in (1, 2) for i, t in ((17, 12), (5, 12), (17, 0), (0, 12))]
+    + [(2, 17, 12, True)],
+)
+def test_grouped_layer_equals_deepspeed(top_k, n_image, n_text, bias_to_experts):
+    """bias_to_experts: the official release's MoE, whose experts see x + b_m as the router does."""
+    ref, grouped = layer_pair(top_k, bias_to_experts)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, n_image + n_text, 32, generator=gen)
     g = torch.randn(x.shape, generator=gen)

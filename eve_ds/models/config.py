@@ -160,12 +160,6 @@ class EVEConfig:
             grouped = "model.moe_dispatch=grouped"
             check(not self.drop_tokens, "model.drop_tokens", self.drop_tokens, f"false with {grouped}")
             check(
-                not self.modality_bias_to_experts,
-                "model.modality_bias_to_experts",
-                self.modality_bias_to_experts,
-                f"false with {grouped}",
-            )
-            check(
                 not self.top2_second_expert_sampling,
                 "model.top2_second_expert_sampling",
                 self.top2_second_expert_sampling,

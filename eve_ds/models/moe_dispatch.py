@@ -50,12 +50,12 @@ def gate_input(moe: ModalityMoE, h: Tensor, n_image: int) -> Tensor:
     return h + b.to(h.dtype)
 
 
-def route(moe: ModalityMoE, h: Tensor, valid: Tensor, n_image: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k routes of every position: h (B, N, D), valid (B, N) ->
+def route(moe: ModalityMoE, x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k routes of every position: x (B, N, D) what the router sees, valid (B, N) ->
     (expert ids (B·N, k) int64, gate weights (B·N, k) fp32, load-balancing loss), as DeepSpeed's gate.
     """
     gate, E = moe.gate, moe.num_experts
-    x = gate_input(moe, h, n_image).reshape(-1, h.shape[-1])
+    x = x.reshape(-1, x.shape[-1])
     logits = F.linear(x.float(), gate.wg.weight.float())  # (B·N, E) fp32, like TopKGate
     gates = F.softmax(logits, dim=1)
     i1 = torch.argmax(gates, dim=1)
@@ -158,7 +158,10 @@ def grouped_moe(moe: ModalityMoE, h: Tensor, valid: Tensor, n_image: int) -> tup
     -> (out (B, N, D), l_aux, expert counts (2, E)), as ``SoftRouterFFN`` returns them; padding rows 0."""
     B, N, D = h.shape
     E, k = moe.num_experts, moe.gate.k
-    ids, weights, l_aux = route(moe, h, valid, n_image)
+    x = gate_input(moe, h, n_image)
+    ids, weights, l_aux = route(moe, x, valid)
+    if moe.gate.bias_in_input:  # model.modality_bias_to_experts: the experts see h + b_m too
+        h = x
     flat = torch.where(valid.reshape(-1, 1), ids, E).reshape(-1)  # (B·N·k,); padding -> E
     order = torch.argsort(flat, stable=True)
     sizes = torch.zeros(E + 1, dtype=torch.int32, device=h.device)
