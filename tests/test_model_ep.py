@@ -26,12 +26,16 @@ from eve_ds.objectives import PretrainingModel
 from eve_ds.train.config import RunConfig, load_config
 from eve_ds.train.engine import build_engine, no_weight_decay
 
-EP, SEED, STAGES = 2, 11, (0, 2)
+EP, SEED = 2, 11
+# The runs at ep_size=2: ZeRO stage and MoE dispatch. "grouped": ZeRO-2 with model.moe_dispatch=grouped
+# (routes exchanged in static blocks, experts by torch._grouped_mm) against the same DeepSpeed reference.
+RUNS = {0: (0, "deepspeed"), 2: (2, "deepspeed"), "grouped": (2, "grouped")}
+STAGES = tuple(RUNS)
 # Gradient clipping per ZeRO stage. ZeRO-2 clips with the exact global norm (experts of all ranks included),
 # so the step is checked with max norm 1.0 (active: the gradient norm is ~9). ZeRO-0's fp32 path
 # (deepspeed.runtime.utils.clip_grad_norm_) averages the per-rank norms instead, which is not the global
 # norm under expert parallelism, so the ZeRO-0 step is checked with clipping off.
-CLIP = {0: 0.0, 2: 1.0}
+CLIP = {0: 0.0, 2: 1.0, "grouped": 1.0}
 # AdamW's first step moves a parameter by -lr * (wd * p + g / (|g| + eps)). With the default eps=1e-8 that
 # is lr * sign(g) for all but the tiniest gradients, and the float noise of a near-zero gradient could flip
 # it; eps=1 keeps the step a smooth function of g (|d step / d g| <= lr), so 1e-5 agreement of the
@@ -40,7 +44,7 @@ LR, EPS, WD = 1.0, 1.0, 0.05
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
-def run_config(ep_size: int, stage: int, tmp: str) -> RunConfig:
+def run_config(ep_size: int, stage: int, tmp: str, dispatch: str = "deepspeed") -> RunConfig:
     """The run config of a 2-sample-per-rank eve_tiny step with ZeRO `stage` (0: a JSON file in `tmp`)."""
     if stage == 0:
         ds_config = os.path.join(tmp, "zero0_fp32.json")
@@ -53,6 +57,7 @@ def run_config(ep_size: int, stage: int, tmp: str) -> RunConfig:
         [
             "model.num_experts=4",
             f"model.ep_size={ep_size}",
+            f"model.moe_dispatch={dispatch}",
             "model.drop_path_rate=0.0",
             f"train.global_batch_size={2 * EP}",
             "train.micro_batch_size=2",
@@ -114,8 +119,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     result = {}
-    for stage in STAGES:
-        cfg = run_config(EP, stage, out_dir)
+    for key, (stage, dispatch) in RUNS.items():
+        cfg = run_config(EP, stage, out_dir, dispatch)
         model = build(cfg, rank % EP)
         engine, optimizer, _, ds_config = build_engine(cfg, model, EP, "cpu")
         assert ds_config["zero_optimization"]["stage"] == stage
@@ -133,7 +138,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         res["deltas"] = {
             global_name(n, rank, 4 // EP): p.detach() - before[n] for n, p in model.named_parameters()
         }
-        result[stage] = res
+        result[key] = res
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 

@@ -1,6 +1,7 @@
 """model.moe_dispatch=grouped (sort by expert + torch._grouped_mm) computes today's DeepSpeed soft router:
 outputs, aux loss, expert loads and every gradient to 1e-6 relative in fp32, at the layer and through the
-whole eve_tiny model, with no would-be host sync in its forward."""
+whole eve_tiny model, with no would-be host sync in its forward; a checkpoint written with either dispatch
+loads into the other. (Expert parallelism: tests/test_moe_dispatch_ep.py and tests/test_model_ep.py.)"""
 
 from __future__ import annotations
 
@@ -25,9 +26,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
 
-def layer_pair(top_k: int) -> tuple[SoftRouterFFN, SoftRouterFFN]:
+def layer_pair(top_k: int, bias_to_experts: bool = False) -> tuple[SoftRouterFFN, SoftRouterFFN]:
     """Two soft-router layers with the same random parameters (modality bias included), 8 experts."""
-    cfg = eve_tiny(num_experts=8, top_k=top_k, hidden_size=32, ffn_size=64)
+    cfg = eve_tiny(
+        num_experts=8, top_k=top_k, hidden_size=32, ffn_size=64, modality_bias_to_experts=bias_to_experts
+    )
     torch.manual_seed(0)
     ref = SoftRouterFFN(cfg)
     with torch.no_grad():
@@ -56,10 +59,14 @@ def run(layer: SoftRouterFFN, x: torch.Tensor, tok: Tokens, g: torch.Tensor) -> 
     return {"out": out.detach(), "l_aux": l_aux.detach(), "counts": counts, "dx": x.grad, "grads": grads}
 
 
-@pytest.mark.parametrize("top_k", [1, 2])
-@pytest.mark.parametrize("n_image,n_text", [(17, 12), (5, 12), (17, 0), (0, 12)])
-def test_grouped_layer_equals_deepspeed(top_k, n_image, n_text):
-    ref, grouped = layer_pair(top_k)
+@pytest.mark.parametrize(
+    "top_k,n_image,n_text,bias_to_experts",
+    [(k, i, t, False) for k in (1, 2) for i, t in ((17, 12), (5, 12), (17, 0), (0, 12))]
+    + [(2, 17, 12, True)],
+)
+def test_grouped_layer_equals_deepspeed(top_k, n_image, n_text, bias_to_experts):
+    """bias_to_experts: the official release's MoE, whose experts see x + b_m as the router does."""
+    ref, grouped = layer_pair(top_k, bias_to_experts)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, n_image + n_text, 32, generator=gen)
     g = torch.randn(x.shape, generator=gen)
@@ -118,7 +125,6 @@ def test_grouped_forward_has_no_syncs_and_fewer_ops():
     [
         ({"moe_dispatch": "bad"}, "model.moe_dispatch"),
         ({"moe_dispatch": "grouped", "drop_tokens": True}, "model.drop_tokens"),
-        ({"moe_dispatch": "grouped", "ep_size": 2}, "model.ep_size"),
         ({"moe_dispatch": "grouped", "top2_second_expert_sampling": True}, "model.top2_second_expert"),
     ],
 )
@@ -126,3 +132,42 @@ def test_grouped_config_rules(override, key):
     """The config names the key that the grouped dispatch cannot honour."""
     with pytest.raises(ConfigError, match=key):
         eve_tiny(**override)
+
+
+def engine_of(dispatch: str):
+    """eve_tiny MSM through the trainer's engine builder (ZeRO-2, fp32 on CPU), 4 experts."""
+    from eve_ds.train.config import load_config
+    from eve_ds.train.distributed import init_distributed
+    from eve_ds.train.engine import build_engine
+
+    init_distributed("cpu", timeout_s=600)
+    overrides = ["model.num_experts=4", f"model.moe_dispatch={dispatch}", "model.drop_path_rate=0.0"]
+    cfg = load_config(
+        "eve_tiny_synthetic", [*overrides, "train.global_batch_size=2", "train.micro_batch_size=2"]
+    )
+    # Different initial weights per dispatch: the load must fill them.
+    torch.manual_seed(0 if dispatch == "deepspeed" else 1)
+    model = PretrainingModel(cfg.model, cfg.objective)
+    model.init_experts(0)
+    engine, *_ = build_engine(cfg, model, 1, "cpu")
+    return engine, cfg
+
+
+@pytest.mark.parametrize("saved,loaded", [("deepspeed", "grouped"), ("grouped", "deepspeed")])
+def test_checkpoint_of_one_dispatch_loads_into_the_other(tmp_path, saved, loaded):
+    """A DeepSpeed checkpoint (model and expert files, optimizer state) written with one dispatch loads
+    into an engine with the other: the same weights bit for bit, the same losses to float precision."""
+    engine, cfg = engine_of(saved)
+    batch = make_batch(cfg.model, B=2)
+    out = engine(batch, torch.Generator().manual_seed(3))
+    engine.backward(out["loss"])
+    engine.step()  # the saved state includes a step's Adam moments
+    engine.save_checkpoint(str(tmp_path), tag="t")
+    want = {k: v.detach().float() for k, v in engine(batch, torch.Generator().manual_seed(4)).items()}
+    other, _ = engine_of(loaded)
+    other.load_checkpoint(str(tmp_path), tag="t")
+    a, b = engine.module.state_dict(), other.module.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    got = other(batch, torch.Generator().manual_seed(4))
+    for key in ("loss", "mlm_loss", "mim_pixel_loss", "aux_loss"):
+        assert abs(float(got[key].detach() - want[key])) <= TOL * float(want[key]), key

@@ -67,7 +67,7 @@ class EVEConfig:
     expert_impl: str = "stacked"
     # [ours] how tokens reach the experts: "deepspeed" = DeepSpeed's MoE layer (gather the real tokens, pad
     # every expert to the largest load); "grouped" = sort the routes by expert and run one grouped GEMM
-    # (eve_ds.models.moe_dispatch: no host syncs, no padding; no-drop, plain top-k, ep_size=1 only).
+    # (eve_ds.models.moe_dispatch: no host syncs, no padding; no-drop, plain top-k, any ep_size).
     moe_dispatch: str = "deepspeed"
 
     # Pre-training heads.
@@ -159,13 +159,6 @@ class EVEConfig:
         if self.moe_dispatch == "grouped":
             grouped = "model.moe_dispatch=grouped"
             check(not self.drop_tokens, "model.drop_tokens", self.drop_tokens, f"false with {grouped}")
-            check(self.ep_size == 1, "model.ep_size", self.ep_size, f"1 with {grouped}")
-            check(
-                not self.modality_bias_to_experts,
-                "model.modality_bias_to_experts",
-                self.modality_bias_to_experts,
-                f"false with {grouped}",
-            )
             check(
                 not self.top2_second_expert_sampling,
                 "model.top2_second_expert_sampling",

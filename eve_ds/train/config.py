@@ -103,8 +103,8 @@ class TrainConfig:
     # (a sync), and the micro-batch is replaced by the next one. Finite runs are the same, bit for bit.
     nonfinite_check: str = "device"
     # (ours) How DeepSpeed's ZeRO-1/2 step takes the gradient norm: "deepspeed", its loop of 2 ops per
-    # gradient tensor; "foreach", one torch._foreach_norm per parameter group (the same norm to float
-    # precision, not always bit for bit: another reduction kernel on CUDA). Both without host reads.
+    # gradient tensor; "foreach", one torch._foreach_norm over all parameter groups (the same norm to
+    # float precision, not always bit for bit: another reduction kernel on CUDA). Both without host reads.
     zero_grad_norm: str = "deepspeed"
     dist_timeout_s: int = 600  # a collective that waits this long on a dead rank fails the run
     device: str = "auto"  # auto | cpu | cuda

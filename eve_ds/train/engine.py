@@ -188,11 +188,13 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
     norm, which it computes before calling this step for each parameter group."""
 
     grad_norm: Callable[[], Tensor | float | None] | None = None
+    _found_inf_of: Tensor | float | None = None  # the norm `found_inf` was computed from
 
     def step(self, closure=None):
         norm = self.grad_norm() if self.grad_norm is not None else None
-        if norm is not None and self.defaults.get("fused"):
-            self.found_inf = nonfinite(norm)
+        # DeepSpeed steps one group at a time with the same norm object: test it once per step.
+        if norm is not None and self.defaults.get("fused") and norm is not self._found_inf_of:
+            self.found_inf, self._found_inf_of = nonfinite(norm), norm
         return super().step(closure)
 
 
