@@ -160,6 +160,28 @@ class EVLMModel(nn.Module):
                 ffn.load_state_dict({k[len(prefix) :]: v for k, v in dense.items() if k.startswith(prefix)})
                 upcycle(ffn, module.xattn.ffn, self.cfg.moe_copies, self.cfg.moe_slices, ep_rank)
 
+    @property
+    def collective(self) -> bool:
+        """Every forward is a collective call (MoE with ep_size > 1): each rank must make the same calls."""
+        return self.cfg.moe and self.cfg.ep_size > 1
+
+    @torch.no_grad()
+    def init_experts(self, ep_rank: int) -> None:
+        """(Re)draw this rank's routed experts so that global expert g of layer i has the same weights for
+        any ep_size: truncated normal from a generator seeded by (i, g), as EVE's experts."""
+        if not self.cfg.moe:
+            return
+        std = self.cfg.init_std
+        for i, layer in enumerate(self.layers):
+            experts = layer.xattn.ffn.local_experts
+            for j, expert in enumerate(experts):
+                gen = torch.Generator().manual_seed(i * 1009 + ep_rank * len(experts) + j)
+                for p in expert.parameters():
+                    if p.is_meta:  # a meta-device build (parameter counts): nothing to fill
+                        continue
+                    w = torch.empty(p.shape, device="cpu").normal_(0.0, std, generator=gen)
+                    p.copy_(w.clamp_(-2 * std, 2 * std))
+
     def active_params_per_token(self) -> int:
         """Every parameter (experts of all ranks), less the routed experts a token skips ((E - k) per layer)."""
         total = sum(p.numel() * (self.cfg.ep_size if getattr(p, "allreduce", True) is False else 1)
@@ -257,7 +279,8 @@ class EVLMModel(nn.Module):
         after a row's end. New tokens continue the prompt's last text, so they read the image slots of the
         prompt's last position. `use_cache=False` recomputes the whole sequence at each step (the
         reference the cached loop must equal). `media`: precomputed features (skips the tower). The
-        placeholder id is never generated."""
+        placeholder id is never generated. Under expert parallelism (`collective`) every step runs, done or
+        not: each step's MoE calls are collective, and the other ranks' rows may not be done."""
         ids = batch["input_ids"]
         B, S = ids.shape
         slot, per_row, M = self._images_per_row(batch)
@@ -280,7 +303,7 @@ class EVLMModel(nn.Module):
             nxt = torch.where(done, eos_id, logits.argmax(-1))
             out.append(nxt)
             done = done | (nxt == eos_id)
-            if bool(done.all()):
+            if bool(done.all()) and not self.collective:
                 break
             new_embed, new_pos = table(nxt)[:, None], step_pos[:, -1:] + 1
             if use_cache:  # only the new token: its keys join the cache, its media interval the last one's
