@@ -94,6 +94,7 @@ class EVLMModel(nn.Module):
         trunc_normal_(self.media_tokens, std=cfg.init_std)
         levels = layer_levels(lm_cfg.num_hidden_layers, len(cfg.feature_layers), cfg.level_map)
         self.layers = wrap_decoder_layers(self.lm, self._xattn, levels)
+        self.init_experts(ep_rank=0)  # a trainer with ep_size > 1 draws its rank's experts again
         self.trainable_parameters(cfg.stage)
 
     def _xattn(self, i: int) -> GatedXAttn:
@@ -110,8 +111,11 @@ class EVLMModel(nn.Module):
             h, cfg.vision_width, cfg.xattn_dim, cfg.xattn_heads, ffn, cfg.gate_init,
             cfg.ffn_on_imageless_text, getattr(self.lm.config, "rms_norm_eps", 1e-6),
         )  # fmt: skip
+        # Routed experts are drawn apart (`init_experts`): the draws here must not depend on how many of
+        # them this rank holds, so that every other weight is the same for any ep_size.
+        experts = set(ffn.local_experts.modules()) if cfg.moe else set()
         for m in xattn.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and m not in experts:
                 trunc_normal_(m.weight, std=cfg.init_std)
         return xattn.to(self.lm.dtype)
 
@@ -215,9 +219,15 @@ class EVLMModel(nn.Module):
     ) -> Media:
         """images: (N, 3, H, W); image_slot: (N, 2) = (row, slot) -> Media with feats [(B, M, 1 + P, Dv)]
         per level (unused slots zero: no interval covers them)."""
-        if images is None or images.shape[0] == 0:  # still runs every cross-attention: same FFN, collectives
-            z = lo.new_zeros((), dtype=self.media_tokens.dtype)
-            return Media([z.new_zeros(B, 1, 1, self.cfg.vision_width)] * len(self.cfg.feature_layers), lo, hi)
+        if images is None or images.shape[0] == 0:
+            # No image: the tower still runs, on one blank image whose features enter times 0, so that every
+            # rank calls the same modules and gives every trainable parameter a gradient (data-parallel
+            # gradient reductions, collective layers), as the cross-attention always runs.
+            S = self.cfg.image_size
+            tower = next(self.vision.parameters())
+            blank = tower.new_zeros(1, 3, S, S)
+            feats = [(0.0 * level[:, :1, None]).expand(B, 1, 1, -1) for level in self.vision(blank)]
+            return Media(feats, lo, hi)
         rows, slots = image_slot.unbind(1)
         if int(rows.max()) >= B or int(slots.max()) >= M:
             raise ValueError(f"image_slot {image_slot.tolist()} outside the batch's {B} rows x {M} slots")
