@@ -183,7 +183,12 @@ def test_moe_config_trains_at_ep2_resumes_exactly_and_reshards_both_ways(dense_r
     capsys.readouterr()
     assert evaluate_main(["--checkpoint", str(run), "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
-    assert again == pytest.approx({k: metrics[k] for k in again}, abs=1e-5)
+    # The blind controls roll the images within a batch (teacher-forced) or a rank's scenes (generated):
+    # they pair other images with other texts on one process than on two.
+    seen = [k for k in again if not k.endswith("_blind") and k != "num_samples"]
+    assert len(seen) > 30 and {k: again[k] for k in seen} == pytest.approx(
+        {k: metrics[k] for k in seen}, abs=1e-5
+    )
     # reshard 2 -> 1 (on 2 ranks) -> 2: the same weights and optimizer shards, bit for bit
     ep1, back = root / "moe_ep1", root / "moe_ep2_again"
     assert convert_main(["reshard", str(tag2), str(ep1), "--ep-size", "1", "--strict-optimizer"]) == 0
