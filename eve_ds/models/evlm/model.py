@@ -6,7 +6,8 @@ What a trainer calls (nothing here knows about ranks beyond DeepSpeed's MoE laye
 - freeze policy: `trainable_parameters(stage)` (stage1 | stage2 | stage3, `STAGES`) sets `requires_grad`
   and returns {"fusion": [...], "vision": [...]}; in stage 1 the "vision" group is the one whose LR stays
   at 0 for the first 25 % of the steps.
-- MoE: `upcycle_from(dense_state_dict, ep_rank)` after building an `evlm_*_moe` model; then the usual
+- MoE: `init_experts(ep_rank)` draws this rank's routed experts (global expert g alike for any ep_size);
+  `upcycle_from(dense_state_dict, ep_rank)` after building an `evlm_*_moe` model; then the usual
   DeepSpeed MoE parameter groups (the experts carry `allreduce=False`).
 - checkpoints: `trainable_state_dict()` is what must be saved (the frozen LM and tower come from their
   files); with DeepSpeed: `save_checkpoint(exclude_frozen_parameters=True)`, `load_module_strict=False`.
