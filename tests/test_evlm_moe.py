@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -144,3 +145,38 @@ def test_top4_at_ep_size_2_equals_ep_size_1(tmp_path):
     for g, e in enumerate(ref.local_experts):
         for n, p in e.named_parameters():
             torch.testing.assert_close(ranks[g // 8]["grads"][f"{g}.{n}"], p.grad, atol=1e-5, rtol=1e-5)
+
+
+# -- active parameters per token: the world expert + the top-4 of the 16 routed ones --------------------
+
+
+@pytest.mark.parametrize(
+    "flavor, layers, h",
+    [("evlm_tiny_moe", 4, 128), ("evlm_14b_moe", 40, 5120)],
+)
+def test_eve_info_counts_the_world_expert_and_the_top4_as_active(flavor, layers, h, capsys):
+    """By hand: each cross-attention FFN of hidden h/2 (SwiGLU, 3 matrices) becomes a world expert of the
+    same size + 16 experts of hidden h/8 and a router (h x 16) and the tanh(beta) scalar. A token uses the
+    world expert, 4 experts, the router and beta: what the MoE adds to the dense model's active count is,
+    per layer, a second dense FFN (4 quarter-slices) + the router + beta; to its total, 16 experts."""
+    from eve_ds.cli.info import main
+
+    dense_flavor = flavor.removesuffix("_moe")
+    ffn, expert, router = 3 * h * (h // 2), 3 * h * (h // 8), h * 16
+    assert 4 * expert == ffn
+    counts = {}
+    for name in (dense_flavor, flavor):
+        assert main([name, "--json"]) == 0
+        counts[name] = json.loads(capsys.readouterr().out)
+    dense, moe = counts[dense_flavor], counts[flavor]
+    assert dense["active_params_per_token"] == dense["total_params"]
+    assert moe["active_params_per_token"] == dense["total_params"] + layers * (4 * expert + router + 1)
+    assert moe["total_params"] == dense["total_params"] + layers * (16 * expert + router + 1)
+    assert main([flavor, "ep_size=8", "--json"]) == 0  # the layout does not change what a token uses
+    assert json.loads(capsys.readouterr().out)["active_params_per_token"] == moe["active_params_per_token"]
+    if flavor == "evlm_14b_moe":  # the numbers docs/evlm.md gives
+        assert (moe["total_params"], moe["active_params_per_token"]) == (26_950_327_672, 22_231_735_672)
+    else:  # and the built model agrees, also with 8 of the 16 experts on this rank
+        for ep_size in (1, 2):
+            built = EVLMModel(get_config(flavor, media_token_id=63, ep_size=ep_size))
+            assert built.active_params_per_token() == moe["active_params_per_token"]

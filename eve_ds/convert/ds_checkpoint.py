@@ -1,4 +1,4 @@
-"""Reading DeepSpeed checkpoints of EVE (ZeRO-2, native MoE), whatever ep_size they were saved with.
+"""Reading DeepSpeed checkpoints of EVE and EVLM (ZeRO-2, native MoE), whatever ep_size they were saved with.
 
 A tag directory written by ``engine.save_checkpoint`` holds::
 
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from eve_ds.models.config import EVEConfig
+from eve_ds.models.evlm.config import EVLMConfig
 from eve_ds.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -72,12 +73,19 @@ def read_eve_config(tag_dir: Path) -> dict:
     )
 
 
-def model_config(cfg: dict, **overrides) -> EVEConfig:
+def model_config(cfg: dict, **overrides) -> EVEConfig | EVLMConfig:
+    """The model config of an `eve_config.json` dict: an `EVLMConfig` for the EVLM family, else EVE's."""
     d = {k: v for k, v in cfg["model"].items() if k != "flavor"}
+    cls = EVLMConfig if is_evlm(cfg) else EVEConfig
     try:
-        return EVEConfig.from_dict({**d, **overrides})
+        return cls.from_dict({**d, **overrides})
     except (TypeError, ValueError) as e:
         raise ConvertError(f"model config: {e}") from e
+
+
+def is_evlm(cfg: dict) -> bool:
+    """A checkpoint of the EVLM family (`train/family.py` writes the family into `eve_config.json`)."""
+    return cfg.get("family") == "evlm"
 
 
 def torch_load(path: Path) -> dict:

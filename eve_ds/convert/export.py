@@ -16,6 +16,7 @@ from torch import nn
 from eve_ds.convert.ds_checkpoint import (
     ConvertError,
     consolidated_state_dict,
+    is_evlm,
     model_config,
     read_eve_config,
     resolve_tag_dir,
@@ -48,6 +49,8 @@ def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             raise ConvertError(str(e)) from e
     tag = resolve_tag_dir(path)
     cfg = read_eve_config(tag)
+    if is_evlm(cfg):
+        raise ConvertError(f"{tag}: an EVLM checkpoint; export and evaluation read EVE checkpoints only")
     sd, _ = consolidated_state_dict(tag, model_config(cfg).num_experts)
     state = tag / "trainer_state.json"
     cfg = {
@@ -84,6 +87,30 @@ def load_checked(module: nn.Module, sd: dict[str, torch.Tensor], source: str) ->
         load_state_dict_strict(module, sd, source)
     except WeightsMismatchError as e:
         raise ConvertError(str(e)) from e
+
+
+def check_weights(cfg: dict, sd: dict[str, torch.Tensor], source: str) -> None:
+    """The weights of a checkpoint (ep_size=1 names) against its config. EVE: a strict load. EVLM, whose
+    module file leaves out the frozen LM and ViT: against a meta-device build (no file read), every tensor
+    the model's, with its shape, and every trainable tensor there."""
+    if not is_evlm(cfg):
+        load_checked(build_pretraining_model(cfg), sd, source)
+        return
+    from eve_ds.models.evlm.model import EVLMModel  # transformers: only for EVLM checkpoints
+
+    mcfg = model_config(cfg, ep_size=1, lm_path="", vision_path="")
+    mcfg.media_token_id = max(0, mcfg.media_token_id)  # no tokenizer to look it up in; any row will do
+    with torch.device("meta"):
+        model = PretrainingModel(mcfg, objective_config(cfg), backbone=EVLMModel(mcfg))
+    own = model.state_dict()
+    unknown = [k for k in sd if k not in own or tuple(sd[k].shape) != tuple(own[k].shape)]
+    absent = [n for n, p in model.named_parameters() if p.requires_grad and n not in sd]
+    if unknown:
+        k = unknown[0]
+        why = f"{tuple(sd[k].shape)}, the model's is {tuple(own[k].shape)}" if k in own else "not the model's"
+        raise ConvertError(f"{source}: tensor {k!r}: {why} ({len(unknown)} such tensor(s))")
+    if absent:
+        raise ConvertError(f"{source}: lacks the trainable tensor {absent[0]!r} ({len(absent)} missing)")
 
 
 def build_pretraining_model(cfg: dict, ep_size: int = 1) -> PretrainingModel:

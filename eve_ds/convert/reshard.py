@@ -1,4 +1,4 @@
-"""Resharding a DeepSpeed ZeRO-2 checkpoint of EVE to another expert-parallel size (and world size).
+"""Resharding a DeepSpeed ZeRO-2 checkpoint of EVE or EVLM-MoE to another expert-parallel size (and world size).
 
 Model weights do not depend on the layout (expert files carry global expert ids), so they are copied.
 The ZeRO-2 optimizer shards do: every param group is one flat fp32 vector (params in group order, padded
@@ -35,7 +35,7 @@ from eve_ds.convert.ds_checkpoint import (
     resolve_tag_dir,
     torch_load,
 )
-from eve_ds.convert.export import build_pretraining_model, load_checked
+from eve_ds.convert.export import check_weights
 from eve_ds.utils.io import atomic_write_json, staging_dir
 from eve_ds.utils.ranks import expert_parallel_rank
 
@@ -293,7 +293,7 @@ def reshard(
     from eve_ds.convert.ds_checkpoint import consolidated_state_dict
 
     sd, _ = consolidated_state_dict(tag, mcfg.num_experts)
-    load_checked(build_pretraining_model(cfg), sd, str(tag))
+    check_weights(cfg, sd, str(tag))
     del sd
     with staging_dir(dst, overwrite) as tmp:
         out = tmp / "checkpoints" / tag.name

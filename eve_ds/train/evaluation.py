@@ -13,11 +13,10 @@ import torch
 
 from eve_ds.convert import load_pretraining_model
 from eve_ds.convert.ds_checkpoint import (
-    MODEL_STATES,
     ConvertError,
+    consolidated_state_dict,
     read_eve_config,
     resolve_tag_dir,
-    torch_load,
 )
 from eve_ds.data import load_tokenizer
 from eve_ds.data.config import DataConfig
@@ -87,13 +86,17 @@ def load_checkpoint_model(checkpoint: str, device: str):
 
 
 def load_evlm_checkpoint(tag, config: dict):
-    """An EVLM run's model: built as the run built it (its frozen LM from `model.lm_path`, the other
-    frozen weights from `train.seed`, which is what the run did), then the checkpoint's trainable
-    weights; every parameter missing from the file must be a frozen one."""
+    """An EVLM run's model, in one process: built as the run built it (its frozen LM from `model.lm_path`,
+    the other frozen weights from `train.seed`, then `train.init_from`: what an earlier stage trained), at
+    ep_size 1, then the checkpoint's trainable weights (every expert from DeepSpeed's expert files, whatever
+    ep_size saved them); every parameter missing from the files must be a frozen one."""
     run = from_dict(config["run"])
+    run = replace(run, model=replace(run.model, ep_size=1))
     torch.manual_seed(run.train.seed)
-    model = family_of(run).build_model(run)
-    module = torch_load(tag / MODEL_STATES)["module"]
+    family = family_of(run)
+    model = family.build_model(run)
+    family.init_weights(model, run, ep_rank=0, resuming=True)
+    module, _ = consolidated_state_dict(tag, run.model.num_experts)
     missing, unexpected = model.load_state_dict(module, strict=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     bad = sorted(unexpected) + sorted(k for k in missing if k in trainable)

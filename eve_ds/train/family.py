@@ -129,7 +129,9 @@ class EVLMFamily(ModelFamily):
         """`train.init_from` = the run (or tag) of the stage this one continues: every weight its
         checkpoint holds (what that stage trained, a superset of what this one trains) over the weights
         built from the files; into an `evlm_*_moe` model through `upcycle_from`. Also when resuming: what
-        the earlier stage trained and this one freezes is in no checkpoint of this run."""
+        the earlier stage trained and this one freezes is in no checkpoint of this run. Routed experts are
+        first drawn per global expert, so a MoE from scratch is the same model for any ep_size."""
+        model.encoder.init_experts(ep_rank)
         if cfg.train.init_from:
             stage_init(model.encoder, cfg.train.init_from, ep_rank)
 

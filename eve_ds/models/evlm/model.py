@@ -6,7 +6,8 @@ What a trainer calls (nothing here knows about ranks beyond DeepSpeed's MoE laye
 - freeze policy: `trainable_parameters(stage)` (stage1 | stage2 | stage3, `STAGES`) sets `requires_grad`
   and returns {"fusion": [...], "vision": [...]}; in stage 1 the "vision" group is the one whose LR stays
   at 0 for the first 25 % of the steps.
-- MoE: `upcycle_from(dense_state_dict, ep_rank)` after building an `evlm_*_moe` model; then the usual
+- MoE: `init_experts(ep_rank)` draws this rank's routed experts (global expert g alike for any ep_size);
+  `upcycle_from(dense_state_dict, ep_rank)` after building an `evlm_*_moe` model; then the usual
   DeepSpeed MoE parameter groups (the experts carry `allreduce=False`).
 - checkpoints: `trainable_state_dict()` is what must be saved (the frozen LM and tower come from their
   files); with DeepSpeed: `save_checkpoint(exclude_frozen_parameters=True)`, `load_module_strict=False`.
@@ -94,6 +95,7 @@ class EVLMModel(nn.Module):
         trunc_normal_(self.media_tokens, std=cfg.init_std)
         levels = layer_levels(lm_cfg.num_hidden_layers, len(cfg.feature_layers), cfg.level_map)
         self.layers = wrap_decoder_layers(self.lm, self._xattn, levels)
+        self.init_experts(ep_rank=0)  # a trainer with ep_size > 1 draws its rank's experts again
         self.trainable_parameters(cfg.stage)
 
     def _xattn(self, i: int) -> GatedXAttn:
@@ -110,8 +112,11 @@ class EVLMModel(nn.Module):
             h, cfg.vision_width, cfg.xattn_dim, cfg.xattn_heads, ffn, cfg.gate_init,
             cfg.ffn_on_imageless_text, getattr(self.lm.config, "rms_norm_eps", 1e-6),
         )  # fmt: skip
+        # Routed experts are drawn apart (`init_experts`): the draws here must not depend on how many of
+        # them this rank holds, so that every other weight is the same for any ep_size.
+        experts = set(ffn.local_experts.modules()) if cfg.moe else set()
         for m in xattn.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and m not in experts:
                 trunc_normal_(m.weight, std=cfg.init_std)
         return xattn.to(self.lm.dtype)
 
@@ -160,6 +165,28 @@ class EVLMModel(nn.Module):
                 ffn.load_state_dict({k[len(prefix) :]: v for k, v in dense.items() if k.startswith(prefix)})
                 upcycle(ffn, module.xattn.ffn, self.cfg.moe_copies, self.cfg.moe_slices, ep_rank)
 
+    @property
+    def collective(self) -> bool:
+        """Every forward is a collective call (MoE with ep_size > 1): each rank must make the same calls."""
+        return self.cfg.moe and self.cfg.ep_size > 1
+
+    @torch.no_grad()
+    def init_experts(self, ep_rank: int) -> None:
+        """(Re)draw this rank's routed experts so that global expert g of layer i has the same weights for
+        any ep_size: truncated normal from a generator seeded by (i, g), as EVE's experts."""
+        if not self.cfg.moe:
+            return
+        std = self.cfg.init_std
+        for i, layer in enumerate(self.layers):
+            experts = layer.xattn.ffn.local_experts
+            for j, expert in enumerate(experts):
+                gen = torch.Generator().manual_seed(i * 1009 + ep_rank * len(experts) + j)
+                for p in expert.parameters():
+                    if p.is_meta:  # a meta-device build (parameter counts): nothing to fill
+                        continue
+                    w = torch.empty(p.shape, device="cpu").normal_(0.0, std, generator=gen)
+                    p.copy_(w.clamp_(-2 * std, 2 * std))
+
     def active_params_per_token(self) -> int:
         """Every parameter (experts of all ranks), less the routed experts a token skips ((E - k) per layer)."""
         total = sum(p.numel() * (self.cfg.ep_size if getattr(p, "allreduce", True) is False else 1)
@@ -193,9 +220,15 @@ class EVLMModel(nn.Module):
     ) -> Media:
         """images: (N, 3, H, W); image_slot: (N, 2) = (row, slot) -> Media with feats [(B, M, 1 + P, Dv)]
         per level (unused slots zero: no interval covers them)."""
-        if images is None or images.shape[0] == 0:  # still runs every cross-attention: same FFN, collectives
-            z = lo.new_zeros((), dtype=self.media_tokens.dtype)
-            return Media([z.new_zeros(B, 1, 1, self.cfg.vision_width)] * len(self.cfg.feature_layers), lo, hi)
+        if images is None or images.shape[0] == 0:
+            # No image: the tower still runs, on one blank image whose features enter times 0, so that every
+            # rank calls the same modules and gives every trainable parameter a gradient (data-parallel
+            # gradient reductions, collective layers), as the cross-attention always runs.
+            S = self.cfg.image_size
+            tower = next(self.vision.parameters())
+            blank = tower.new_zeros(1, 3, S, S)
+            feats = [(0.0 * level[:, :1, None]).expand(B, 1, 1, -1) for level in self.vision(blank)]
+            return Media(feats, lo, hi)
         rows, slots = image_slot.unbind(1)
         if int(rows.max()) >= B or int(slots.max()) >= M:
             raise ValueError(f"image_slot {image_slot.tolist()} outside the batch's {B} rows x {M} slots")
@@ -257,7 +290,8 @@ class EVLMModel(nn.Module):
         after a row's end. New tokens continue the prompt's last text, so they read the image slots of the
         prompt's last position. `use_cache=False` recomputes the whole sequence at each step (the
         reference the cached loop must equal). `media`: precomputed features (skips the tower). The
-        placeholder id is never generated."""
+        placeholder id is never generated. Under expert parallelism (`collective`) every step runs, done or
+        not: each step's MoE calls are collective, and the other ranks' rows may not be done."""
         ids = batch["input_ids"]
         B, S = ids.shape
         slot, per_row, M = self._images_per_row(batch)
@@ -280,7 +314,7 @@ class EVLMModel(nn.Module):
             nxt = torch.where(done, eos_id, logits.argmax(-1))
             out.append(nxt)
             done = done | (nxt == eos_id)
-            if bool(done.all()):
+            if bool(done.all()) and not self.collective:
                 break
             new_embed, new_pos = table(nxt)[:, None], step_pos[:, -1:] + 1
             if use_cache:  # only the new token: its keys join the cache, its media interval the last one's

@@ -5,7 +5,8 @@ image adds to what the text alone (the LM's prior, the question) already gives.
 
 Per scene: a caption prompt ("caption:"), one question per VQA template that fits the scene, and POPE's
 pair (a present object, an absent one) for each sampler. The ViT runs once per image; prompts of the same
-length and kind are decoded together, so no row is padded.
+length and kind are decoded together, so no row is padded. Under expert parallelism every rank makes the
+same decoding calls (`decode_plan`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from eve_ds.models.evlm.masks import layout_row, stack_rows
 from eve_ds.models.evlm.xattn import Media
 from eve_ds.tasks.evlm_synthetic.data import EOS, MEDIA, PAD, PROMPT, SPLITS, VOCAB, qa_text
 from eve_ds.tasks.evlm_synthetic.metrics import cider_bleu, exact_match, object_f1, pope_scores
+from eve_ds.utils.ranks import gather_objects
 
 MAX_CAPTION_TOKENS = 32  # the longest caption has 24 words
 MAX_ANSWER_TOKENS = 3  # an answer word and <eos>, one to spare
@@ -84,22 +86,41 @@ def decode(backbone, prompts: list[Prompt], feats: list[Tensor], image_of: list[
         by_shape[(p.kind == "caption", len(p.words))].append(n)
     out: list[list[str]] = [[] for _ in prompts]
     device = feats[0].device
-    for (is_caption, _), members in sorted(by_shape.items()):
-        for start in range(0, len(members), batch_size):
-            chunk = members[start : start + batch_size]
-            rows = [layout_row([[{"image": 0}, {"text": [ids[w] for w in prompts[n].words]}]], ids[MEDIA], K)
-                    for n in chunk]  # fmt: skip
-            batch = {k: v.to(device) for k, v in stack_rows(rows, pad_id=ids[PAD]).items()}
-            images = torch.tensor([image_of[prompts[n].scene] for n in chunk], device=device)
-            batch["image_slot"] = torch.stack([torch.arange(len(chunk), device=device), 0 * images], 1)
-            batch["num_slots"] = 1
-            media = Media([f[images][:, None] for f in feats], batch["lo"], batch["hi"])
-            steps = MAX_CAPTION_TOKENS if is_caption else MAX_ANSWER_TOKENS
-            tokens = backbone.generate_greedy(batch, steps, ids[EOS], media=media)
-            for n, row in zip(chunk, tokens.tolist()):
-                words = [VOCAB[t] for t in row]
-                out[n] = words[: words.index(EOS)] if EOS in words else words
+    for (is_caption, length), chunk in decode_plan(by_shape, batch_size, backbone.collective):
+        # An empty chunk: another rank decodes prompts of this shape; this one joins with a stand-in row.
+        words = [prompts[n].words for n in chunk] or [[PROMPT] * length]
+        rows = [layout_row([[{"image": 0}, {"text": [ids[w] for w in ws]}]], ids[MEDIA], K) for ws in words]
+        batch = {k: v.to(device) for k, v in stack_rows(rows, pad_id=ids[PAD]).items()}
+        images = torch.tensor([image_of[prompts[n].scene] for n in chunk] or [0], device=device)
+        batch["image_slot"] = torch.stack([torch.arange(len(words), device=device), 0 * images], 1)
+        batch["num_slots"] = 1
+        media = Media([f[images][:, None] for f in feats], batch["lo"], batch["hi"])
+        steps = MAX_CAPTION_TOKENS if is_caption else MAX_ANSWER_TOKENS
+        tokens = backbone.generate_greedy(batch, steps, ids[EOS], media=media)
+        for n, row in zip(chunk, tokens.tolist()):
+            words = [VOCAB[t] for t in row]
+            out[n] = words[: words.index(EOS)] if EOS in words else words
     return out
+
+
+def decode_plan(by_shape: dict[tuple, list[int]], batch_size: int,
+                collective: bool) -> list[tuple[tuple, list[int]]]:  # fmt: skip
+    """The (shape, prompt indices) batches to decode, shapes in order. `collective` (expert parallelism:
+    every forward is a collective call): every rank makes the same calls, the union of the ranks' shapes
+    with the most batches any rank has of each, so a rank short of a shape gets empty batches."""
+    mine = {
+        shape: [m[i : i + batch_size] for i in range(0, len(m), batch_size)] for shape, m in by_shape.items()
+    }
+    counts = {shape: len(chunks) for shape, chunks in mine.items()}
+    if collective:
+        for other in gather_objects(counts):
+            for shape, n in other.items():
+                counts[shape] = max(n, counts.get(shape, 0))
+    return [
+        (shape, chunk)
+        for shape in sorted(counts)
+        for chunk in mine.get(shape, []) + [[]] * (counts[shape] - len(mine.get(shape, [])))
+    ]
 
 
 def generation_metrics(prompts: list[Prompt], generated: list[list[str]], scenes: list[dict],
