@@ -71,9 +71,10 @@ def _grad_norm(self, gradients, params, norm_type=2, *, original, foreach: bool)
 def _expert_span(self) -> tuple[int, int] | None:
     """(first, end) of the expert groups when they are consecutive and share one reduction group, else
     None. DeepSpeed's MoE split appends them after the dense groups."""
-    moe = [i for i, m in enumerate(self.is_moe_param_group) if m]
+    flags = getattr(self, "is_moe_param_group", None)  # set by DeepSpeed only for a model with MoE layers
+    moe = [i for i, m in enumerate(flags or ()) if m]
     if not moe:
-        return (len(self.is_moe_param_group),) * 2
+        return (len(self.bit16_groups),) * 2
     pgs = {id(self.real_dp_process_group[i]) for i in moe}
     return (moe[0], moe[-1] + 1) if moe == list(range(moe[0], moe[-1] + 1)) and len(pgs) == 1 else None
 
