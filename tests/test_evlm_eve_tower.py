@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from eve_ds.cli.pretrain import main
+from eve_ds.convert.ds_checkpoint import read_eve_config, resolve_tag_dir
 from eve_ds.models.evlm.vision import EVEVision
 from eve_ds.train.config import ConfigError, load_config
+from eve_ds.train.evaluation import load_evlm_checkpoint
 from eve_ds.train.family import family_of
 from eve_ds.train.preflight import start_problems
 from eve_ds.train.stages import stage0_config
@@ -91,3 +93,29 @@ def test_a_missing_eve_run_is_one_line_naming_the_path_and_the_command(tmp_path,
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1 and EVE_RUN in err[0] and "eve-pretrain" in err[0], err
     assert not (run / "stage0").exists()  # refused before stage 0 trained anything
+
+
+@pytest.mark.slow
+def test_a_run_on_the_eve_tower_saves_its_trained_experts_and_evaluation_loads_them(tmp_path, monkeypatch):
+    """The tower's MoE experts train (block 3) and live in DeepSpeed's expert files, not the module file:
+    the evaluation's model must read them back (it refused the checkpoint before)."""
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "data"
+    eve = Trainer(load_config("eve_tiny_synthetic", eve_overrides(cache)), Path(EVE_RUN))
+    assert eve.train() == 0
+    before = eve.engine.module.state_dict()
+    small = [f"data.cache_dir={cache}", "task.synthetic_num_train=32", "task.synthetic_num_val=4",
+             "train.micro_batch_size=4", "train.global_batch_size=4", "train.max_steps=4",
+             "train.checkpoint_every=4", "train.eval_every=100", "optim.warmup_steps=1",
+             "stage0.enabled=false"]  # fmt: skip
+    cfg = load_config("evlm_tiny_eve_tower", small)
+    trainer = Trainer(cfg, tmp_path / "runs" / "evlm")
+    assert trainer.train() == 0
+    trained = trainer.engine.module.state_dict()
+    tag = resolve_tag_dir(tmp_path / "runs" / "evlm")
+    assert list(tag.glob("layer_0_expert_*_model_states.pt"))
+    loaded = load_evlm_checkpoint(tag, read_eve_config(tag)).state_dict()
+    experts = [k for k in trained if ".deepspeed_experts." in k and k.startswith("encoder.vision.")]
+    assert experts and all(torch.equal(loaded[k], trained[k]) for k in experts)
+    old = [before[k.removeprefix("encoder.vision.")] for k in experts]
+    assert any(not torch.equal(o, trained[k]) for o, k in zip(old, experts))  # they did train

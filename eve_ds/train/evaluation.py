@@ -15,6 +15,7 @@ from eve_ds.convert import load_pretraining_model
 from eve_ds.convert.ds_checkpoint import (
     MODEL_STATES,
     ConvertError,
+    expert_files,
     read_eve_config,
     resolve_tag_dir,
     torch_load,
@@ -89,11 +90,13 @@ def load_checkpoint_model(checkpoint: str, device: str):
 def load_evlm_checkpoint(tag, config: dict):
     """An EVLM run's model: built as the run built it (its frozen LM from `model.lm_path`, the other
     frozen weights from `train.seed`, which is what the run did), then the checkpoint's trainable
-    weights; every parameter missing from the file must be a frozen one."""
+    weights, experts from their files; every parameter missing from the files must be a frozen one."""
     run = from_dict(config["run"])
     torch.manual_seed(run.train.seed)
     model = family_of(run).build_model(run)
     module = torch_load(tag / MODEL_STATES)["module"]
+    for f in expert_files(tag).values():  # trained experts (a MoE xattn, an EVE tower's): their own files
+        module |= torch_load(f)  # ep_size=1 names: DeepSpeed writes the global expert ids
     missing, unexpected = model.load_state_dict(module, strict=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     bad = sorted(unexpected) + sorted(k for k in missing if k in trainable)
