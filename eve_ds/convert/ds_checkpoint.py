@@ -114,8 +114,10 @@ def moe_prefixes(model_states: dict) -> list[str]:
     return prefixes
 
 
-def consolidated_state_dict(tag_dir: Path, num_experts: int) -> tuple[dict[str, torch.Tensor], dict]:
+def consolidated_state_dict(tag_dir: Path, num_experts: int | None) -> tuple[dict[str, torch.Tensor], dict]:
     """All weights of a DeepSpeed tag dir in the ep_size=1 layout (local expert id = global id).
+    num_experts: experts per MoE layer; None: each layer's own count, as its files hold them (a model
+    with MoE layers of different sizes, e.g. an EVLM-MoE on an EVE tower), ids 0..n-1 each.
 
     -> (state dict, the raw model-states dict without 'module')."""
     states = torch_load(tag_dir / MODEL_STATES)
@@ -124,13 +126,16 @@ def consolidated_state_dict(tag_dir: Path, num_experts: int) -> tuple[dict[str, 
     sd = dict(states.pop("module"))
     files = expert_files(tag_dir)
     for layer, prefix in enumerate(moe_prefixes({"module": sd})):
-        for e in range(num_experts):
+        count = num_experts
+        if count is None:
+            count = 1 + max((e for (lay, e) in files if lay == layer), default=-1)
+        for e in range(count):
             f = files.get((layer, e))
             if f is None:
                 name = f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt"
                 raise ConvertError(
                     f"{tag_dir}: missing expert file {name} (MoE layer {layer} = {prefix}, "
-                    f"expert {e} of {num_experts})"
+                    f"expert {e} of {count})"
                 )
             for k, v in torch_load(f).items():
                 m = EXPERT_KEY_RE.match(k)
@@ -139,7 +144,7 @@ def consolidated_state_dict(tag_dir: Path, num_experts: int) -> tuple[dict[str, 
                         f"{f}: unexpected key {k!r} (expected {prefix}{EXPERT_INFIX[:-1]}.{e}.*)"
                     )
                 sd[k] = v
-    extra = sorted(f.name for (layer, e), f in files.items() if e >= num_experts)
+    extra = sorted(f.name for (layer, e), f in files.items() if num_experts is not None and e >= num_experts)
     if extra:
         raise ConvertError(
             f"{tag_dir}: expert files {extra[:4]} beyond num_experts={num_experts} of the config"

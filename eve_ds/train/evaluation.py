@@ -96,7 +96,7 @@ def load_evlm_checkpoint(tag, config: dict):
     family = family_of(run)
     model = family.build_model(run)
     family.init_weights(model, run, ep_rank=0, resuming=True)
-    module, _ = consolidated_state_dict(tag, run.model.num_experts)
+    module, _ = consolidated_state_dict(tag, None)  # MoE layers of any size (xattn, an EVE tower)
     missing, unexpected = model.load_state_dict(module, strict=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     bad = sorted(unexpected) + sorted(k for k in missing if k in trainable)

@@ -25,6 +25,7 @@ from eve_ds.data.pipeline import load_tokenizer
 from eve_ds.models.evlm.config import EVLMConfig
 from eve_ds.models.evlm.counts import param_counts
 from eve_ds.train.config import RunConfig, fit_micro_batch, phase_step
+from eve_ds.train.evlm_tower import eve_tower_problem
 from eve_ds.utils.config import ConfigError
 
 # The `config.json` fields of the LM that fix the model `lm_layout` describes.
@@ -92,7 +93,8 @@ def vision_problems(m: EVLMConfig) -> list[str]:
     if not path or "$" in path:
         return []
     if m.vision == "eve":
-        return [] if os.path.isdir(path) else [f"model.vision_path={path!r}: no such directory"]
+        problem = eve_tower_problem(m)
+        return [problem] if problem else []
     if not os.path.isfile(path):
         return [f"model.vision_path={path!r}: no such file (expected timm weights of {m.vision_name})"]
     from eve_ds.models.evlm.vision import build_vision

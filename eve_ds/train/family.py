@@ -27,6 +27,7 @@ from eve_ds.objectives import PretrainingModel
 from eve_ds.objectives.flops import TextShape, flops_per_pair
 from eve_ds.train.checkpoint import latest_complete, missing_trainable_problem
 from eve_ds.train.config import ConfigError, RunConfig
+from eve_ds.train.evlm_tower import load_eve_tower
 from eve_ds.train.preflight import EVLM_NEEDS_PACKED
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,8 @@ class EVLMFamily(ModelFamily):
 
         if cfg.task.name == "msm":
             raise ConfigError(EVLM_NEEDS_PACKED)
-        backbone = EVLMModel(cfg.model)  # freezes all but the trainable set of model.stage
+        # freezes all but the trainable set of model.stage; an EVE tower read from its run
+        backbone = EVLMModel(cfg.model, tower=load_eve_tower(cfg.model))
         backbone.set_grad_checkpointing(cfg.train.grad_checkpointing)
         return PretrainingModel(cfg.model, cfg.objective, backbone=backbone)
 

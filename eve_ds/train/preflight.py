@@ -21,6 +21,7 @@ from eve_ds.data.stream import Corpus
 from eve_ds.models.evlm.config import EVLMConfig
 from eve_ds.tasks.config import CORPUS_TASKS
 from eve_ds.train.config import RunConfig
+from eve_ds.train.evlm_tower import eve_tower_problem
 
 # The BEiT v2 checkpoint each flavor starts from ([paper]: EVE is initialised from BEiT v2), by timm name.
 BEITV2 = {
@@ -78,7 +79,8 @@ def start_problems(cfg: RunConfig) -> list[str]:
     the training loader would refuse, so that such a run writes nothing into its directory."""
     problem = init_problem(cfg)
     data = check_corpora(cfg, strict=False)[1] if cfg.task.name in CORPUS_TASKS else []
-    return unset_variables(cfg) + data + ([problem] if problem else [])
+    tower = eve_tower_problem(cfg.model) if isinstance(cfg.model, EVLMConfig) else None
+    return unset_variables(cfg) + data + [p for p in (problem, tower) if p]
 
 
 def world_size_from_env() -> int:

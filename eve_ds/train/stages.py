@@ -6,7 +6,8 @@ makes one:
 
 1. RUN/stage0 is a run of its own (config.yaml, metrics.jsonl, checkpoints, final_metrics.json) through
    the same Trainer: `model.stage=stage0` (the LM alone trains; the task gives text-only rows, every token
-   labelled) with the optimiser and length of the `stage0` section. It resumes like any run.
+   labelled) with the optimiser and length of the `stage0` section, no LR phase, and the flavor's scratch
+   tower in place of the run's (`stage0_model`). It resumes like any run.
 2. Its LM is saved with `save_pretrained` (and the task's tokenizer) into RUN/lm, atomically.
 3. The run proper uses `model.lm_path=RUN/lm` (absolute) as its frozen LM.
 
@@ -20,8 +21,10 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from eve_ds.train.config import RunConfig
+from eve_ds.models.evlm.config import EVLMConfig, get_config
+from eve_ds.train.config import ConfigError, RunConfig
 from eve_ds.train.distributed import barrier
+from eve_ds.train.evlm_tower import eve_tower_problem
 from eve_ds.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -55,15 +58,31 @@ def stage0_config(cfg: RunConfig) -> RunConfig:
         warmup_steps=s.warmup_steps,
         warmup_ratio=None,
         weight_decay=s.weight_decay,
+        phase_start=None,  # the run proper's late-joining tower is frozen in stage 0
+        phase_params=[],
     )
     return dataclasses.replace(
         cfg,
-        model=dataclasses.replace(cfg.model, stage="stage0"),
+        model=stage0_model(cfg),
         train=train,
         optim=optim,
         stage0=dataclasses.replace(s, enabled=False),
         name=f"{cfg.name}_stage0",
     )
+
+
+# The tower's fields, which stage 0 takes from the flavor's defaults (`stage0_model`).
+TOWER_FIELDS = ("vision", "vision_name", "vision_path", "vision_kwargs", "vision_patch", "vision_width",
+                "vision_depth", "vision_mlp", "feature_layers")  # fmt: skip
+
+
+def stage0_model(cfg: RunConfig) -> EVLMConfig:
+    """Stage 0's model: the run's, frozen as `stage0`, with the flavor's own scratch tower. Its rows have
+    no image, so the tower is never run; a tower from files would only be loaded for nothing, and a frozen
+    MoE tower (an EVE encoder's experts) leaves DeepSpeed's ZeRO without the expert group it requires."""
+    default = get_config(cfg.model_flavor)
+    tower = {k: getattr(default, k) for k in TOWER_FIELDS}
+    return dataclasses.replace(cfg.model, stage="stage0", **tower)
 
 
 def run_stage0(cfg: RunConfig, run_dir: Path, allow_changes: bool = False) -> Path:
@@ -92,6 +111,9 @@ def train_run(cfg: RunConfig, run_dir: Path, allow_changes: bool = False) -> int
     """The run of `cfg` in `run_dir`, stage 0 first when it needs one (module doc) -> the exit code."""
     run_dir = Path(run_dir)
     if needs_stage0(cfg):
+        problem = eve_tower_problem(cfg.model)  # before stage 0, whose model has no tower from files
+        if problem:
+            raise ConfigError(problem)
         try:
             lm = run_stage0(cfg, run_dir, allow_changes)
         except Stage0Stopped as stop:

@@ -2,7 +2,8 @@
 
 What a trainer calls (nothing here knows about ranks beyond DeepSpeed's MoE layer):
 - build: `EVLMModel(cfg)` loads the LM from `cfg.lm_path` (local files only) and the tower from
-  `cfg.vision_path`; `EVLMModel(cfg, lm=...)` takes an LM already built (tests, meta-device counts).
+  `cfg.vision_path`; `EVLMModel(cfg, lm=...)` takes an LM already built (tests, meta-device counts),
+  `tower=` an EVE encoder already loaded (from an EVE run or checkpoint: `train/evlm_tower.py`).
 - freeze policy: `trainable_parameters(stage)` (stage1 | stage2 | stage3, `STAGES`) sets `requires_grad`
   and returns {"fusion": [...], "vision": [...]}; in stage 1 the "vision" group is the one whose LR stays
   at 0 for the first 25 % of the steps.
@@ -77,7 +78,7 @@ def media_token_id(cfg: EVLMConfig) -> int:
 class EVLMModel(nn.Module):
     """Vision tower + media tokens + an HF causal LM whose decoder layers are wrapped (see module doc)."""
 
-    def __init__(self, cfg: EVLMConfig, lm: nn.Module | None = None) -> None:
+    def __init__(self, cfg: EVLMConfig, lm: nn.Module | None = None, tower: nn.Module | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.lm = lm if lm is not None else load_lm(cfg)
@@ -90,7 +91,7 @@ class EVLMModel(nn.Module):
         self.lm.config.use_cache = False  # a cache would also turn off the packed-document masks
         self.lm.requires_grad_(False)
         self.media_token_id = media_token_id(cfg)
-        self.vision = build_vision(cfg)
+        self.vision = build_vision(cfg, tower)
         self.media_tokens = nn.Parameter(torch.empty(cfg.num_media_tokens, cfg.lm_hidden))
         trunc_normal_(self.media_tokens, std=cfg.init_std)
         levels = layer_levels(lm_cfg.num_hidden_layers, len(cfg.feature_layers), cfg.level_map)

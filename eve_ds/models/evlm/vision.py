@@ -69,6 +69,20 @@ class EVEVision(nn.Module):
         return [found[i] for i in self.indices]
 
 
+def check_eve_tower(cfg: EVLMConfig, encoder: EVEModel) -> None:
+    """The loaded EVE encoder must be the tower the config describes (image size, patch, depth)."""
+    e = encoder.cfg
+    for key, want, have in (
+        ("image_size", cfg.image_size, e.image_size),
+        ("vision_patch", cfg.vision_patch, e.patch_size),
+        ("vision_depth", cfg.vision_depth, e.num_layers),
+    ):
+        if want != have:
+            raise ValueError(
+                f"model.{key}={want} but the EVE tower of {cfg.vision_path or 'the config'} has {have}"
+            )
+
+
 def set_trainable_from(tower: nn.Module, fraction: float | None) -> list[nn.Parameter]:
     """Freeze the tower, then unfreeze its blocks from int(fraction * depth) on (None: all frozen).
     -> the parameters made trainable."""
@@ -82,13 +96,16 @@ def set_trainable_from(tower: nn.Module, fraction: float | None) -> list[nn.Para
     return params
 
 
-def build_vision(cfg: EVLMConfig) -> nn.Module:
-    """The tower of `cfg`; weights from `cfg.vision_path` (a local file) when set, never from a hub."""
+def build_vision(cfg: EVLMConfig, encoder: EVEModel | None = None) -> nn.Module:
+    """The tower of `cfg`; weights from `cfg.vision_path` (a local file) when set, never from a hub.
+    encoder: an EVE encoder already loaded (from a run or a checkpoint) for `vision: eve`."""
     if cfg.vision == "eve":
         overrides = {k: v for k, v in cfg.vision_kwargs.items() if k != "flavor"}
         flavor = cfg.vision_kwargs.get("flavor", "eve_tiny")
         eve_cfg = get_eve_config(flavor, image_size=cfg.image_size, patch_size=cfg.vision_patch, **overrides)
-        encoder = EVEModel.from_pretrained(cfg.vision_path) if cfg.vision_path else EVEModel(eve_cfg)
+        if encoder is None:
+            encoder = EVEModel.from_pretrained(cfg.vision_path) if cfg.vision_path else EVEModel(eve_cfg)
+        check_eve_tower(cfg, encoder)
         tower: nn.Module = EVEVision(encoder, cfg.feature_layers)
         width = encoder.cfg.hidden_size
     else:
