@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from eve_ds.models.config import EVEConfig
-from eve_ds.models.layers import Block, SoftRouterFFN, Tokens, init_weights
+from eve_ds.models.layers import Block, SoftRouterFFN, Tokens, init_weights, padding_block_mask
 from eve_ds.models.weights import load_state_dict_strict, read_native_export
 
 
@@ -203,6 +203,8 @@ class EVEModel(nn.Module):
         elif text_real is not None:
             num_real = B * n_image + text_real
         tokens = Tokens(n_image, keep_ids, key_padding, valid, num_real=num_real)
+        if self.cfg.attention_kernel == "flex" and key_padding is not None:
+            tokens.block_mask = padding_block_mask(key_padding)  # once for all blocks, outside any graph
         aux = x.new_zeros((), dtype=torch.float32)
         counts: dict[int, Tensor] = {}
         for i, block in enumerate(self.blocks):
