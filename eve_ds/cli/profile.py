@@ -11,7 +11,9 @@ Prints (and writes with --json):
   * with --ops, torch.profiler's operator table of one forward + backward (self device time on CUDA).
 
 With --count it instead counts what one DeepSpeed training step dispatches (`eve_ds.bench.count`): ATen
-ops and would-be host syncs (file:line) per phase, and the graph breaks of one block's forward.
+ops and would-be host syncs (file:line) per phase, and the graph breaks of each block kind (hard / soft
+router) in every encoder pass. --compile blocks compiles the engine's blocks (train.compile): the step split
+then times compiled blocks; the count sees the ATen ops that the compiled graphs still dispatch.
 """
 
 from __future__ import annotations
@@ -61,6 +63,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["deepspeed", "foreach"],
         help="train.zero_grad_norm of the --count engine",
     )
+    p.add_argument(
+        "--compile",
+        default="off",
+        choices=["off", "blocks"],
+        help="train.compile of the engine (step split, --count)",
+    )
+    p.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager"])
     return p.parse_args(argv)
 
 
@@ -80,7 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     args = parse_args(argv)
     dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
-    bc = BenchConfig(model=args.model, device=args.device, model_overrides=args.set)
+    bc = BenchConfig(
+        model=args.model,
+        device=args.device,
+        model_overrides=args.set,
+        compile=args.compile,
+        compile_backend=args.compile_backend,
+    )
     obj = ObjectiveConfig(objectives=args.task_set.split(","))
     init_distributed(args.device, timeout_s=600)
     if args.count:
@@ -120,6 +135,8 @@ def count_main(args: argparse.Namespace, argv: list[str] | None) -> int:
         ds_config=args.ds_config,
         model_overrides=args.set,
         zero_grad_norm=args.zero_grad_norm,
+        compile=args.compile,
+        compile_backend=args.compile_backend,
     )
     t0 = time.perf_counter()
     result = {
@@ -128,6 +145,8 @@ def count_main(args: argparse.Namespace, argv: list[str] | None) -> int:
         "batch_size": args.batch_size,
         "ds_config": args.ds_config,
         "overrides": args.set,
+        "zero_grad_norm": args.zero_grad_norm,
+        "compile": args.compile,
         **count_train_step(bc, args.task_set.split(","), args.batch_size),
     }
     result["wall_s"] = round(time.perf_counter() - t0, 1)

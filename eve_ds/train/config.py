@@ -41,6 +41,26 @@ from eve_ds.utils.config import ConfigError, apply_override, check
 from eve_ds.utils.io import atomic_write_text
 from eve_ds.utils.paths import ds_config_dir
 
+COMPILE_MODES = ("off", "blocks")
+COMPILE_BACKENDS = ("inductor", "aot_eager")
+
+
+def check_compile(cfg: RunConfig) -> None:
+    """train.compile=blocks compiles EVE's encoder blocks, without activation checkpointing around them."""
+    t = cfg.train
+    for key, allowed in (("compile", COMPILE_MODES), ("compile_backend", COMPILE_BACKENDS)):
+        check(getattr(t, key) in allowed, f"train.{key}", getattr(t, key), "one of " + ", ".join(allowed))
+    if t.compile == "off":
+        return
+    check(
+        isinstance(cfg.model, EVEConfig),
+        "train.compile",
+        t.compile,
+        "off for an EVLM model (blocks compiles EVE's encoder blocks)",
+    )
+    check(not t.grad_checkpointing, "train.compile", t.compile, "off with train.grad_checkpointing=true")
+
+
 logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -106,6 +126,12 @@ class TrainConfig:
     # gradient tensor; "foreach", one torch._foreach_norm per parameter group (the same norm to float
     # precision, not always bit for bit: another reduction kernel on CUDA). Both without host reads.
     zero_grad_norm: str = "deepspeed"
+    # (ours) torch.compile: "off", or "blocks": each encoder block without host syncs compiled on its own
+    # (fullgraph, static shapes; eve_ds/train/compile.py), training captions padded to model.max_text_len.
+    compile: str = "off"
+    # (ours) its backend: "inductor" (fused kernels) or "aot_eager" (the same graphs run by eager kernels:
+    # checks graphs, breaks and recompiles in seconds on a CPU, where Inductor takes minutes to compile).
+    compile_backend: str = "inductor"
     dist_timeout_s: int = 600  # a collective that waits this long on a dead rank fails the run
     device: str = "auto"  # auto | cpu | cuda
     # torch's intra-op CPU threads (null: torch's default, one per core). On a shared CPU, 1 avoids the
@@ -195,6 +221,7 @@ class RunConfig:
         choices["zero_grad_norm"] = ("deepspeed", "foreach")
         for key, allowed in choices.items():
             check(getattr(t, key) in allowed, f"train.{key}", getattr(t, key), "one of " + ", ".join(allowed))
+        check_compile(self)
         check(t.num_threads is None or t.num_threads >= 1, "train.num_threads", t.num_threads, ">= 1 or null")
         check(o.lr > 0, "optim.lr", o.lr, "> 0")
         check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"in [0, optim.lr={o.lr}]")
