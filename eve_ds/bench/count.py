@@ -408,3 +408,38 @@ def format_counts(result: dict) -> str:
                 f"{p['breaks']} breaks"
             )
     return "\n".join(lines)
+
+
+def cuda_sync_warnings(bc: BenchConfig, task_set: list[str], batch_size: int, steps: int) -> dict:
+    """The GPU counterpart of the sync count: `steps` training steps (after WARMUP_STEPS, which also
+    compile) under `torch.cuda.set_sync_debug_mode("warn")`, each warning CUDA raises on a synchronising
+    call tallied by the innermost Python file:line outside torch. PyTorch calls the mode experimental:
+    it does not catch every sync. -> {"steps", "num_warnings", "sites": [[site, count], ...]}."""
+    if bc.device != "cuda":
+        raise ValueError("--sync-warn needs --device cuda (torch.cuda.set_sync_debug_mode)")
+    import warnings
+
+    cfg = bc.model_config()
+    obj = ObjectiveConfig(objectives=list(task_set))
+    engine, dtype = build_bench_engine(bc, cfg, obj, batch_size)
+    batch = next(memory_batches(cfg, obj, batch_size, bc, dtype, num_batches=1))
+    for _ in range(WARMUP_STEPS):
+        train_step(engine, batch)
+    torch.cuda.synchronize()
+    sites: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        sites[_innermost(traceback.extract_stack()[:-1]) or f"{_short(filename)}:{lineno}"] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                train_step(engine, batch)
+            torch.cuda.set_sync_debug_mode("default")  # the final synchronize is ours
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return {"steps": steps, "num_warnings": sum(sites.values()), "sites": sorted(map(list, sites.items()))}
