@@ -201,7 +201,7 @@ def build_bench_engine(bc: BenchConfig, cfg: EVEConfig, obj: ObjectiveConfig, mi
         seed=bc.seed,
         max_steps=10**6,
         zero_grad_norm=bc.zero_grad_norm,
-        compile=bc.compile,
+        compile=bc.compile if bc.compile == "blocks" else False,
         compile_backend=bc.compile_backend,
     )
     run = RunConfig(

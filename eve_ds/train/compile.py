@@ -10,7 +10,7 @@ bf16 / fp16 only), so an fp32 run keeps the grouped soft blocks eager too.
 Shapes are static (`dynamic=False`): one graph per block, encoder pass (the MLM pass's full image, the
 MIM pass's kept patches, text alone) and train / eval mode, compiled on the first step and reused. Text
 lengths must not vary for that: the trainer pads every training batch's captions to `model.max_text_len`
-(`eve_ds.data.transforms.pad_text`) when blocks are compiled. The alternative, a dynamic text dimension,
+(`eve_ds.data.transforms.pad_text`) when blocks are compiled (`train.static_text_len`). The alternative, a dynamic text dimension,
 gives kernels with symbolic sizes and rules out CUDA graphs later; the fixed length costs the padded
 tokens' compute instead. Blocks whose drop-path rates differ (`drop_path_rate > 0`) get their own graphs,
 as dynamo specialises on the rate.
@@ -30,6 +30,13 @@ logger = logging.getLogger(__name__)
 # Graphs one block's forward may need: encoder passes (image + text, kept patches + text, text alone, image
 # alone) x train / eval mode. Dynamo's limit counts the entries of Block.forward's code, shared by all blocks.
 GRAPHS_PER_BLOCK = 8
+
+
+def static_text_len(train) -> bool:
+    """Whether the trainer pads captions to max_text_len: train.static_text_len, by default with compile."""
+    if train.static_text_len is None:
+        return train.compile == "blocks"
+    return train.static_text_len
 
 
 def block_compiles(block: Block) -> bool:

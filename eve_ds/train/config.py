@@ -41,16 +41,21 @@ from eve_ds.utils.config import ConfigError, apply_override, check
 from eve_ds.utils.io import atomic_write_text
 from eve_ds.utils.paths import ds_config_dir
 
-COMPILE_MODES = ("off", "blocks")
 COMPILE_BACKENDS = ("inductor", "aot_eager")
 
 
 def check_compile(cfg: RunConfig) -> None:
     """train.compile=blocks compiles EVE's encoder blocks, without activation checkpointing around them."""
     t = cfg.train
-    for key, allowed in (("compile", COMPILE_MODES), ("compile_backend", COMPILE_BACKENDS)):
-        check(getattr(t, key) in allowed, f"train.{key}", getattr(t, key), "one of " + ", ".join(allowed))
-    if t.compile == "off":
+    check(t.compile is False or t.compile == "blocks", "train.compile", t.compile, "false or blocks")
+    allowed = COMPILE_BACKENDS
+    check(
+        t.compile_backend in allowed,
+        "train.compile_backend",
+        t.compile_backend,
+        "one of " + ", ".join(allowed),
+    )
+    if t.compile is False:
         return
     check(
         isinstance(cfg.model, EVEConfig),
@@ -126,9 +131,12 @@ class TrainConfig:
     # gradient tensor; "foreach", one torch._foreach_norm per parameter group (the same norm to float
     # precision, not always bit for bit: another reduction kernel on CUDA). Both without host reads.
     zero_grad_norm: str = "deepspeed"
-    # (ours) torch.compile: "off", or "blocks": each encoder block without host syncs compiled on its own
-    # (fullgraph, static shapes; eve_ds/train/compile.py), training captions padded to model.max_text_len.
-    compile: str = "off"
+    # (ours) torch.compile: false (off), or "blocks": each encoder block without host syncs compiled on its
+    # own (fullgraph, static shapes; eve_ds/train/compile.py), training captions padded to model.max_text_len.
+    compile: bool | str = False
+    # (ours) pad every training batch's captions to model.max_text_len (one text length: static shapes);
+    # null: only with compile=blocks. Which tokens the MLM / MIM masks pick depends on the padded shape.
+    static_text_len: bool | None = None
     # (ours) its backend: "inductor" (fused kernels) or "aot_eager" (the same graphs run by eager kernels:
     # checks graphs, breaks and recompiles in seconds on a CPU, where Inductor takes minutes to compile).
     compile_backend: str = "inductor"

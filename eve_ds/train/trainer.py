@@ -23,6 +23,7 @@ from eve_ds.data.transforms import pad_text
 from eve_ds.tasks.base import Task, build_task
 from eve_ds.train import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from eve_ds.train.checkpoint import CheckpointManager, latest_complete
+from eve_ds.train.compile import static_text_len
 from eve_ds.train.config import ConfigError, RunConfig, resolve, save_config, task_context
 from eve_ds.train.distributed import all_reduce_max, barrier, init_distributed, resolve_device
 from eve_ds.train.engine import build_engine, nonfinite
@@ -255,7 +256,7 @@ class Trainer:
         self.state["skipped_samples"] += int(batch.get("num_skipped", 0))
         self.batch_shape = self.family.batch_shape(batch)  # for the FLOP count (MFU)
         data = self.cfg.data
-        if self.cfg.train.compile == "blocks":  # one text length, one graph per block and pass
+        if static_text_len(self.cfg.train):  # one text length: one graph per compiled block and pass
             batch = pad_text(batch, self.cfg.model.max_text_len, self.cfg.model.pad_token_id)
         out = self.engine(batch_to_device(batch, self.device, self.dtype, data.image_mean, data.image_std))
         if self.cfg.train.nonfinite_check == "device":
