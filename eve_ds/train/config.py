@@ -61,9 +61,9 @@ def check_compile(cfg: RunConfig) -> None:
         isinstance(cfg.model, EVEConfig),
         "train.compile",
         t.compile,
-        "off for an EVLM model (blocks compiles EVE's encoder blocks)",
+        "false for an EVLM model (blocks compiles EVE's encoder blocks)",
     )
-    check(not t.grad_checkpointing, "train.compile", t.compile, "off with train.grad_checkpointing=true")
+    check(not t.grad_checkpointing, "train.compile", t.compile, "false with train.grad_checkpointing=true")
 
 
 logger = logging.getLogger(__name__)
