@@ -5,6 +5,18 @@
 #                                               # MLM+ITC+ITM+MIM rows at micro-batch 64 with each expert
 #                                               # implementation (before / after)
 #   benchmarks/gpu_measure.sh OUT_DIR table1    # the six Table-1 rows, largest micro-batch searched
+#   benchmarks/gpu_measure.sh OUT_DIR settings  # the step's settings, one after the other (before: default):
+#                                               # eve-profile (regions, engine split, ops), the sync warnings
+#                                               # of 5 steps (set_sync_debug_mode warn), the MSM and
+#                                               # MLM+ITC+ITM+MIM rows at micro-batch BATCH
+#
+# SETTINGS (default: all, in this order) picks the settings of the `settings` phase:
+#   default   the defaults (attention sdpa_bias, DeepSpeed MoE, DeepSpeed norm, eager)
+#   sdpa      rel_pos_bias=false (the official config's) + attention_kernel=sdpa: SDPA without a float mask
+#   flex      attention_kernel=flex: the relative position bias as FlexAttention's score_mod
+#   grouped   moe_dispatch=grouped + zero_grad_norm=foreach: no host sync in the step
+#   compile   grouped + train.compile=blocks (Inductor; the first steps compile)
+#   all       compile + flex;  all-sdpa: compile + sdpa
 #
 # MODEL (default eve_base), DEVICE (default cuda), BATCH (default 64) and PYTHON (default python3) may be
 # set to try the script on a CPU with a tiny model first:
@@ -12,7 +24,7 @@
 # Every step has its own time limit; a failed step is logged and the script goes on, so one slow or broken
 # step does not lose the others' numbers. Output: OUT_DIR/measure.log or table1.log plus JSON/markdown.
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_measure.sh OUT_DIR measure|table1}
+out=${1:?usage: benchmarks/gpu_measure.sh OUT_DIR measure|table1|settings}
 phase=${2:-measure}
 MODEL=${MODEL:-eve_base}
 DEVICE=${DEVICE:-cuda}
@@ -39,6 +51,21 @@ else
   tag=cpu-smoke
 fi
 bench=("$PYTHON" -m eve_ds.cli.bench --model "$MODEL" --device "$DEVICE")
+profile=("$PYTHON" -m eve_ds.cli.profile --model "$MODEL" --device "$DEVICE" --batch-size "$BATCH")
+
+setting_args() {  # setting_args NAME: the eve-profile / eve-bench options of one setting
+  local grouped="--set moe_dispatch=grouped --zero-grad-norm foreach"
+  case "$1" in
+    default) echo "" ;;
+    sdpa) echo "--set rel_pos_bias=false --set attention_kernel=sdpa" ;;
+    flex) echo "--set attention_kernel=flex" ;;
+    grouped) echo "$grouped" ;;
+    compile) echo "$grouped --compile blocks" ;;
+    all) echo "$grouped --compile blocks --set attention_kernel=flex" ;;
+    all-sdpa) echo "$grouped --compile blocks --set rel_pos_bias=false --set attention_kernel=sdpa" ;;
+    *) echo "unknown setting $1" >&2; return 1 ;;
+  esac
+}
 
 case "$phase" in
   measure)
@@ -58,8 +85,28 @@ case "$phase" in
       --warmup-steps 3 --windows 5 --steps-per-window 5 \
       --json "$out/table1-$tag.json" --markdown "$out/table1-$tag.md"
     ;;
+  settings)
+    if [ "$DEVICE" = cuda ]; then
+      step 240 gpu-tests "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+    fi
+    for name in ${SETTINGS:-default sdpa flex grouped compile all all-sdpa}; do
+      opts=$(setting_args "$name") || continue
+      # shellcheck disable=SC2086  # the options are words
+      step 240 "profile-$name" "${profile[@]}" --task-set mlm,mim_pixel --ops --top 30 --steps 3 $opts \
+        --json "$out/profile-$name-$tag.json"
+      if [ "$DEVICE" = cuda ]; then
+        # shellcheck disable=SC2086
+        step 200 "syncs-$name" "${profile[@]}" --task-set mlm,mim_pixel --sync-warn 5 $opts \
+          --json "$out/syncs-$name-$tag.json"
+      fi
+      # shellcheck disable=SC2086
+      step 240 "rows-$name" "${bench[@]}" --batch-size "$BATCH" --task-sets mlm,mim_pixel mlm,itc,itm,mim_pixel \
+        --warmup-steps 3 --windows 5 --steps-per-window 5 $opts \
+        --json "$out/fixed$BATCH-$name-$tag.json" --markdown "$out/fixed$BATCH-$name-$tag.md"
+    done
+    ;;
   *)
-    echo "unknown phase $phase (measure | table1)" >&2
+    echo "unknown phase $phase (measure | table1 | settings)" >&2
     exit 2
     ;;
 esac

@@ -152,4 +152,9 @@ def test_eve_profile_count_json_and_forward_sync_guard(tmp_path, capsys):
     assert forward_syncs == d["forward"]["num_syncs"] <= FORWARD_SYNCS_EVE_TINY
     assert d["step"]["num_syncs"] <= STEP_SYNCS_EVE_TINY and d["step"]["ops"] <= STEP_OPS_EVE_TINY
     assert d["graph_breaks"] == d["blocks"]["soft"]["breaks"] and d["blocks"]["hard"]["breaks"] == 0
+    # both kinds in both passes (MLM: the full image, MIM: the kept patches); DeepSpeed's MoE breaks
+    for kind, compiled in (("hard", True), ("soft", False)):
+        b = d["blocks"][kind]
+        assert b["compiled"] == compiled and [p["n_image"] for p in b["passes"]] == [17, 5]
+    assert all(p["breaks"] > 0 for p in d["blocks"]["soft"]["passes"])
     assert "non-view ops" in capsys.readouterr().out

@@ -18,13 +18,15 @@ GPU step launches and where it would wait for the device:
   it ZeRO-2's end-of-backward `synchronize()` with `overlap_comm`).
 
 `count_train_step` runs two warm-up steps, then counts the forward, backward and optimizer step of the next
-one through the real DeepSpeed engine, and `torch._dynamo.explain`s one block's forward.
+one through the real DeepSpeed engine, and `torch._dynamo.explain`s the forward of one block of each kind
+(hard and soft router) in every encoder pass.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import os
 import sysconfig
 import traceback
@@ -39,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from eve_ds.bench.throughput import BenchConfig, build_bench_engine, memory_batches, train_step
 from eve_ds.models.layers import Block
 from eve_ds.objectives import ObjectiveConfig
+from eve_ds.train.compile import block_compiles
 
 # Ops that make a view or an alias of their input: no kernel runs for them.
 VIEW_OPS = frozenset(
@@ -293,14 +296,17 @@ def count_engine_step(engine, batch: dict[str, Tensor]) -> dict[str, PhaseCount]
     return {"forward": fwd, "backward": bwd, "step": step}
 
 
-def block_inputs(model: nn.Module, forward: Callable[[], object]) -> dict[int, tuple]:
-    """The inputs (x (B, N, D), tokens) of every encoder block's first call in `forward()`, detached."""
+def block_inputs(model: nn.Module, forward: Callable[[], object]) -> dict[tuple[int, int], tuple]:
+    """The inputs (x (B, N, D), tokens) of every encoder block's first call of each encoder pass in
+    `forward()` (a pass: its image length and sequence length), detached, by (block index, pass number)."""
     blocks = [m for m in model.modules() if isinstance(m, Block)]
-    seen: dict[int, tuple] = {}
+    seen: dict[tuple[int, int], tuple] = {}
+    passes: dict[tuple[int, int], int] = {}
 
     def hook(module, args):
-        i = blocks.index(module)
-        seen.setdefault(i, (args[0].detach().clone(), args[1]))
+        x, tokens = args[0], args[1]
+        p = passes.setdefault((tokens.n_image, x.shape[1]), len(passes))
+        seen.setdefault((blocks.index(module), p), (x.detach().clone(), dataclasses.replace(tokens)))
 
     handles = [b.register_forward_pre_hook(hook) for b in blocks]
     try:
@@ -309,14 +315,16 @@ def block_inputs(model: nn.Module, forward: Callable[[], object]) -> dict[int, t
     finally:
         for h in handles:
             h.remove()
-    return {i: (blocks[i], *seen[i]) for i in sorted(seen)}
+    return {key: (blocks[key[0]], *seen[key]) for key in sorted(seen)}
 
 
 def graph_breaks(fn: Callable, *args) -> dict:
-    """`torch._dynamo.explain` of one call: graphs, breaks and where each break is."""
+    """`torch._dynamo.explain` of one call (without autograd: the forward's graphs are the same, and
+    FlexAttention on CPU traces only then): graphs, breaks and where each break is."""
     torch._dynamo.reset()
     try:
-        ex = torch._dynamo.explain(fn)(*args)
+        with torch.no_grad():
+            ex = torch._dynamo.explain(fn)(*args)
     finally:
         torch._dynamo.reset()
     reasons = collections.Counter(
@@ -330,19 +338,27 @@ def graph_breaks(fn: Callable, *args) -> dict:
 
 
 def block_graph_breaks(model: nn.Module, forward: Callable[[], object]) -> dict[str, dict]:
-    """Dynamo's view of one hard-router and one soft-router block forward (the first of each kind), on
-    the inputs they get in `forward()`."""
-    out = {}
-    for i, (block, x, tokens) in block_inputs(model, forward).items():
+    """Dynamo's view of each block kind (hard / soft router, the first block of each) in every encoder pass
+    of `forward()`, on the inputs it gets there; `compiled`: whether train.compile=blocks compiles it.
+    -> {kind: {"block", "compiled", "graphs" / "breaks" (summed over passes), "passes": [...]}}."""
+    out: dict[str, dict] = {}
+    for (i, _), (block, x, tokens) in block_inputs(model, forward).items():
         kind = "soft" if block.soft else "hard"
-        if kind not in out:
-            out[kind] = {"block": i, **graph_breaks(block, x, tokens)}
+        entry = out.setdefault(kind, {"block": i, "compiled": block_compiles(block), "passes": []})
+        if entry["block"] != i:
+            continue
+        # forward, not the module call: a block compiled in place would run its compiled code instead
+        res = graph_breaks(block.forward, x, tokens)
+        entry["passes"].append({"n_image": tokens.n_image, "seq_len": x.shape[1], **res})
+    for entry in out.values():
+        entry["graphs"] = sum(p["graphs"] for p in entry["passes"])
+        entry["breaks"] = sum(p["breaks"] for p in entry["passes"])
     return out
 
 
 def count_train_step(bc: BenchConfig, task_set: list[str], batch_size: int) -> dict:
     """Ops and would-be syncs of one training step of `bc.model` (DeepSpeed engine with `bc`'s DS config)
-    per phase, after WARMUP_STEPS steps, and the graph breaks of one block's forward.
+    per phase, after WARMUP_STEPS steps, and the graph breaks of each block kind's forward in every pass.
 
     -> {"forward" | "backward" | "step": PhaseCount.to_dict(), "total": {...}, "graph_breaks": breaks of
     the soft-router block (of the last block when there is none), "blocks": both kinds, ...}
@@ -384,5 +400,46 @@ def format_counts(result: dict) -> str:
             for site, n in result[phase][key]:
                 lines.append(f"  {phase:9s} {n:4d} x {site}{label}")
     for kind, b in result["blocks"].items():
-        lines.append(f"dynamo: {kind}-router block {b['block']}: {b['graphs']} graphs, {b['breaks']} breaks")
+        how = "compiled" if b["compiled"] else "eager"
+        for p in b["passes"]:
+            lines.append(
+                f"dynamo: {kind}-router block {b['block']} ({how} with train.compile=blocks), pass of "
+                f"{p['n_image']} image + {p['seq_len'] - p['n_image']} text tokens: {p['graphs']} graphs, "
+                f"{p['breaks']} breaks"
+            )
     return "\n".join(lines)
+
+
+def cuda_sync_warnings(bc: BenchConfig, task_set: list[str], batch_size: int, steps: int) -> dict:
+    """The GPU counterpart of the sync count: `steps` training steps (after WARMUP_STEPS, which also
+    compile) under `torch.cuda.set_sync_debug_mode("warn")`, each warning CUDA raises on a synchronising
+    call tallied by the innermost Python file:line outside torch. PyTorch calls the mode experimental:
+    it does not catch every sync. -> {"steps", "num_warnings", "sites": [[site, count], ...]}."""
+    if bc.device != "cuda":
+        raise ValueError("--sync-warn needs --device cuda (torch.cuda.set_sync_debug_mode)")
+    import warnings
+
+    cfg = bc.model_config()
+    obj = ObjectiveConfig(objectives=list(task_set))
+    engine, dtype = build_bench_engine(bc, cfg, obj, batch_size)
+    batch = next(memory_batches(cfg, obj, batch_size, bc, dtype, num_batches=1))
+    for _ in range(WARMUP_STEPS):
+        train_step(engine, batch)
+    torch.cuda.synchronize()
+    sites: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        sites[_innermost(traceback.extract_stack()[:-1]) or f"{_short(filename)}:{lineno}"] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                train_step(engine, batch)
+            torch.cuda.set_sync_debug_mode("default")  # the final synchronize is ours
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return {"steps": steps, "num_warnings": sum(sites.values()), "sites": sorted(map(list, sites.items()))}

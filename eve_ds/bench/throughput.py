@@ -65,6 +65,8 @@ class BenchConfig:
     seed: int = 0
     model_overrides: list[str] = field(default_factory=list)  # "key=value" on the flavor's EVEConfig
     zero_grad_norm: str = "deepspeed"  # train.zero_grad_norm of the engine: deepspeed | foreach
+    compile: str = "off"  # train.compile of the engine: off | blocks
+    compile_backend: str = "inductor"  # train.compile_backend: inductor | aot_eager
 
     CPU_DEFAULT_BATCH = 8
 
@@ -199,6 +201,8 @@ def build_bench_engine(bc: BenchConfig, cfg: EVEConfig, obj: ObjectiveConfig, mi
         seed=bc.seed,
         max_steps=10**6,
         zero_grad_norm=bc.zero_grad_norm,
+        compile=bc.compile if bc.compile == "blocks" else False,
+        compile_backend=bc.compile_backend,
     )
     run = RunConfig(
         model=cfg,

@@ -109,6 +109,9 @@ def add_run_args(p: argparse.ArgumentParser, d: BenchConfig) -> None:
         "over the synthetic shards",
     )
     p.add_argument("--text-len", type=int, default=d.text_len, help="real tokens per synthetic caption")
+    p.add_argument("--zero-grad-norm", default=d.zero_grad_norm, choices=["deepspeed", "foreach"])
+    p.add_argument("--compile", default=d.compile, choices=["off", "blocks"], help="train.compile")
+    p.add_argument("--compile-backend", default=d.compile_backend, choices=["inductor", "aot_eager"])
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--windows", type=int, default=d.windows)
     p.add_argument("--steps-per-window", type=int, default=d.steps_per_window)
@@ -151,6 +154,9 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         corpus_size=args.corpus_size,
         num_gpus=args.num_gpus,
         peak_tflops=args.peak_tflops,
+        zero_grad_norm=args.zero_grad_norm,
+        compile=args.compile,
+        compile_backend=args.compile_backend,
     )
     if args.task_sets:
         bc.task_sets = parse_task_sets(args.task_sets)

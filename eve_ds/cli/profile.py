@@ -11,7 +11,9 @@ Prints (and writes with --json):
   * with --ops, torch.profiler's operator table of one forward + backward (self device time on CUDA).
 
 With --count it instead counts what one DeepSpeed training step dispatches (`eve_ds.bench.count`): ATen
-ops and would-be host syncs (file:line) per phase, and the graph breaks of one block's forward.
+ops and would-be host syncs (file:line) per phase, and the graph breaks of each block kind (hard / soft
+router) in every encoder pass. --compile blocks compiles the engine's blocks (train.compile): the step split
+then times compiled blocks; the count sees the ATen ops that the compiled graphs still dispatch.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 
 import torch
 
-from eve_ds.bench.count import count_train_step, format_counts
+from eve_ds.bench.count import count_train_step, cuda_sync_warnings, format_counts
 from eve_ds.bench.profile import operator_table, profile_engine, profile_regions
 from eve_ds.bench.report import device_info, git_revision, versions
 from eve_ds.bench.throughput import BenchConfig
@@ -59,7 +61,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--zero-grad-norm",
         default="deepspeed",
         choices=["deepspeed", "foreach"],
-        help="train.zero_grad_norm of the --count engine",
+        help="train.zero_grad_norm of the engine (step split, --count, --sync-warn)",
+    )
+    p.add_argument(
+        "--compile",
+        default="off",
+        choices=["off", "blocks"],
+        help="train.compile of the engine (step split, --count)",
+    )
+    p.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager"])
+    p.add_argument(
+        "--sync-warn",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="instead: STEPS training steps under torch.cuda.set_sync_debug_mode('warn'), warnings by site",
     )
     return p.parse_args(argv)
 
@@ -79,11 +95,20 @@ def print_regions(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     args = parse_args(argv)
+    if args.sync_warn and args.device != "cuda":
+        raise SystemExit("eve-profile: --sync-warn needs --device cuda (torch.cuda.set_sync_debug_mode)")
     dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
-    bc = BenchConfig(model=args.model, device=args.device, model_overrides=args.set)
+    bc = BenchConfig(
+        model=args.model,
+        device=args.device,
+        model_overrides=args.set,
+        zero_grad_norm=args.zero_grad_norm,
+        compile=args.compile,
+        compile_backend=args.compile_backend,
+    )
     obj = ObjectiveConfig(objectives=args.task_set.split(","))
     init_distributed(args.device, timeout_s=600)
-    if args.count:
+    if args.count or args.sync_warn:
         return count_main(args, argv)
     result = profile_regions(bc, obj, args.batch_size, dtype, args.reps)
     print_regions(result)
@@ -120,6 +145,8 @@ def count_main(args: argparse.Namespace, argv: list[str] | None) -> int:
         ds_config=args.ds_config,
         model_overrides=args.set,
         zero_grad_norm=args.zero_grad_norm,
+        compile=args.compile,
+        compile_backend=args.compile_backend,
     )
     t0 = time.perf_counter()
     result = {
@@ -128,12 +155,23 @@ def count_main(args: argparse.Namespace, argv: list[str] | None) -> int:
         "batch_size": args.batch_size,
         "ds_config": args.ds_config,
         "overrides": args.set,
-        **count_train_step(bc, args.task_set.split(","), args.batch_size),
+        "zero_grad_norm": args.zero_grad_norm,
+        "compile": args.compile,
     }
+    tasks = args.task_set.split(",")
+    if args.sync_warn:
+        result |= cuda_sync_warnings(bc, tasks, args.batch_size, args.sync_warn)
+    else:
+        result |= count_train_step(bc, tasks, args.batch_size)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     result["meta"] = meta(args, argv)
     print(f"{args.model} {args.task_set} batch {args.batch_size} {args.ds_config} {args.set or ''}")
-    print(format_counts(result))
+    if args.sync_warn:
+        print(f"{result['num_warnings']} sync warnings in {args.sync_warn} steps")
+        for site, n in result["sites"]:
+            print(f"  {n:4d} x {site}")
+    else:
+        print(format_counts(result))
     if args.json:
         atomic_write_json(args.json, result)
     return 0

@@ -50,6 +50,17 @@ def batch_to_device(
     return out
 
 
+def pad_text(batch: dict, length: int, pad_id: int) -> dict:
+    """`batch` with text_ids / text_mask (B, L) padded to (B, length) by pad_id / 0: one text length for
+    every batch, hence static shapes for compiled blocks (the collate pads to the batch's longest text)."""
+    ids = batch.get("text_ids")
+    if not isinstance(ids, torch.Tensor) or ids.shape[1] >= length:
+        return batch
+    extra = length - ids.shape[1]
+    mask = torch.nn.functional.pad(batch["text_mask"], (0, extra), value=0)
+    return {**batch, "text_ids": torch.nn.functional.pad(ids, (0, extra), value=pad_id), "text_mask": mask}
+
+
 class BadSample(Exception):
     """A sample that cannot be used; args[0] is the reason."""
 

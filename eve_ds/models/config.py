@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from eve_ds.utils.config import ConfigError, check
 
 FFN_ACTS = ("gelu", "quick_gelu")
+ATTENTION_KERNELS = ("sdpa_bias", "sdpa", "flex")
 
 
 @dataclass
@@ -33,6 +34,11 @@ class EVEConfig:
     qkv_bias: bool = True  # BEiT v2 style: q and v biases, no k bias
     layer_scale_init: float | None = 0.1  # layer scale gamma on both residual branches; None disables it
     rel_pos_bias: bool = True  # per-block relative position bias among image tokens (BEiT v2)
+    # [ours] how attention runs (eve_ds.models.layers.Attention; the same attention to float precision):
+    # "sdpa_bias" = SDPA with one additive float mask (relative position bias + padding), the reference;
+    # "sdpa" = SDPA with no mask when nothing needs one (flash-eligible), a boolean mask for padding alone;
+    # "flex" = FlexAttention: the bias added per score, padding as a block mask (no CPU backward in torch).
+    attention_kernel: str = "sdpa_bias"
     # Absolute image position embedding: "learned" (BEiT v2 / EVE: a trained table, initialised at init_std)
     # or "sincos" (MAE's fixed 2-D sin-cos table, values in [-1, 1], not trained; the image [CLS] gets 0).
     pos_embed: str = "learned"
@@ -120,6 +126,12 @@ class EVEConfig:
             check(0 <= b < n, "model.soft_router_blocks", self.soft_router_blocks, f"entries in [0, {n - 1}]")
         self._validate_moe()
         check(self.pos_embed in ("learned", "sincos"), "model.pos_embed", self.pos_embed, "learned | sincos")
+        check(
+            self.attention_kernel in ATTENTION_KERNELS,
+            "model.attention_kernel",
+            self.attention_kernel,
+            " | ".join(ATTENTION_KERNELS),
+        )
         check(self.ffn_act in FFN_ACTS, "model.ffn_act", self.ffn_act, " | ".join(FFN_ACTS))
         check(
             not self.modality_bias_to_experts or self.modality_routing,

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from eve_ds.models.config import EVEConfig
-from eve_ds.models.layers import Block, SoftRouterFFN, Tokens, init_weights
+from eve_ds.models.layers import Block, SoftRouterFFN, Tokens, init_weights, padding_block_mask
 from eve_ds.models.weights import load_state_dict_strict, read_native_export
 
 
@@ -186,23 +186,9 @@ class EVEModel(nn.Module):
         x = torch.cat(parts, dim=1)
         if self.embed_norm is not None:  # per token: the same on [image; text] as on each part alone
             x = self.embed_norm(x)
-        B, N = x.shape[:2]
-        valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
-        key_padding = None
-        if text_ids is not None and text_mask is not None:
-            valid[:, n_image:] = text_mask.bool()
-            if has_padding is None and text_real is not None:
-                has_padding = text_real < text_mask.numel()
-            if has_padding is None:
-                has_padding = not bool(valid.all())
-            if has_padding:
-                key_padding = ~valid
-        num_real = None
-        if text_ids is None or text_mask is None:
-            num_real = B * N
-        elif text_real is not None:
-            num_real = B * n_image + text_real
-        tokens = Tokens(n_image, keep_ids, key_padding, valid, num_real=num_real)
+        tokens = self._tokens(
+            x, n_image, keep_ids, text_mask if text_ids is not None else None, has_padding, text_real
+        )
         aux = x.new_zeros((), dtype=torch.float32)
         counts: dict[int, Tensor] = {}
         for i, block in enumerate(self.blocks):
@@ -214,3 +200,35 @@ class EVEModel(nn.Module):
                 aux = aux + l_aux.float()
                 counts[i] = c
         return EncoderOutput(self.norm(x), n_image, aux, counts, pre_norm=x)
+
+    def _tokens(
+        self,
+        x: Tensor,
+        n_image: int,
+        keep_ids: Tensor | None,
+        text_mask: Tensor | None,
+        has_padding: bool | None,
+        text_real: int | None,
+    ) -> Tokens:
+        """What every block needs to know of the sequence x (B, N, D) = [image (n_image); text]; text_mask
+        None when there is no text or no mask (see `forward` for the others)."""
+        B, N = x.shape[:2]
+        valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
+        key_padding = None
+        if text_mask is not None:
+            valid[:, n_image:] = text_mask.bool()
+            if has_padding is None and text_real is not None:
+                has_padding = text_real < text_mask.numel()
+            if has_padding is None:
+                has_padding = not bool(valid.all())
+            if has_padding:
+                key_padding = ~valid
+        num_real = None
+        if text_mask is None:
+            num_real = B * N
+        elif text_real is not None:
+            num_real = B * n_image + text_real
+        tokens = Tokens(n_image, keep_ids, key_padding, valid, num_real=num_real)
+        if self.cfg.attention_kernel == "flex" and key_padding is not None:
+            tokens.block_mask = padding_block_mask(key_padding)  # once for all blocks, outside any graph
+        return tokens

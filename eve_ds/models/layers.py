@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, gen_relative_position_index, trunc_normal_
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from eve_ds.models.config import EVEConfig
 from eve_ds.models.moe import ACT_LAYERS, IMAGE, TEXT, ModalityMoE
@@ -38,6 +42,8 @@ class Tokens:
         forward pass (the soft-router blocks gather and scatter with it: no host synchronisation each).
     num_real: T when the host knows it (the data path counts the real text tokens): the index then has a
         static size and is found without reading the device; None finds it with `nonzero` (a host sync).
+    block_mask: FlexAttention's mask of the padded keys (`padding_block_mask`), built once per forward pass
+        for `attention_kernel="flex"`; None when there is no padding or another kernel runs.
     """
 
     n_image: int
@@ -46,6 +52,7 @@ class Tokens:
     valid: Tensor
     valid_index: Tensor | None = None
     num_real: int | None = None
+    block_mask: BlockMask | None = None
 
     def real_index(self) -> Tensor:
         if self.valid_index is None:
@@ -83,9 +90,67 @@ class RelativePositionBias(nn.Module):
         bias = table.index_select(0, index.reshape(-1)).view(*index.shape, -1)
         return bias.permute(2, 0, 1) if patch_ids is None else bias.permute(0, 3, 1, 2)
 
+    def score_mod(self, patch_ids: Tensor | None, n_image: int) -> Callable:
+        """FlexAttention's score_mod adding the bias that `forward` builds to the image-image scores of a
+        sequence [image (n_image); text]: looked up per score, nothing (B, H, N, N) is materialised.
+
+        The image token at position i is grid position pos[i] (0: the [CLS]; patch p: p + 1), and its bias
+        to the token at j is table[relative_position_index[pos[i], pos[j]], h]."""
+        table, index = self.relative_position_bias_table, self.relative_position_index
+        pos = None
+        if patch_ids is not None:
+            pos = torch.cat([patch_ids.new_zeros(patch_ids.shape[0], 1), patch_ids + 1], dim=1)  # (B, n)
+        last = n_image - 1
+
+        def add_bias(score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+            qi, ki = q.clamp(max=last), k.clamp(max=last)  # text positions read a valid entry, then get 0
+            if pos is not None:
+                qi, ki = pos[b, qi], pos[b, ki]
+            bias = table[index[qi, ki], h]
+            return score + torch.where((q <= last) & (k <= last), bias, 0).to(score.dtype)
+
+        return add_bias
+
+
+def padding_block_mask(key_padding: Tensor) -> BlockMask:
+    """key_padding: (B, N) True on padded keys -> FlexAttention's block mask hiding them from every query."""
+    B, N = key_padding.shape
+
+    def keep(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return ~key_padding[b, k]
+
+    return create_block_mask(keep, B, None, N, N, device=key_padding.device)
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable:
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex(q: Tensor, k: Tensor, v: Tensor, score_mod: Callable | None, block_mask: BlockMask | None) -> Tensor:
+    """FlexAttention of q, k, v (B, H, N, D / H): compiled into one fused kernel on CUDA; inside a compiled
+    region it is traced into that region's graph; on CPU torch's unfused implementation (forward only:
+    torch 2.14 has no FlexAttention backward on CPU)."""
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    if q.device.type == "cuda":
+        return _compiled_flex_attention()(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    with warnings.catch_warnings():  # the unfused implementation is the point here, not a mistake
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
 
 class Attention(nn.Module):
-    """Multi-head self-attention shared by both modalities (SDPA), with BEiT's q/v-only biases."""
+    """Multi-head self-attention shared by both modalities, with BEiT's q/v-only biases.
+
+    The kernel (`EVEConfig.attention_kernel`), the same attention to float precision:
+    * "sdpa_bias": SDPA with one additive float mask (B or 1, H or 1, N, N) holding the relative position
+      bias and finfo.min on padded keys (the reference; on CUDA the memory-efficient kernel);
+    * "sdpa": SDPA with no mask when nothing needs one (flash-eligible), a boolean key mask when only
+      padding does, the float mask above when the relative position bias does;
+    * "flex": FlexAttention, the bias added per score (`RelativePositionBias.score_mod`), padding as a
+      block mask (`Tokens.block_mask`); SDPA with no mask when there is neither.
+    """
 
     def __init__(self, cfg: EVEConfig) -> None:
         super().__init__()
@@ -99,6 +164,7 @@ class Attention(nn.Module):
             self.q_bias = self.v_bias = None
         self.proj = nn.Linear(d, d)
         self.rel_pos = RelativePositionBias(cfg.grid_size, cfg.num_heads) if cfg.rel_pos_bias else None
+        self.kernel = cfg.attention_kernel
 
     def attn_bias(self, tokens: Tokens, n: int, dtype: torch.dtype) -> Tensor | None:
         """Additive mask (B or 1, H or 1, N, N): relative position bias on the image block, -inf on padding."""
@@ -127,7 +193,17 @@ class Attention(nn.Module):
         """x: (B, N, D) -> (B, N, D)."""
         B, N, D = x.shape
         q, k, v = self.heads(x)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.attn_bias(tokens, N, q.dtype))
+        rel = self.rel_pos is not None and tokens.n_image > 0
+        if self.kernel == "flex" and (rel or tokens.key_padding is not None):
+            score_mod = self.rel_pos.score_mod(tokens.patch_ids, tokens.n_image) if rel else None
+            if tokens.key_padding is not None and tokens.block_mask is None:
+                tokens.block_mask = padding_block_mask(tokens.key_padding)
+            out = flex(q, k, v, score_mod, tokens.block_mask)
+        elif self.kernel == "sdpa_bias" or rel:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.attn_bias(tokens, N, q.dtype))
+        else:  # "sdpa", or "flex" with nothing to mask
+            keep = None if tokens.key_padding is None else ~tokens.key_padding[:, None, None, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 

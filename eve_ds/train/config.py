@@ -41,6 +41,31 @@ from eve_ds.utils.config import ConfigError, apply_override, check
 from eve_ds.utils.io import atomic_write_text
 from eve_ds.utils.paths import ds_config_dir
 
+COMPILE_BACKENDS = ("inductor", "aot_eager")
+
+
+def check_compile(cfg: RunConfig) -> None:
+    """train.compile=blocks compiles EVE's encoder blocks, without activation checkpointing around them."""
+    t = cfg.train
+    check(t.compile is False or t.compile == "blocks", "train.compile", t.compile, "false or blocks")
+    allowed = COMPILE_BACKENDS
+    check(
+        t.compile_backend in allowed,
+        "train.compile_backend",
+        t.compile_backend,
+        "one of " + ", ".join(allowed),
+    )
+    if t.compile is False:
+        return
+    check(
+        isinstance(cfg.model, EVEConfig),
+        "train.compile",
+        t.compile,
+        "false for an EVLM model (blocks compiles EVE's encoder blocks)",
+    )
+    check(not t.grad_checkpointing, "train.compile", t.compile, "false with train.grad_checkpointing=true")
+
+
 logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -106,6 +131,15 @@ class TrainConfig:
     # gradient tensor; "foreach", one torch._foreach_norm over all parameter groups (the same norm to
     # float precision, not always bit for bit: another reduction kernel on CUDA). Both without host reads.
     zero_grad_norm: str = "deepspeed"
+    # (ours) torch.compile: false (off), or "blocks": each encoder block without host syncs compiled on its
+    # own (fullgraph, static shapes; eve_ds/train/compile.py), training captions padded to model.max_text_len.
+    compile: bool | str = False
+    # (ours) pad every training batch's captions to model.max_text_len (one text length: static shapes);
+    # null: only with compile=blocks. Which tokens the MLM / MIM masks pick depends on the padded shape.
+    static_text_len: bool | None = None
+    # (ours) its backend: "inductor" (fused kernels) or "aot_eager" (the same graphs run by eager kernels:
+    # checks graphs, breaks and recompiles in seconds on a CPU, where Inductor takes minutes to compile).
+    compile_backend: str = "inductor"
     dist_timeout_s: int = 600  # a collective that waits this long on a dead rank fails the run
     device: str = "auto"  # auto | cpu | cuda
     # torch's intra-op CPU threads (null: torch's default, one per core). On a shared CPU, 1 avoids the
@@ -195,6 +229,7 @@ class RunConfig:
         choices["zero_grad_norm"] = ("deepspeed", "foreach")
         for key, allowed in choices.items():
             check(getattr(t, key) in allowed, f"train.{key}", getattr(t, key), "one of " + ", ".join(allowed))
+        check_compile(self)
         check(t.num_threads is None or t.num_threads >= 1, "train.num_threads", t.num_threads, ">= 1 or null")
         check(o.lr > 0, "optim.lr", o.lr, "> 0")
         check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"in [0, optim.lr={o.lr}]")

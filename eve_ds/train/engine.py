@@ -15,6 +15,7 @@ import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import Tensor, nn
 
+from eve_ds.train.compile import compile_blocks
 from eve_ds.train.config import DS_CONFIG_DIR, ConfigError, RunConfig, phase_step
 from eve_ds.train.zero_step import make_step_sync_free
 
@@ -223,4 +224,6 @@ def build_engine(cfg: RunConfig, model: nn.Module, world_size: int, device: str)
         engine.optimizer.optimizer.grad_norm = lambda: getattr(engine.optimizer, "_global_grad_norm", None)
         # Its norm and clip without host reads (same numbers); one foreach norm per group if asked.
         make_step_sync_free(engine.optimizer, foreach_norm=cfg.train.zero_grad_norm == "foreach")
+    if cfg.train.compile == "blocks":  # on the module in its training dtype (DeepSpeed cast it)
+        compile_blocks(engine.module, cfg.train.compile_backend)
     return engine, optimizer, scheduler, ds_config

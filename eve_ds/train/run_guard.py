@@ -71,6 +71,11 @@ CHANGEABLE = (
     "train.eval_every",
     "train.eval_batches",
     "task.epochs",
+    # how the same model is computed: the same numbers to float precision (the padding moves the masks)
+    "model.attention_kernel",
+    "train.compile",
+    "train.compile_backend",
+    "train.static_text_len",
 )
 
 

@@ -19,9 +19,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from eve_ds.convert import read_source_config, resume_options
 from eve_ds.data import batch_to_device, load_tokenizer
+from eve_ds.data.transforms import pad_text
 from eve_ds.tasks.base import Task, build_task
 from eve_ds.train import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from eve_ds.train.checkpoint import CheckpointManager, latest_complete
+from eve_ds.train.compile import static_text_len
 from eve_ds.train.config import ConfigError, RunConfig, resolve, save_config, task_context
 from eve_ds.train.distributed import all_reduce_max, barrier, init_distributed, resolve_device
 from eve_ds.train.engine import build_engine, nonfinite
@@ -254,6 +256,8 @@ class Trainer:
         self.state["skipped_samples"] += int(batch.get("num_skipped", 0))
         self.batch_shape = self.family.batch_shape(batch)  # for the FLOP count (MFU)
         data = self.cfg.data
+        if static_text_len(self.cfg.train):  # one text length: one graph per compiled block and pass
+            batch = pad_text(batch, self.cfg.model.max_text_len, self.cfg.model.pad_token_id)
         out = self.engine(batch_to_device(batch, self.device, self.dtype, data.image_mean, data.image_std))
         if self.cfg.train.nonfinite_check == "device":
             self.engine.backward(self._poison_if_nonfinite(out["loss"]))
