@@ -71,12 +71,14 @@ def test_the_step_reads_nothing_and_the_foreach_norm_cuts_its_ops():
     assert not loop.syncs and not foreach.syncs
     tensors = sum(p.requires_grad for p in engine.module.parameters())
     assert foreach.compute_ops <= loop.compute_ops - 2 * tensors + 8
-    # Per group only DeepSpeed's flatten, fp32 copy, bf16 copy back and profiler ranges, the clip's mul_,
+    # Per group only DeepSpeed's flatten, fp32 copy, bf16 copy back and the clip's mul_,
     # the fused AdamW (3 ops) and one sum of squares; the norm, clip factor and found_inf once per step.
-    # (a later step: the first one also creates the Adam state)
+    # (a later step: the first one also creates the Adam state). Profiler ranges are left out: torch wraps
+    # `AdamW.step` in one too once any plain AdamW was built in the process, doubling them per group.
     groups = len(engine.optimizer.optimizer.param_groups)
     later = count_engine_step(engine, batch)["step"]
-    assert later.compute_ops <= 10 * groups + 45, later.compute_ops
+    ranges = later.ops["_record_function_enter_new"] + later.ops["_record_function_exit"]
+    assert later.compute_ops - ranges <= 8 * groups + 45, (later.compute_ops, ranges)
 
 
 def test_foreach_norm_matches_to_float_precision():
