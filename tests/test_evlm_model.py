@@ -223,6 +223,18 @@ def test_caption_lm_loss_is_text_only_and_skips_document_starts():
     torch.testing.assert_close(out["caption_lm_loss"], torch.stack(want).mean())
 
 
+def test_a_batch_with_nothing_labelled_gives_a_zero_loss_and_zero_gradients():
+    """Not an error: one rank's unlearnable micro-batch must not stop the others inside a collective."""
+    model, _ = build(gates=0.5)
+    model.train()
+    b = batch_of([[[{"image": 0}, text(4, 5, loss=False)], [text(6, 7, loss=False)]]])
+    out = OBJECTIVES["caption_lm"](model.cfg, None)(model, b)
+    assert out["caption_lm_loss"].item() == 0.0 and out["caption_lm_tokens"].item() == 0.0
+    out["caption_lm_loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and not g.any() for g in grads)
+
+
 # -- local files -------------------------------------------------------------------------------------
 
 

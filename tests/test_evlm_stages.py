@@ -292,8 +292,23 @@ def test_dry_run_names_the_key_and_path_that_fail(monkeypatch, capsys, standins,
     assert f"model.lm_layout.hidden_size=5120 but {standins['EVLM_LM_PATH']}/config.json has 64" in problems
     assert "model.vision_path=" in problems and "eva02_enormous_patch14_clip_224" in problems
     _, report = dry_run(monkeypatch, capsys, standins, "evlm_14b_pt", *STANDIN, "model.media_token_id=3")
-    assert any(p.startswith("model.media_token_id=3: expected an unused embedding row, in [150, 160)")
+    assert any(p.startswith("model.media_token_id=3: expected <|evlm_media|>'s id") and "in [150, 160)" in p
                for p in report["problems"])  # fmt: skip
+
+
+def test_a_fixed_media_id_may_be_the_tokenizers_own_media_token(tmp_path):
+    """The synthetic tasks' word-level vocabulary holds <|evlm_media|> at id 1: that id is not "in use"."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    from eve_ds.models.evlm import get_config
+    from eve_ds.train.evlm_preflight import media_token_problems
+
+    vocab = {"<pad>": 0, "<|evlm_media|>": 1, "red": 2, "<unk>": 3}
+    Tokenizer(WordLevel(vocab, unk_token="<unk>")).save(str(tmp_path / "tokenizer.json"))
+    for media_id, ok in ((1, True), (2, False), (4, True), (64, False)):
+        cfg = get_config("evlm_tiny", lm_path=str(tmp_path), media_token_id=media_id)
+        assert (media_token_problems(cfg, 64) == []) == ok, media_id
 
 
 def test_the_phase_flag_survives_deepspeeds_expert_group_split(tmp_path, cache_dir):

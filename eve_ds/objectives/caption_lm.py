@@ -45,9 +45,19 @@ class CaptionLM(nn.Module):
         logits = out.logits[:, :-1][keep].float()  # (T, V): only the labelled positions
         target = targets[keep]
         if target.numel() == 0:
-            raise ValueError("caption_lm: the batch has no labelled text token (all labels are -100)")
+            # Nothing to learn here (e.g. a packed row whose every image was unreadable). A zero loss over
+            # the whole graph instead of an error: every parameter the forward used gets a zero gradient,
+            # so the other data-parallel ranks' reductions and steps go on as on any micro-batch.
+            zero = out.logits.float().sum() * 0.0
+            return {
+                "caption_lm_loss": zero,
+                "caption_lm_tok_acc": zero.detach(),
+                "caption_lm_tokens": zero.detach(),
+                "encoder_outputs": [out],
+            }
         return {
             "caption_lm_loss": F.cross_entropy(logits, target),
             "caption_lm_tok_acc": (logits.argmax(-1) == target).float().mean().detach(),
+            "caption_lm_tokens": torch.tensor(float(target.numel()), device=logits.device),  # labelled tokens in the micro-batch
             "encoder_outputs": [out],
         }

@@ -59,18 +59,23 @@ def lm_problems(m: EVLMConfig) -> list[str]:
 
 
 def media_token_problems(m: EVLMConfig, rows: int) -> list[str]:
-    """A fixed `media_token_id` must be an embedding row no tokenizer id uses (nothing is resized)."""
+    """A fixed `media_token_id` must be the tokenizer's own `media_token` or an embedding row no tokenizer
+    id uses (nothing is resized)."""
     tok = os.path.join(m.lm_path, "tokenizer.json")
     if m.media_token_id < 0 or not os.path.isfile(tok):
         return []  # -1: looked up as model.media_token in the tokenizer when the model is built
     from tokenizers import Tokenizer
 
-    ids = Tokenizer.from_file(tok).get_vocab_size(with_added_tokens=True)
+    tokenizer = Tokenizer.from_file(tok)
+    if tokenizer.token_to_id(m.media_token) == m.media_token_id < rows:
+        return []  # the vocabulary has the media token, at that id (the synthetic tasks' word-level one)
+    ids = tokenizer.get_vocab_size(with_added_tokens=True)
     if ids <= m.media_token_id < rows:
         return []
     return [
-        f"model.media_token_id={m.media_token_id}: expected an unused embedding row, in [{ids}, {rows}) "
-        f"(the tokenizer of {m.lm_path} has {ids} ids, the embedding {rows} rows)"
+        f"model.media_token_id={m.media_token_id}: expected {m.media_token}'s id in the tokenizer of "
+        f"{m.lm_path} or an unused embedding row, in [{ids}, {rows}) (the tokenizer has {ids} ids, the "
+        f"embedding {rows} rows)"
     ]
 
 
