@@ -95,6 +95,39 @@ def test_greedy_decoding_with_the_kv_cache_equals_recomputing_without_it():
     assert (cached != 1).all()  # the placeholder is never generated
 
 
+def test_left_padded_prompts_of_several_lengths_decode_as_each_alone():
+    torch.manual_seed(0)
+    model = EVLMModel(evlm_tiny(media_token_id=1)).eval()
+    for layer in model.layers:
+        layer.xattn.attn_gate.data.fill_(2.0)
+        layer.xattn.ff_gate.data.fill_(2.0)
+    prompts = [[3, 5, 7], [4, 6, 8, 9, 10, 11], [12], [5, 6, 7, 8]]
+    rows = [layout_row([[{"image": 0}, {"text": p}]], 1, 8) for p in prompts]
+    images = torch.randn(4, 3, 64, 64)
+    steps: list[torch.Tensor] = []  # every decoding step's next-token logits (B, V)
+    model.lm.register_forward_hook(lambda m, a, out: steps.append(out.logits[:, -1].detach()))
+
+    def decode(batch, idx, **kw):
+        steps.clear()
+        n = len(idx)
+        batch = {**batch, "images": images[idx], "image_slot": torch.tensor([[i, 0] for i in range(n)]),
+                 "num_slots": 1}  # fmt: skip
+        return model.generate_greedy(batch, 4, eos_id=2, **kw), torch.stack(steps, 1)  # (B, T), (B, T, V)
+
+    alone = [decode(stack_rows([r], 0), [i]) for i, r in enumerate(rows)]
+    batch = stack_rows(rows, 0, left=True)
+    assert batch["attention_mask"][:, 0].tolist() == [0, 1, 0, 0] and batch["input_ids"][:, -1].tolist() == [
+        7, 11, 12, 8,
+    ]  # fmt: skip
+    for use_cache in (True, False):
+        tokens, logits = decode(batch, [0, 1, 2, 3], use_cache=use_cache)
+        for i, (want_tokens, want_logits) in enumerate(alone):
+            assert torch.equal(tokens[i], want_tokens[0]), (use_cache, i)
+            torch.testing.assert_close(logits[i], want_logits[0], atol=2e-5, rtol=1e-4)
+    _, unmasked = decode({k: v for k, v in batch.items() if k != "attention_mask"}, [0, 1, 2, 3])
+    assert not torch.allclose(unmasked[0], alone[0][1][0], atol=1e-3)  # the padding would be read
+
+
 @pytest.mark.slow
 def test_a_short_demonstration_run_chains_stage0_and_writes_the_contract_metrics(tmp_path):
     run = tmp_path / "run"

@@ -58,6 +58,8 @@ class CaptionLM(nn.Module):
         return {
             "caption_lm_loss": F.cross_entropy(logits, target),
             "caption_lm_tok_acc": (logits.argmax(-1) == target).float().mean().detach(),
-            "caption_lm_tokens": torch.tensor(float(target.numel()), device=logits.device),  # labelled tokens in the micro-batch
+            "caption_lm_tokens": torch.tensor(
+                float(target.numel()), device=logits.device
+            ),  # labelled tokens in the micro-batch
             "encoder_outputs": [out],
         }

@@ -106,19 +106,31 @@ def layout_row(docs: list[list[dict]], media_id: int, num_media_tokens: int) -> 
     return out
 
 
-def stack_rows(rows: list[dict[str, Tensor]], pad_id: int) -> dict[str, Tensor]:
+def stack_rows(rows: list[dict[str, Tensor]], pad_id: int, left: bool = False) -> dict[str, Tensor]:
     """Rows of `layout_row` -> a batch padded at the end: the (B, S) fields, clip_of_slot (B, M), lo / hi
-    (B, S) and valid (B, S) bool. Padding is its own document (positions from 0), kind PAD, labels -100."""
+    (B, S) and valid (B, S) bool. Padding is its own document (positions from 0), kind PAD, labels -100.
+
+    left=True pads at the start instead, for prompts of several lengths decoded together
+    (`EVLMModel.generate_greedy`), and adds `attention_mask` (B, S) = valid as int64: the padding must be
+    masked out explicitly there (a KV cache turns off the packed-document masks)."""
     S = max(len(r["input_ids"]) for r in rows)
     M = max(1, max(len(r["clip_of_slot"]) for r in rows))
+
+    def pad(t: Tensor, value: int) -> Tensor:
+        fill = t.new_full((S - len(t),), value)
+        return torch.cat([fill, t] if left else [t, fill])
+
     fill = {"input_ids": pad_id, "labels": -100, "token_kind": PAD, "sample_id": -1, "media_slot": -1}
-    batch: dict[str, Tensor] = {}
-    for key, value in fill.items():
-        batch[key] = torch.stack(
-            [torch.cat([r[key], r[key].new_full((S - len(r[key]),), value)]) for r in rows]
-        )
+    batch: dict[str, Tensor] = {
+        key: torch.stack([pad(r[key], value) for r in rows]) for key, value in fill.items()
+    }
     batch["position_ids"] = torch.stack(
-        [torch.cat([r["position_ids"], torch.arange(S - len(r["position_ids"]))]) for r in rows]
+        [
+            torch.cat([torch.zeros(S - len(r["position_ids"]), dtype=torch.long), r["position_ids"]])
+            if left
+            else torch.cat([r["position_ids"], torch.arange(S - len(r["position_ids"]))])
+            for r in rows
+        ]
     )
     clips = [r["clip_of_slot"] for r in rows]
     batch["clip_of_slot"] = torch.stack([torch.cat([c, c.new_full((M - len(c),), -1)]) for c in clips])
@@ -126,4 +138,6 @@ def stack_rows(rows: list[dict[str, Tensor]], pad_id: int) -> dict[str, Tensor]:
         batch["token_kind"], batch["sample_id"], batch["media_slot"], batch["clip_of_slot"]
     )
     batch["valid"] = batch["token_kind"] != PAD
+    if left:
+        batch["attention_mask"] = batch["valid"].long()
     return batch

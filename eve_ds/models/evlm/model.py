@@ -288,7 +288,9 @@ class EVLMModel(nn.Module):
     ) -> Tensor:  # fmt: skip
         """Greedy continuation of every row of `batch` (a prompt per row, as `forward` takes it, ending
         where the answer starts, no trailing padding) -> (B, T <= max_new_tokens) token ids, `eos_id`
-        after a row's end. New tokens continue the prompt's last text, so they read the image slots of the
+        after a row's end. Prompts of several lengths: padded at the start (`stack_rows(..., left=True)`,
+        whose `attention_mask` keeps every row from reading the padding); each row's tokens are then those
+        it gets alone. New tokens continue the prompt's last text, so they read the image slots of the
         prompt's last position. `use_cache=False` recomputes the whole sequence at each step (the
         reference the cached loop must equal). `media`: precomputed features (skips the tower). The
         placeholder id is never generated. Under expert parallelism (`collective`) every step runs, done or
@@ -305,11 +307,12 @@ class EVLMModel(nn.Module):
         cache = DynamicCache(config=self.lm.config) if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=ids.device)
         out: list[Tensor] = []
+        mask = batch.get("attention_mask")  # (B, S) 0 on left padding; grows by a 1 per new token
         step_embeds, step_pos, step_media = embeds, pos, media
         for _ in range(max_new_tokens):
             logits = self.lm(
                 inputs_embeds=step_embeds, position_ids=step_pos, media=step_media, cache=cache,
-                use_cache=use_cache,
+                use_cache=use_cache, attention_mask=mask,
             ).logits[:, -1].float()  # fmt: skip
             logits[:, self.media_token_id] = float("-inf")
             nxt = torch.where(done, eos_id, logits.argmax(-1))
@@ -318,6 +321,8 @@ class EVLMModel(nn.Module):
             if bool(done.all()) and not self.collective:
                 break
             new_embed, new_pos = table(nxt)[:, None], step_pos[:, -1:] + 1
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
             if use_cache:  # only the new token: its keys join the cache, its media interval the last one's
                 step_embeds, step_pos = new_embed, new_pos
                 step_media = Media(media.feats, media.lo[:, -1:], media.hi[:, -1:])

@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import os
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -134,24 +133,22 @@ class EVLMBenchTask(Task):
     def answer(self, backbone, questions: list[BenchQuestion], device: str, batch_size: int):
         """-> ({key: answer text}, [unreadable image, ...]) for `questions`, by greedy decoding."""
         prompts = [self.tokenizer(q.prompt, add_special_tokens=False)["input_ids"] for q in questions]
-        by_length: dict[int, list[int]] = defaultdict(list)
-        for i, ids in enumerate(prompts):
-            by_length[len(ids)].append(i)
+        # By length, so that a batch's left padding stays short; any lengths may share a batch.
+        members = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         answers: dict[str, str] = {}
         bad: list[str] = []
-        for _, members in sorted(by_length.items()):
-            for start in range(0, len(members), batch_size):
-                chunk, images = [], []
-                for i in members[start : start + batch_size]:
-                    image = self.load(questions[i].image)
-                    if image is None:
-                        bad.append(image_name(questions[i]))
-                    else:
-                        chunk.append(i)
-                        images.append(image)
-                if chunk:
-                    texts = self.generate(backbone, [prompts[i] for i in chunk], images, device)
-                    answers.update((questions[i].key, t) for i, t in zip(chunk, texts))
+        for start in range(0, len(members), batch_size):
+            chunk, images = [], []
+            for i in members[start : start + batch_size]:
+                image = self.load(questions[i].image)
+                if image is None:
+                    bad.append(image_name(questions[i]))
+                else:
+                    chunk.append(i)
+                    images.append(image)
+            if chunk:
+                texts = self.generate(backbone, [prompts[i] for i in chunk], images, device)
+                answers.update((questions[i].key, t) for i, t in zip(chunk, texts))
         if bad:
             log.warning("%d unreadable images left out (first: %s)", len(bad), bad[0])
         return answers, bad
@@ -166,11 +163,11 @@ class EVLMBenchTask(Task):
         return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
     def batch(self, backbone, prompts: list[list[int]], images: list[torch.Tensor], device: str) -> dict:
-        """The model batch of rows [K media tokens] + prompt (equal lengths), row i reading images[i]."""
+        """The model batch of rows [K media tokens] + prompt, padded at the start, row i reading images[i]."""
         K = backbone.cfg.num_media_tokens
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         rows = [layout_row([[{"image": 0}, {"text": ids}]], self.media_id, K) for ids in prompts]
-        batch = {k: v.to(device) for k, v in stack_rows(rows, pad_id=pad).items()}
+        batch = {k: v.to(device) for k, v in stack_rows(rows, pad_id=pad, left=True).items()}
         dtype = next(backbone.vision.parameters()).dtype
         batch["images"] = normalize_image(torch.stack(images).to(device), dtype, self.ctx.image_mean,
                                           self.ctx.image_std)  # fmt: skip
