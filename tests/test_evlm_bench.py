@@ -434,7 +434,9 @@ def test_a_question_is_media_tokens_prompt_and_its_image_as_the_model_reads_them
     task.prepare()
     q = task.questions("random")[0]
     with torch.no_grad():
-        ours = backbone(task.batch(backbone, [prompt], [task.load(q.image)], "cpu")).logits
+        ours = backbone(
+            task.batch(backbone, [task.question_docs(q.prompt)], [task.load(q.image)], "cpu")
+        ).logits
         expected = backbone(hand).logits
         blue = backbone({**hand, "images": torch.zeros_like(x)[None] + 0.5}).logits
     torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-5)
@@ -442,3 +444,52 @@ def test_a_question_is_media_tokens_prompt_and_its_image_as_the_model_reads_them
     out = backbone.generate_greedy(hand, 8, tok.eos_token_id)[0].tolist()
     out = out[: out.index(tok.eos_token_id)] if tok.eos_token_id in out else out
     assert records[0]["prediction"] == tok.decode(out, skip_special_tokens=True).strip()
+
+
+def test_prompt_formats_lay_the_question_out_around_its_image(run, tmp_path, capsys):
+    """plain: [media] prompt; sft: [media] user: prompt assistant: (the SFT rows' layout); chat: the
+    tokenizer's template around it, the image opening the user turn; chat without a template: one line."""
+    from transformers import PreTrainedTokenizerFast
+
+    from eve_ds.train.evaluation import EvalRequest, checkpoint_task, load_checkpoint_model, run_config
+
+    root = tmp_path / "pope"
+    pope(root)
+    model, config = load_checkpoint_model(str(run), device="cpu")
+
+    def task_for(fmt: str | None):
+        request = EvalRequest(task="pope", data_root=str(root), prompt_format=fmt)
+        task = checkpoint_task(model, config, request, run_config(config))
+        task.prepare()
+        return task
+
+    auto, sft = task_for(None), task_for("sft")
+    assert auto.prompt_format == "plain"  # a stage1 run
+    tok = auto.tokenizer
+
+    def ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    assert auto.question_docs("is it red ?") == [{"image": 0}, {"text": ids("is it red ?")}]
+    assert sft.question_docs("is it\nred ?") == [
+        {"image": 0}, {"text": ids("user:") + ids(" is it red ?") + ids(" assistant:")}
+    ]  # fmt: skip
+    chat = task_for("plain")
+    chat.prompt_format = "chat"
+    chat.tokenizer = PreTrainedTokenizerFast.from_pretrained(str(run / "lm"))
+    chat.tokenizer.chat_template = "{% for m in messages %}user: {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} answer:{% endif %}"
+    assert chat.question_docs("is it red ?") == [
+        {"text": ids("user: ")}, {"image": 0}, {"text": ids("is it red ?") + ids(" answer:")}
+    ]  # fmt: skip
+    # Every format decodes end to end; a tokenizer without a chat template is named in one line.
+    m, _ = evaluate(run, "pope", root, tmp_path / "sft", "--prompt-format", "sft")
+    assert m["num_scored"] > 0 and m["num_bad_images"] == 0
+    out = tmp_path / "chat.json"
+    argv = ["--task", "pope", "--checkpoint", str(run), "--data-root", str(root), "--prompt-format", "chat"]
+    assert evaluate_main([*argv, "--output", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert (
+        "task.bench_prompt=chat: the tokenizer of" in err
+        and "no chat template" in err
+        and "Traceback" not in err
+    )

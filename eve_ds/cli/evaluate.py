@@ -50,6 +50,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="vqa, vqav2: write the EvalAI file [{question_id, answer}] here; other EVLM benchmarks: "
         "the answer to every question (JSON lines)",
     )
+    p.add_argument(
+        "--prompt-format",
+        choices=["auto", "plain", "sft", "chat"],
+        default=None,
+        help="EVLM benchmarks: plain ([media] prompt), sft ([media] user: prompt assistant:, as the SFT "
+        "rows), chat (the LM tokenizer's chat template); auto (default): sft for a stage3 run, else plain",
+    )
     p.add_argument("--output", help="also write the metrics here (a JSON file, written atomically)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable evaluation images")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's micro-batch")
@@ -84,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batches=args.max_batches,
         seed=args.seed,
         synthetic=args.synthetic,
+        prompt_format=args.prompt_format,
     )
     metrics = evaluate_checkpoint(args.checkpoint, request, device=args.device)
     if args.output:

@@ -18,6 +18,7 @@ CORPUS_TASKS = ("msm", "evlm_packed")
 IMAGE_GEOMETRIES = ("square_crop", "official")  # task.image_geometry (read by tasks/base.py decode_image)
 IMAGE_AUGMENTS = ("none", "randaugment", "color_jitter")  # task.image_augment
 TEXT_PREPROCESS = ("none", "official")  # task.text_preprocess (eve_ds/data/text.py)
+BENCH_PROMPTS = ("auto", "plain", "sft", "chat")  # task.bench_prompt (EVLM benchmarks)
 
 
 @dataclass
@@ -63,9 +64,20 @@ class TaskConfig:
     rerank_k: int = 128  # [paper] ITC top-k re-scored by the ITM head
     # NLVR2
     nlvr2_head: str = "biattn"  # biattn ([official] bi-attention head) | concat (MLP on both [CLS])
+    # EVLM benchmarks: how a question is laid out around its media tokens [ours] (tasks/evlm_bench/task.py):
+    # plain [media] prompt | sft [media] user: prompt assistant: (the layout the SFT rows of
+    # data/documents.py train on) | chat the LM tokenizer's own chat template (an instruction-tuned LM
+    # evaluated as it is) | auto: sft for a stage3 (SFT) run, else plain.
+    bench_prompt: str = "auto"
 
     def validate(self) -> None:
         check(self.name in TASK_NAMES, "task.name", self.name, f"one of {list(TASK_NAMES)}")
+        check(
+            self.bench_prompt in BENCH_PROMPTS,
+            "task.bench_prompt",
+            self.bench_prompt,
+            f"one of {list(BENCH_PROMPTS)}",
+        )
         if self.name in CORPUS_TASKS:
             return
         check(

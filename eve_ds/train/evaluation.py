@@ -47,6 +47,7 @@ class EvalRequest:
     max_batches: int | None = None  # msm: batches per rank, 0 = the whole set
     seed: int | None = None  # msm: the validation masks' seed
     synthetic: bool = False  # msm: also the attribute-word probe (default: from the checkpoint's config)
+    prompt_format: str | None = None  # EVLM benchmarks: task.bench_prompt (default: the run's, else auto)
 
 
 # What a request falls back to without a run config (a native export of another origin).
@@ -146,6 +147,8 @@ def checkpoint_task(model, config: dict, request: EvalRequest, run: RunConfig | 
         saved["dataset"] = request.dataset
     if request.rerank_k:
         saved["rerank_k"] = request.rerank_k
+    if request.prompt_format:
+        saved["bench_prompt"] = request.prompt_format
     saved["skip_bad_eval_images"] = request.skip_bad_images
     cfg = TaskConfig(**{k: v for k, v in saved.items() if k in TaskConfig.__dataclass_fields__})
     data = (config.get("run") or {}).get("data") or {}

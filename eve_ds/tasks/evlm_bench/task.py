@@ -3,8 +3,9 @@ task registered under each name. `eve-evaluate --task NAME --checkpoint RUN --da
 reads the benchmark's files (`data.py`), answers every question by greedy decoding with the KV cache
 (`EVLMModel.generate_greedy`), and scores the answers with the benchmark's official metric (`metrics.py`).
 
-A row is [K media tokens] + the tokenized prompt (the LM's tokenizer, `model.lm_path`); prompts of the same
-token length are decoded together, so no row is padded. The answer is the decoded text up to the LM's
+A row is [K media tokens] + the tokenized prompt (the LM's tokenizer, `model.lm_path`), laid out as
+`task.bench_prompt` says (plain, the SFT rows' `user: ... assistant:`, or the tokenizer's chat template);
+rows are decoded in length-sorted batches, padded at the start. The answer is the decoded text up to the LM's
 end-of-sequence token, its first line, stripped. The image is read as the run's training read it
 (`task.image_geometry`, `data.image_mean` / `image_std`); one that cannot be read is counted
 (`num_bad_images`) and its question left out of the scores.
@@ -84,6 +85,32 @@ class EVLMBenchTask(Task):
             )
         self.tokenizer = lm_tokenizer(m.lm_path) if m.lm_path else self.ctx.tokenizer
         self.media_id = media_token_id(m)
+        fmt = self.cfg.bench_prompt
+        self.prompt_format = ("sft" if m.stage == "stage3" else "plain") if fmt == "auto" else fmt
+        if self.prompt_format == "chat" and not getattr(self.tokenizer, "chat_template", None):
+            raise TaskDataError(
+                f"task.bench_prompt=chat: the tokenizer of {m.lm_path or 'the run'} has no chat template "
+                "(tokenizer_config.json `chat_template`); use plain or sft"
+            )
+
+    def question_docs(self, prompt: str) -> list[dict]:
+        """A question as `layout_row` segments (task.bench_prompt): its image, then the prompt's text."""
+
+        def ids(text: str) -> list[int]:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+        image = {"image": 0}
+        if self.prompt_format == "plain":
+            return [image, {"text": ids(prompt)}]
+        if self.prompt_format == "sft":  # as data/documents.py lays out a user turn: words joined by spaces
+            return [image, {"text": ids("user:") + ids(" " + " ".join(prompt.split())) + ids(" assistant:")}]
+        mark = "\x00question\x00"  # chat: the template rendered around a marker, the image opening the turn
+        rendered = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": mark}], add_generation_prompt=True, tokenize=False
+        )
+        before, _, after = rendered.partition(mark)
+        head = [{"text": ids(before)}] if before else []
+        return [*head, image, {"text": ids(prompt) + ids(after)}]
 
     def train_dataset(self):
         raise TaskDataError(
@@ -132,9 +159,9 @@ class EVLMBenchTask(Task):
 
     def answer(self, backbone, questions: list[BenchQuestion], device: str, batch_size: int):
         """-> ({key: answer text}, [unreadable image, ...]) for `questions`, by greedy decoding."""
-        prompts = [self.tokenizer(q.prompt, add_special_tokens=False)["input_ids"] for q in questions]
+        prompts = [self.question_docs(q.prompt) for q in questions]
         # By length, so that a batch's left padding stays short; any lengths may share a batch.
-        members = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        members = sorted(range(len(prompts)), key=lambda i: sum(len(d.get("text", ())) for d in prompts[i]))
         answers: dict[str, str] = {}
         bad: list[str] = []
         for start in range(0, len(members), batch_size):
@@ -162,11 +189,12 @@ class EVLMBenchTask(Task):
             return None
         return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
-    def batch(self, backbone, prompts: list[list[int]], images: list[torch.Tensor], device: str) -> dict:
-        """The model batch of rows [K media tokens] + prompt, padded at the start, row i reading images[i]."""
+    def batch(self, backbone, prompts: list[list[dict]], images: list[torch.Tensor], device: str) -> dict:
+        """The model batch of the questions' rows (`question_docs`), padded at the start, row i reading
+        images[i]."""
         K = backbone.cfg.num_media_tokens
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        rows = [layout_row([[{"image": 0}, {"text": ids}]], self.media_id, K) for ids in prompts]
+        rows = [layout_row([docs], self.media_id, K) for docs in prompts]
         batch = {k: v.to(device) for k, v in stack_rows(rows, pad_id=pad, left=True).items()}
         dtype = next(backbone.vision.parameters()).dtype
         batch["images"] = normalize_image(torch.stack(images).to(device), dtype, self.ctx.image_mean,
@@ -177,9 +205,9 @@ class EVLMBenchTask(Task):
         return batch
 
     def generate(
-        self, backbone, prompts: list[list[int]], images: list[torch.Tensor], device: str
+        self, backbone, prompts: list[list[dict]], images: list[torch.Tensor], device: str
     ) -> list[str]:
-        """Greedy answers of rows [media tokens] + prompt, each reading its own image."""
+        """Greedy answers of the questions' rows (`question_docs`), each reading its own image."""
         eos = self.tokenizer.eos_token_id
         batch = self.batch(backbone, prompts, images, device)
         tokens = backbone.generate_greedy(batch, self.bench.max_new_tokens, -1 if eos is None else eos)
