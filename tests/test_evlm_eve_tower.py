@@ -119,3 +119,17 @@ def test_a_run_on_the_eve_tower_saves_its_trained_experts_and_evaluation_loads_t
     assert experts and all(torch.equal(loaded[k], trained[k]) for k in experts)
     old = [before[k.removeprefix("encoder.vision.")] for k in experts]
     assert any(not torch.equal(o, trained[k]) for o, k in zip(old, experts))  # they did train
+    # The checkpoint names the tower it started from; when the EVE run goes on, a resume is refused.
+    vision = read_eve_config(tag)["sources"]["vision"]
+    eve_tag = resolve_tag_dir(EVE_RUN)
+    assert (
+        vision["checkpoint"] == str(eve_tag) and vision["step"] == 1 and len(vision["weights_sha256"]) == 64
+    )
+    longer = [a for a in eve_overrides(cache) if not a.startswith("train.max_steps")] + ["train.max_steps=2"]
+    assert Trainer(load_config("eve_tiny_synthetic", longer), Path(EVE_RUN), allow_changes=True).train() == 0
+    assert resolve_tag_dir(EVE_RUN) != eve_tag
+    family = family_of(cfg)
+    with pytest.raises(ConfigError, match=r"not the one this run started from .* point model.vision_path at"):
+        family.check_resume(family.build_model(cfg), tag)
+    pinned = load_config("evlm_tiny_eve_tower", [*small, f"model.vision_path={eve_tag}"])
+    family.check_resume(family.build_model(pinned), tag)  # the tag it started from: no problem

@@ -129,11 +129,16 @@ def load_pretraining_model(path: str | Path, device: str = "cpu") -> tuple[Pretr
 
 def load_encoder(path: str | Path, device: str = "cpu") -> EVEModel:
     """Only the encoder (no objective heads) of a native export / DeepSpeed checkpoint, ep_size=1, eval."""
+    return read_encoder(path, device)[0]
+
+
+def read_encoder(path: str | Path, device: str = "cpu") -> tuple[EVEModel, dict]:
+    """`load_encoder` and the source's config dict (with `source`: the tag read, `step`, for a checkpoint)."""
     sd, cfg = read_source(path)
     enc = {k[len("encoder.") :]: v for k, v in sd.items() if k.startswith("encoder.")}
     model = EVEModel(model_config(cfg, ep_size=1), image_mask_token="mask_token" in enc)
     load_checked(model, enc, str(path))
-    return model.to(device).eval()
+    return model.to(device).eval(), cfg
 
 
 def write_native(dst: Path, state_dict: dict[str, torch.Tensor], cfg: dict, dtype: str) -> None:

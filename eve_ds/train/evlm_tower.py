@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 
-from eve_ds.convert import load_encoder
 from eve_ds.convert.ds_checkpoint import ConvertError
+from eve_ds.convert.export import read_encoder
 from eve_ds.models.eve import EVEModel
 from eve_ds.models.evlm.config import EVLMConfig
 from eve_ds.utils.config import ConfigError
+from eve_ds.utils.io import tensors_sha256
 
 MAKE_DEFAULT_RUN = "`eve-pretrain` (no arguments) trains the default EVE run into runs/eve_tiny_synthetic"
 
@@ -40,6 +41,33 @@ def load_eve_tower(m: EVLMConfig) -> EVEModel | None:
     if m.vision != "eve" or not m.vision_path:
         return None
     try:
-        return load_encoder(m.vision_path)
+        encoder, cfg = read_encoder(m.vision_path)
     except ConvertError as e:
         raise ConfigError(f"model.vision_path={m.vision_path!r}: {' '.join(str(e).split())}") from e
+    # Which weights these are: a run directory's `latest` moves on when the EVE run goes on, and a resume
+    # must rebuild the frozen blocks it started from (`tower_change_problem`).
+    encoder.source = {
+        "path": os.path.abspath(m.vision_path),
+        "checkpoint": cfg.get("source", os.path.abspath(m.vision_path)),
+        "step": cfg.get("step"),
+        "weights_sha256": tensors_sha256(encoder.state_dict()),
+    }
+    return encoder
+
+
+def tower_source(backbone) -> dict | None:
+    """The `source` record of an EVLM backbone's EVE tower (`load_eve_tower`), or None."""
+    return getattr(getattr(backbone.vision, "encoder", None), "source", None)
+
+
+def tower_change_problem(saved: dict | None, now: dict | None) -> str | None:
+    """Why the EVE tower built now is not the one a checkpoint's run started from, or None."""
+    if not saved or not now or not saved.get("weights_sha256"):
+        return None
+    if saved["weights_sha256"] == now["weights_sha256"]:
+        return None
+    return (
+        f"model.vision_path={now['path']!r}: the EVE tower is not the one this run started from (then "
+        f"{saved['checkpoint']}, step {saved.get('step')}; now {now['checkpoint']}, step {now.get('step')}): "
+        f"its frozen blocks would change on resume; point model.vision_path at {saved['checkpoint']}"
+    )

@@ -10,6 +10,7 @@ flavors, so saved configs need no key of their own and mean what they meant.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import asdict
@@ -27,7 +28,7 @@ from eve_ds.objectives import PretrainingModel
 from eve_ds.objectives.flops import TextShape, flops_per_pair
 from eve_ds.train.checkpoint import latest_complete, missing_trainable_problem
 from eve_ds.train.config import ConfigError, RunConfig
-from eve_ds.train.evlm_tower import load_eve_tower
+from eve_ds.train.evlm_tower import load_eve_tower, tower_change_problem, tower_source
 from eve_ds.train.preflight import EVLM_NEEDS_PACKED
 
 logger = logging.getLogger(__name__)
@@ -54,8 +55,9 @@ class ModelFamily:
         partitions): this rank's experts, and `train.init_from` unless a checkpoint is resumed."""
         raise NotImplementedError
 
-    def checkpoint_config(self, cfg: RunConfig) -> dict:
-        """What a checkpoint's `eve_config.json` records to rebuild the model without the trainer."""
+    def checkpoint_config(self, cfg: RunConfig, model: nn.Module | None = None) -> dict:
+        """What a checkpoint's `eve_config.json` records to rebuild the model without the trainer
+        (`model`: the model being saved, for what only it knows)."""
         raise NotImplementedError
 
     def batch_shape(self, batch: dict):
@@ -87,7 +89,7 @@ class EVEFamily(ModelFamily):
             report = load_init_weights(model, cfg.train.init_from, ep_rank=ep_rank)
             logger.info("initialised from %s: %s", cfg.train.init_from, report)
 
-    def checkpoint_config(self, cfg: RunConfig) -> dict:
+    def checkpoint_config(self, cfg: RunConfig, model: nn.Module | None = None) -> dict:
         return {
             "family": self.name,
             "model": cfg.model.to_dict(),
@@ -137,21 +139,27 @@ class EVLMFamily(ModelFamily):
         if cfg.train.init_from:
             stage_init(model.encoder, cfg.train.init_from, ep_rank)
 
-    def checkpoint_config(self, cfg: RunConfig) -> dict:
+    def checkpoint_config(self, cfg: RunConfig, model: nn.Module | None = None) -> dict:
         m = cfg.model
+        tower = tower_source(model.encoder) if model is not None else None
         return {
             "family": self.name,
             "model": m.to_dict(),
             "objective": asdict(cfg.objective),
             "run": cfg.to_dict(),
-            # The frozen weights are not in the checkpoint: say where they come from, and which version.
-            "sources": {"lm": source_record(m.lm_path), "vision": source_record(m.vision_path)},
+            # The frozen weights are not in the checkpoint: say where they come from, and which version (an
+            # EVE tower: the checkpoint read and the sha256 of its weights).
+            "sources": {"lm": source_record(m.lm_path), "vision": tower or source_record(m.vision_path)},
         }
 
     def check_resume(self, module: nn.Module, tag: Path) -> None:
         """The module file leaves out the frozen weights and is loaded non-strictly: what it lacks must be
-        exactly what the model freezes (a trainable key missing is one error naming it)."""
+        exactly what the model freezes (a trainable key missing is one error naming it); an EVE tower must
+        be the one the run started from (its frozen blocks are in no checkpoint)."""
         problem = missing_trainable_problem(module, tag)
+        if problem is None and (tag / "eve_config.json").is_file():
+            saved = (json.loads((tag / "eve_config.json").read_text()).get("sources") or {}).get("vision")
+            problem = tower_change_problem(saved, tower_source(module.encoder))
         if problem:
             raise ConfigError(problem)
 

@@ -216,7 +216,7 @@ class Trainer:
     def save(self) -> Path:
         self._read_nonfinite_losses()
         self._read_skipped_updates()
-        eve_config = self.family.checkpoint_config(self.cfg)
+        eve_config = self.family.checkpoint_config(self.cfg, self.engine.module)
         # e.g. the VQA answer vocabulary: travels with checkpoints and exports
         eve_config["task"] = {"name": self.cfg.task.name, **self.task.assets()}
         return self.ckpt.save(
