@@ -17,6 +17,7 @@
 #   grouped   moe_dispatch=grouped + zero_grad_norm=foreach: no host sync in the step
 #   compile   grouped + train.compile=blocks (Inductor; the first steps compile)
 #   all       compile + flex;  all-sdpa: compile + sdpa
+#   graphs    all-sdpa + train.compile_mode=reduce-overhead (each compiled block replayed as a CUDA graph)
 #
 # MODEL (default eve_base), DEVICE (default cuda), BATCH (default 64) and PYTHON (default python3) may be
 # set to try the script on a CPU with a tiny model first:
@@ -63,6 +64,7 @@ setting_args() {  # setting_args NAME: the eve-profile / eve-bench options of on
     compile) echo "$grouped --compile blocks" ;;
     all) echo "$grouped --compile blocks --set attention_kernel=flex" ;;
     all-sdpa) echo "$grouped --compile blocks --set rel_pos_bias=false --set attention_kernel=sdpa" ;;
+    graphs) echo "$grouped --compile blocks --compile-mode reduce-overhead --set rel_pos_bias=false --set attention_kernel=sdpa" ;;
     *) echo "unknown setting $1" >&2; return 1 ;;
   esac
 }
@@ -89,7 +91,7 @@ case "$phase" in
     if [ "$DEVICE" = cuda ]; then
       step 240 gpu-tests "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu.py
     fi
-    for name in ${SETTINGS:-default sdpa flex grouped compile all all-sdpa}; do
+    for name in ${SETTINGS:-default sdpa flex grouped compile all all-sdpa graphs}; do
       opts=$(setting_args "$name") || continue
       # shellcheck disable=SC2086  # the options are words
       step 240 "profile-$name" "${profile[@]}" --task-set mlm,mim_pixel --ops --top 30 --steps 3 $opts \

@@ -133,6 +133,8 @@ def test_pad_text_pads_ids_and_mask_only_when_shorter():
         (["train.compile=true"], "train.compile.*false or blocks"),
         (["train.compile=blocks", "train.grad_checkpointing=true"], "grad_checkpointing"),
         (["train.compile_backend=eager"], "train.compile_backend.*inductor, aot_eager"),
+        (["train.compile_mode=fast"], "train.compile_mode.*default, reduce-overhead"),
+        (["train.compile_backend=aot_eager", "train.compile_mode=reduce-overhead"], "modes are Inductor's"),
     ],
 )
 def test_compile_keys_are_checked(overrides, message):

@@ -67,6 +67,7 @@ class BenchConfig:
     zero_grad_norm: str = "deepspeed"  # train.zero_grad_norm of the engine: deepspeed | foreach
     compile: str = "off"  # train.compile of the engine: off | blocks
     compile_backend: str = "inductor"  # train.compile_backend: inductor | aot_eager
+    compile_mode: str = "default"  # train.compile_mode: default | reduce-overhead (CUDA graphs) | ...
 
     CPU_DEFAULT_BATCH = 8
 
@@ -203,6 +204,7 @@ def build_bench_engine(bc: BenchConfig, cfg: EVEConfig, obj: ObjectiveConfig, mi
         zero_grad_norm=bc.zero_grad_norm,
         compile=bc.compile if bc.compile == "blocks" else False,
         compile_backend=bc.compile_backend,
+        compile_mode=bc.compile_mode,
     )
     run = RunConfig(
         model=cfg,

@@ -112,6 +112,12 @@ def add_run_args(p: argparse.ArgumentParser, d: BenchConfig) -> None:
     p.add_argument("--zero-grad-norm", default=d.zero_grad_norm, choices=["deepspeed", "foreach"])
     p.add_argument("--compile", default=d.compile, choices=["off", "blocks"], help="train.compile")
     p.add_argument("--compile-backend", default=d.compile_backend, choices=["inductor", "aot_eager"])
+    p.add_argument(
+        "--compile-mode",
+        default=d.compile_mode,
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="train.compile_mode (reduce-overhead: CUDA graphs)",
+    )
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--windows", type=int, default=d.windows)
     p.add_argument("--steps-per-window", type=int, default=d.steps_per_window)
@@ -157,6 +163,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         zero_grad_norm=args.zero_grad_norm,
         compile=args.compile,
         compile_backend=args.compile_backend,
+        compile_mode=args.compile_mode,
     )
     if args.task_sets:
         bc.task_sets = parse_task_sets(args.task_sets)

@@ -71,6 +71,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager"])
     p.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="train.compile_mode (reduce-overhead: CUDA graphs)",
+    )
+    p.add_argument(
         "--sync-warn",
         type=int,
         default=None,
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         zero_grad_norm=args.zero_grad_norm,
         compile=args.compile,
         compile_backend=args.compile_backend,
+        compile_mode=args.compile_mode,
     )
     obj = ObjectiveConfig(objectives=args.task_set.split(","))
     init_distributed(args.device, timeout_s=600)
@@ -147,6 +154,7 @@ def count_main(args: argparse.Namespace, argv: list[str] | None) -> int:
         zero_grad_norm=args.zero_grad_norm,
         compile=args.compile,
         compile_backend=args.compile_backend,
+        compile_mode=args.compile_mode,
     )
     t0 = time.perf_counter()
     result = {

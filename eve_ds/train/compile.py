@@ -11,9 +11,13 @@ Shapes are static (`dynamic=False`): one graph per block, encoder pass (the MLM 
 MIM pass's kept patches, text alone) and train / eval mode, compiled on the first step and reused. Text
 lengths must not vary for that: the trainer pads every training batch's captions to `model.max_text_len`
 (`eve_ds.data.transforms.pad_text`) when blocks are compiled (`train.static_text_len`). The alternative, a dynamic text dimension,
-gives kernels with symbolic sizes and rules out CUDA graphs later; the fixed length costs the padded
+gives kernels with symbolic sizes and rules out CUDA graphs; the fixed length costs the padded
 tokens' compute instead. Blocks whose drop-path rates differ (`drop_path_rate > 0`) get their own graphs,
 as dynamo specialises on the rate.
+
+CUDA graphs: `train.compile_mode=reduce-overhead` hands each compiled block to Inductor's CUDA-graph trees,
+which record the block's kernels once per shape and replay them (launch overhead gone; the eager blocks and
+DeepSpeed's step stay as they are). `default` is the off switch; a CPU run ignores the mode.
 """
 
 from __future__ import annotations
@@ -47,9 +51,13 @@ def block_compiles(block: Block) -> bool:
     return block.ffn.dispatch == "grouped" and dtype in (torch.bfloat16, torch.float16)
 
 
-def compile_blocks(model: nn.Module, backend: str = "inductor") -> dict[str, list[int]]:
+def compile_blocks(
+    model: nn.Module, backend: str = "inductor", mode: str = "default"
+) -> dict[str, list[int]]:
     """Compile, in place, every encoder block of `model` that `block_compiles`; call it after the model has
-    its training dtype (after `deepspeed.initialize`). -> {"compiled": block indices, "eager": the others}."""
+    its training dtype (after `deepspeed.initialize`). `mode`: Inductor's (`train.compile_mode`;
+    reduce-overhead records each block's kernels as a CUDA graph). -> {"compiled": block indices, "eager":
+    the others}."""
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     if not blocks:
         raise ValueError("train.compile=blocks: the model has no encoder blocks to compile")
@@ -59,9 +67,17 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> dict[str, lis
     out: dict[str, list[int]] = {"compiled": [], "eager": []}
     for i, block in enumerate(blocks):
         if block_compiles(block):
-            block.compile(fullgraph=True, dynamic=False, backend=backend)
+            block.compile(
+                fullgraph=True, dynamic=False, backend=backend, mode=None if mode == "default" else mode
+            )
             out["compiled"].append(i)
         else:
             out["eager"].append(i)
-    logger.info("torch.compile (%s): blocks %s compiled, %s eager", backend, out["compiled"], out["eager"])
+    logger.info(
+        "torch.compile (%s, mode %s): blocks %s compiled, %s eager",
+        backend,
+        mode,
+        out["compiled"],
+        out["eager"],
+    )
     return out

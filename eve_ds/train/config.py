@@ -42,6 +42,7 @@ from eve_ds.utils.io import atomic_write_text
 from eve_ds.utils.paths import ds_config_dir
 
 COMPILE_BACKENDS = ("inductor", "aot_eager")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def check_compile(cfg: RunConfig) -> None:
@@ -54,6 +55,18 @@ def check_compile(cfg: RunConfig) -> None:
         "train.compile_backend",
         t.compile_backend,
         "one of " + ", ".join(allowed),
+    )
+    check(
+        t.compile_mode in COMPILE_MODES,
+        "train.compile_mode",
+        t.compile_mode,
+        "one of " + ", ".join(COMPILE_MODES),
+    )
+    check(
+        t.compile_mode == "default" or t.compile_backend == "inductor",
+        "train.compile_mode",
+        t.compile_mode,
+        f"default with train.compile_backend={t.compile_backend} (modes are Inductor's)",
     )
     if t.compile is False:
         return
@@ -140,6 +153,10 @@ class TrainConfig:
     # (ours) its backend: "inductor" (fused kernels) or "aot_eager" (the same graphs run by eager kernels:
     # checks graphs, breaks and recompiles in seconds on a CPU, where Inductor takes minutes to compile).
     compile_backend: str = "inductor"
+    # (ours) Inductor's mode for the compiled blocks: "default" | "reduce-overhead" (CUDA graphs: each
+    # compiled block's kernels replayed as one graph, where shapes are static; CUDA only, no effect on a
+    # CPU) | "max-autotune" (CUDA graphs and autotuned kernels) | "max-autotune-no-cudagraphs".
+    compile_mode: str = "default"
     dist_timeout_s: int = 600  # a collective that waits this long on a dead rank fails the run
     device: str = "auto"  # auto | cpu | cuda
     # torch's intra-op CPU threads (null: torch's default, one per core). On a shared CPU, 1 avoids the

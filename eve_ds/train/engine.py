@@ -225,5 +225,5 @@ def build_engine(cfg: RunConfig, model: nn.Module, world_size: int, device: str)
         # Its norm and clip without host reads (same numbers); one foreach norm per group if asked.
         make_step_sync_free(engine.optimizer, foreach_norm=cfg.train.zero_grad_norm == "foreach")
     if cfg.train.compile == "blocks":  # on the module in its training dtype (DeepSpeed cast it)
-        compile_blocks(engine.module, cfg.train.compile_backend)
+        compile_blocks(engine.module, cfg.train.compile_backend, cfg.train.compile_mode)
     return engine, optimizer, scheduler, ds_config

@@ -75,6 +75,7 @@ CHANGEABLE = (
     "model.attention_kernel",
     "train.compile",
     "train.compile_backend",
+    "train.compile_mode",
     "train.static_text_len",
 )
 
