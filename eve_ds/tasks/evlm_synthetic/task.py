@@ -35,7 +35,7 @@ from eve_ds.tasks.evlm_synthetic.eval import (
     tower_features,
 )
 from eve_ds.utils.image import normalize_image
-from eve_ds.utils.ranks import even_rank_slice
+from eve_ds.utils.ranks import even_rank_slice, rank_slice
 
 METRICS = ("caption_lm_loss", "caption_lm_tok_acc", "colour_word_acc")
 
@@ -94,33 +94,52 @@ class EVLMSyntheticTask(Task):
             self.prepare()
         dataset = self.dataset(split)
         mine = even_rank_slice(len(dataset))
+        # The wrapped-around repeats at the end run (every rank makes as many forwards) but do not count.
+        counted = len(rank_slice(len(dataset)))
         if self.ctx.eval_batches:
             mine = mine[: self.ctx.eval_batches * batch_size]
+        counted = min(counted, len(mine))
         items = [dataset[i] for i in mine]
         was_training = model.training
         model.eval()
-        out = self.teacher_forced(model.encoder, items, device, dtype, batch_size)
+        out = self.teacher_forced(model.encoder, items, device, dtype, batch_size, counted)
         if dataset.text_only:
             model.train(was_training)
             return {**out, "num_samples": len(dataset)}
-        out |= self.generated(model.encoder, items, mine, split, device, dtype)
+        out |= self.generated(model.encoder, items, mine, split, device, dtype, counted)
         model.train(was_training)
         return {**out, "num_samples": len(dataset)}
 
-    def teacher_forced(self, backbone, items: list[dict], device, dtype, batch_size: int) -> dict:
+    def teacher_forced(
+        self, backbone, items: list[dict], device, dtype, batch_size: int, counted: int | None = None
+    ) -> dict:
+        """Summed over items[:counted] (all: None); the rest are run, their labels ignored."""
         colour_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(COLOURS)), device=device)
         sums: dict[str, float] = defaultdict(float)
         size = self.ctx.image_size
+        counted = len(items) if counted is None else counted
         with torch.no_grad():
             for start in range(0, len(items), batch_size):
                 batch = collate(items[start : start + batch_size], image_size=size)
                 batch = batch_to_device(batch, device, dtype, self.ctx.image_mean, self.ctx.image_std)
+                repeats = torch.arange(start, start + batch["labels"].shape[0], device=device) >= counted
+                batch["labels"] = batch["labels"].masked_fill(repeats[:, None], -100)
                 for suffix, images in (("", batch["image"]), ("_blind", batch["image"].roll(1, 0))):
                     add_sums(sums, backbone, {**batch, "images": images}, colour_ids, suffix)
         return finish(sums, device)
 
-    def generated(self, backbone, items: list[dict], indices: list[int], split: str, device, dtype) -> dict:
-        """Greedy answers and captions of every scene, with its image and with the previous scene's."""
+    def generated(
+        self,
+        backbone,
+        items: list[dict],
+        indices: list[int],
+        split: str,
+        device,
+        dtype,
+        counted: int | None = None,
+    ) -> dict:
+        """Greedy answers and captions of every scene, with its image and with the previous scene's; the
+        scenes from `counted` on are decoded (equal forwards on every rank) but left out of the metrics."""
         seed = self.cfg.synthetic_seed
         scenes = [it["scene"] for it in items]
         prompts = [
@@ -140,7 +159,17 @@ class EVLMSyntheticTask(Task):
         out = {}
         for suffix, image_of in (("", list(range(n))), ("_blind", [(k - 1) % n for k in range(n)])):
             generated = decode(backbone, prompts, feats, image_of, EVAL_BATCH)
-            m = generation_metrics(*gather_ranks(prompts, generated, scenes, refs))
+            if counted is not None and counted < n:
+                keep = [j for j, p in enumerate(prompts) if p.scene < counted]
+                parts = (
+                    [prompts[j] for j in keep],
+                    [generated[j] for j in keep],
+                    scenes[:counted],
+                    refs[:counted],
+                )
+            else:
+                parts = prompts, generated, scenes, refs
+            m = generation_metrics(*gather_ranks(*parts))
             out |= {k + suffix: v for k, v in m.items()}
         return out
 
