@@ -19,6 +19,8 @@ IMAGE_GEOMETRIES = ("square_crop", "official")  # task.image_geometry (read by t
 IMAGE_AUGMENTS = ("none", "randaugment", "color_jitter")  # task.image_augment
 TEXT_PREPROCESS = ("none", "official")  # task.text_preprocess (eve_ds/data/text.py)
 BENCH_PROMPTS = ("auto", "plain", "sft", "chat")  # task.bench_prompt (EVLM benchmarks)
+# The opt-in row kinds of evlm_synthetic (task.synthetic_extra_kinds; tasks/evlm_synthetic/data.py).
+SYNTHETIC_EXTRA_KINDS = ("grounding", "interleaved", "video")
 
 
 @dataclass
@@ -36,6 +38,10 @@ class TaskConfig:
     synthetic_num_train: int = 2000  # images (VQA, retrieval) or statements (NLVR2)
     synthetic_num_val: int = 300
     synthetic_num_test: int = 300
+    # evlm_synthetic: the share of training rows of each opt-in kind [ours] (grounding, interleaved, video;
+    # e.g. {grounding: 0.2}); the other rows keep the caption / VQA / POPE mix, and with none (the default)
+    # every row is what it is without this key. Their validation metrics come with them.
+    synthetic_extra_kinds: dict[str, float] | None = None
     epochs: float = 10.0  # [paper] fine-tuning length; derives train.max_steps when that is null
     # LR multiplier of the new heads ([official] code: 10 VQA / COCO retrieval, 5 Flickr30K, 15 NLVR2; the
     # paper says nothing)
@@ -78,6 +84,22 @@ class TaskConfig:
             self.bench_prompt,
             f"one of {list(BENCH_PROMPTS)}",
         )
+        extra = self.synthetic_extra_kinds or {}
+        check(
+            not extra or self.name == "evlm_synthetic",
+            "task.synthetic_extra_kinds",
+            extra,
+            "null: only task evlm_synthetic has opt-in row kinds",
+        )
+        for kind, share in extra.items():
+            check(
+                kind in SYNTHETIC_EXTRA_KINDS,
+                "task.synthetic_extra_kinds",
+                kind,
+                f"kinds among {list(SYNTHETIC_EXTRA_KINDS)}",
+            )
+            check(0 <= share <= 1, f"task.synthetic_extra_kinds.{kind}", share, "a share in [0, 1]")
+        check(sum(extra.values()) <= 1, "task.synthetic_extra_kinds", extra, "shares summing to <= 1")
         if self.name in CORPUS_TASKS:
             return
         check(

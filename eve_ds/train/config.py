@@ -448,7 +448,7 @@ def _build(cls: type, d: dict, prefix: str) -> Any:
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp` (int/float/str/bool/list/Optional/dataclass)."""
+    """Check `value` against the annotation `tp` (int/float/str/bool/list/dict/Optional/dataclass)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -468,6 +468,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r} is invalid: expected a list")
         (inner, *_) = typing.get_args(tp) or (Any,)
         return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} is invalid: expected a mapping")
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        return {_coerce(kt, k, key): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if tp is bool:

@@ -5,7 +5,9 @@
   object F1: the (size, colour, shape) triples a caption names (`data.scene_text.parse_objects`) against
   the scene's, counted over the whole set (micro F1), so the order of mention does not matter;
 - VQA: exact match of the generated answer, per template;
-- POPE: accuracy, precision, recall, F1 of "yes", and the share of "yes" answers (Li et al., 2023).
+- POPE: accuracy, precision, recall, F1 of "yes", and the share of "yes" answers (Li et al., 2023);
+- grounding: the share of predicted boxes with IoU >= 0.5 against the true box (RefCOCO's accuracy) and
+  the mean IoU, an unreadable answer counting as IoU 0.
 """
 
 from __future__ import annotations
@@ -70,3 +72,21 @@ def pope_scores(predicted: list[str], answers: list[str], prefix: str = "pope") 
         f"{prefix}_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
         f"{prefix}_yes_ratio": sum(yes) / n,
     }
+
+
+def box_iou(a: list[float], b: list[float]) -> float:
+    """IoU of two boxes (x0, y0, x1, y1); a box with x1 < x0 or y1 < y0 is empty."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    area = [max(0.0, x[2] - x[0]) * max(0.0, x[3] - x[1]) for x in (a, b)]
+    union = area[0] + area[1] - inter
+    return inter / union if union > 0 else 0.0
+
+
+def grounding_scores(predicted: list[list[float] | None], truth: list[list[float]],
+                     prefix: str = "grounding") -> dict:  # fmt: skip
+    """predicted: a box per question (None: no box read from the answer) -> accuracy at IoU 0.5, mean IoU."""
+    ious = [box_iou(p, t) if p is not None else 0.0 for p, t in zip(predicted, truth)]
+    n = max(1, len(ious))
+    return {f"{prefix}_acc": sum(i >= 0.5 for i in ious) / n, f"{prefix}_iou": sum(ious) / n}

@@ -7,7 +7,9 @@ Validation, over the val scenes, each metric again with the images rolled by one
 what the images add is the gap between the two:
 - teacher-forced: caption-row loss, token accuracy, accuracy on colour words;
 - generated (greedy, KV cache; `eval.py`): CIDEr-D, BLEU-4, object F1, VQA exact match per template
-  (`vqa_colour`, ...), POPE accuracy / F1 / yes-ratio, overall and per sampler. Not in stage 0.
+  (`vqa_colour`, ...), POPE accuracy / F1 / yes-ratio, overall and per sampler; with the opt-in kinds
+  (`task.synthetic_extra_kinds`) grounding accuracy / IoU, the interleaved second caption's object F1 and
+  video direction accuracy, the last two also with the images reversed within the prompt. Not in stage 0.
 """
 
 from __future__ import annotations
@@ -25,10 +27,20 @@ from eve_ds.data.synthetic import COLOURS
 from eve_ds.data.transforms import batch_to_device
 from eve_ds.objectives.caption_lm import next_token_targets
 from eve_ds.tasks.base import Task, register_task
-from eve_ds.tasks.evlm_synthetic.data import MEDIA, VOCAB, CaptionScenes, collate, ensure_tokenizer
+from eve_ds.tasks.evlm_synthetic.data import (
+    MEDIA,
+    VIDEO_FRAMES,
+    VOCAB,
+    CaptionScenes,
+    collate,
+    ensure_tokenizer,
+)
 from eve_ds.tasks.evlm_synthetic.eval import (
+    ExtraImages,
     decode,
     eval_rng,
+    extra_metrics,
+    extra_prompts,
     generation_metrics,
     references,
     scene_prompts,
@@ -69,7 +81,7 @@ class EVLMSyntheticTask(Task):
         model = self.ctx.model
         return CaptionScenes(
             n, split, c.synthetic_seed, self.ctx.image_size, self.tokenizer, media_tokens,
-            text_only=model is not None and model.stage == "stage0",
+            text_only=model is not None and model.stage == "stage0", extra_kinds=c.synthetic_extra_kinds,
         )  # fmt: skip
 
     def num_examples(self) -> int:
@@ -141,37 +153,55 @@ class EVLMSyntheticTask(Task):
         """Greedy answers and captions of every scene, with its image and with the previous scene's; the
         scenes from `counted` on are decoded (equal forwards on every rank) but left out of the metrics."""
         seed = self.cfg.synthetic_seed
+        dataset = self.dataset(split)
         scenes = [it["scene"] for it in items]
-        prompts = [
-            p
-            for k, (i, s) in enumerate(zip(indices, scenes))
-            for p in scene_prompts(k, s, eval_rng(seed, split, i), seed)
-        ]
+        n, size = len(items), self.ctx.image_size
+        kinds = sorted(dataset.extra_kinds)
+        where = ExtraImages(n, "interleaved" in kinds, VIDEO_FRAMES if "video" in kinds else 0)
+        pixels = [it["image"] for it in items]
+        seconds, clips = [], []
+        if "interleaved" in kinds:
+            seconds = [dataset.second_scene(i) for i in indices]
+            pixels += [torch.from_numpy(im).permute(2, 0, 1) for _, im in seconds]
+        if "video" in kinds:
+            clips = [dataset.clip(i) for i in indices]
+            pixels += [torch.from_numpy(f).permute(2, 0, 1) for _, frames in clips for f in frames]
+        prompts = []
+        for k, (i, s) in enumerate(zip(indices, scenes)):
+            prompts += scene_prompts(k, s, eval_rng(seed, split, i), seed)
+            prompts += extra_prompts(
+                k, s, kinds, size, where, seconds[k][0] if seconds else None, clips[k][0] if clips else None
+            )
         refs = [references(s, eval_rng(seed, split, i)) for i, s in zip(indices, scenes)]
         images = normalize_image(
-            torch.stack([it["image"] for it in items]).to(device),
-            dtype,
-            self.ctx.image_mean,
-            self.ctx.image_std,
+            torch.stack(pixels).to(device), dtype, self.ctx.image_mean, self.ctx.image_std
         )
         feats = tower_features(backbone, images, EVAL_BATCH)
-        n = len(items)
         out = {}
-        for suffix, image_of in (("", list(range(n))), ("_blind", [(k - 1) % n for k in range(n)])):
-            generated = decode(backbone, prompts, feats, image_of, EVAL_BATCH)
-            if counted is not None and counted < n:
-                keep = [j for j, p in enumerate(prompts) if p.scene < counted]
-                parts = (
-                    [prompts[j] for j in keep],
-                    [generated[j] for j in keep],
-                    scenes[:counted],
-                    refs[:counted],
-                )
-            else:
-                parts = prompts, generated, scenes, refs
-            m = generation_metrics(*gather_ranks(*parts))
+        passes = (
+            ("", lambda p: p.media or (p.scene,)),
+            ("_blind", lambda p: [where.roll(j) for j in p.media or (p.scene,)]),
+        )
+        for suffix, images_of in passes:
+            generated = decode(backbone, prompts, feats, images_of, EVAL_BATCH)
+            m = generation_metrics(*gather_ranks(*counted_parts(prompts, generated, scenes, refs, counted)))
             out |= {k + suffix: v for k, v in m.items()}
+        # The images of a multi-image prompt in reverse order: the interleaved second caption reads the first
+        # image (rolled within the row), the clip plays backwards.
+        multi = [p for p in prompts if len(p.media) > 1]
+        if multi:
+            generated = decode(backbone, multi, feats, lambda p: p.media[::-1], EVAL_BATCH)
+            parts = gather_ranks(*counted_parts(multi, generated, scenes, refs, counted))
+            out |= extra_metrics(parts[0], parts[1], reversed_images=True)
         return out
+
+
+def counted_parts(prompts: list, generated: list, scenes: list, refs: list, counted: int | None):
+    """The prompts of the first `counted` scenes (all: None), their generations, scenes and references."""
+    if counted is None or counted >= len(scenes):
+        return prompts, generated, scenes, refs
+    keep = [j for j, p in enumerate(prompts) if p.scene < counted]
+    return [prompts[j] for j in keep], [generated[j] for j in keep], scenes[:counted], refs[:counted]
 
 
 def gather_ranks(prompts: list, generated: list, scenes: list, refs: list) -> tuple[list, list, list, list]:
