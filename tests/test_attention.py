@@ -20,7 +20,7 @@ from conftest import make_batch
 
 from eve_ds.bench.count import count_call
 from eve_ds.models.config import eve_base, eve_tiny
-from eve_ds.models.layers import Attention, Tokens
+from eve_ds.models.layers import Attention, Tokens, padding_bias, padding_fill
 from eve_ds.objectives import ObjectiveConfig, PretrainingModel
 from eve_ds.utils.config import ConfigError
 
@@ -146,6 +146,47 @@ def test_model_losses_and_gradients_equal_across_kernels(cpu_flex_backward):
     assert results["sdpa_bias"][table].abs().sum() > 0
     for kernel in ("sdpa", "flex"):
         assert_close(results[kernel], results["sdpa_bias"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["image", "mim", "text"])
+@pytest.mark.parametrize("rel_pos_bias", [True, False])
+@pytest.mark.parametrize("kernel", ["sdpa", "sdpa_bias"])
+def test_the_padding_mask_made_once_gives_every_block_bit_for_bit_its_own(kernel, rel_pos_bias, kind, dtype):
+    x, tokens = pass_inputs(kind, padded=True)
+    attn = attention(kernel, rel_pos_bias).to(dtype)
+    x = x.to(dtype)
+    fill = padding_fill(kernel, rel_pos_bias and tokens.n_image > 0, dtype)
+    once = dataclasses.replace(tokens, padding_bias=padding_bias(tokens.key_padding, fill, dtype))
+    ref, got = run(attn, x, tokens), run(attn, x, once)
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    count, _ = count_call(lambda: attn(x, dataclasses.replace(once)))
+    assert "masked_fill" not in count.ops and "bitwise_not" not in count.ops
+
+
+def test_the_model_s_losses_and_gradients_are_bit_for_bit_those_of_a_mask_per_block(monkeypatch):
+    """eve_tiny's MSM step (padded captions), every kernel but flex: the padding mask made once per pass
+    (`Tokens.padding_bias`) against each block making its own (what the blocks did before)."""
+    import eve_ds.models.eve as eve_module
+
+    batch = make_batch(eve_tiny(), B=3, L=12)
+    for kernel in ("sdpa_bias", "sdpa"):
+        results = []
+        for once in (True, False):
+            if not once:
+                monkeypatch.setattr(eve_module, "padding_bias", lambda *a: None)
+            torch.manual_seed(0)
+            model = PretrainingModel(
+                eve_tiny(attention_kernel=kernel), ObjectiveConfig(objectives=["mlm", "mim_pixel"])
+            )
+            out = model(batch, generator=torch.Generator().manual_seed(3))
+            out["loss"].backward()
+            results.append(
+                [out["loss"].detach()] + [p.grad for p in model.parameters() if p.grad is not None]
+            )
+            monkeypatch.undo()
+        assert len(results[0]) == len(results[1]) > 10
+        assert all(torch.equal(a, b) for a, b in zip(*results)), kernel
 
 
 def test_bad_kernel_is_refused():

@@ -167,6 +167,7 @@ class PhaseCount:
     branches by (kind, site)."""
 
     ops: collections.Counter = field(default_factory=collections.Counter)
+    sites: collections.Counter = field(default_factory=collections.Counter)  # non-view ops by (op, site)
     syncs: collections.Counter = field(default_factory=collections.Counter)
     cpu_only_syncs: collections.Counter = field(default_factory=collections.Counter)
     skipped_on_cpu: collections.Counter = field(default_factory=collections.Counter)
@@ -193,6 +194,8 @@ class PhaseCount:
             "cpu_only_syncs": pairs(self.cpu_only_syncs),
             "skipped_on_cpu": pairs(self.skipped_on_cpu),
             "top_ops": [[k, n] for k, n in compute.most_common(top)],
+            # Where they come from: the issuing line (backward: the forward line of the autograd node).
+            "top_sites": [[f"{op} @ {site}", n] for (op, site), n in self.sites.most_common(2 * top)],
         }
 
 
@@ -205,6 +208,8 @@ class _Dispatch(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         self.count.ops[name] += 1
+        if name not in VIEW_OPS:
+            self.count.sites[(name, call_site())] += 1
         kind = SYNC_OPS.get(name)
         if name == "repeat_interleave" and kwargs.get("output_size") is None:
             kind = "repeat_interleave"

@@ -11,7 +11,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from eve_ds.models.config import EVEConfig
-from eve_ds.models.layers import Block, SoftRouterFFN, Tokens, init_weights, padding_block_mask
+from eve_ds.models.layers import (
+    Block,
+    SoftRouterFFN,
+    Tokens,
+    init_weights,
+    padding_bias,
+    padding_block_mask,
+    padding_fill,
+)
 from eve_ds.models.weights import load_state_dict_strict, read_native_export
 
 
@@ -231,4 +239,8 @@ class EVEModel(nn.Module):
         tokens = Tokens(n_image, keep_ids, key_padding, valid, num_real=num_real)
         if self.cfg.attention_kernel == "flex" and key_padding is not None:
             tokens.block_mask = padding_block_mask(key_padding)  # once for all blocks, outside any graph
+        elif key_padding is not None:  # the padding's float mask, once instead of in every block
+            rel = self.cfg.rel_pos_bias and n_image > 0
+            fill = padding_fill(self.cfg.attention_kernel, rel, x.dtype)
+            tokens.padding_bias = padding_bias(key_padding, fill, x.dtype)
         return tokens

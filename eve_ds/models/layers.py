@@ -44,6 +44,10 @@ class Tokens:
         static size and is found without reading the device; None finds it with `nonzero` (a host sync).
     block_mask: FlexAttention's mask of the padded keys (`padding_block_mask`), built once per forward pass
         for `attention_kernel="flex"`; None when there is no padding or another kernel runs.
+    padding_bias: (B, 1, 1, N) 0 on real keys, `padding_fill` on padded ones, in the blocks' dtype: the
+        float mask of the padding that every block would make (the additive mask's part, or what SDPA makes
+        of the boolean mask), made once per forward pass (`padding_bias`); the blocks' outputs are bit for
+        bit the same. None when there is no padding or the kernel is "flex".
     """
 
     n_image: int
@@ -53,6 +57,7 @@ class Tokens:
     valid_index: Tensor | None = None
     num_real: int | None = None
     block_mask: BlockMask | None = None
+    padding_bias: Tensor | None = None
 
     def real_index(self) -> Tensor:
         if self.valid_index is None:
@@ -63,6 +68,18 @@ class Tokens:
                 # The same positions in the same order; sync-free on CUDA (a static output size).
                 self.valid_index = torch.nonzero_static(flat, size=self.num_real).squeeze(1)
         return self.valid_index
+
+
+def padding_fill(kernel: str, rel: bool, dtype: torch.dtype) -> float:
+    """The additive mask's value on padded keys in `Attention`: SDPA's own -inf for the boolean mask of the
+    "sdpa" kernel, the float mask's finfo.min when the relative position bias (`rel`) or "sdpa_bias" is on."""
+    return float("-inf") if kernel != "sdpa_bias" and not rel else torch.finfo(dtype).min
+
+
+def padding_bias(key_padding: Tensor, fill: float, dtype: torch.dtype) -> Tensor:
+    """key_padding (B, N) True on padded keys -> (B, 1, 1, N): 0, or `fill` on the padded keys."""
+    neg = torch.zeros(key_padding.shape, dtype=dtype, device=key_padding.device)
+    return neg.masked_fill(key_padding, fill)[:, None, None, :]
 
 
 class RelativePositionBias(nn.Module):
@@ -175,8 +192,9 @@ class Attention(nn.Module):
             pad = n - tokens.n_image
             bias = F.pad(rel, (0, pad, 0, pad)).to(dtype)
         if tokens.key_padding is not None:
-            neg = torch.zeros(tokens.key_padding.shape, dtype=dtype, device=tokens.key_padding.device)
-            neg = neg.masked_fill(tokens.key_padding, torch.finfo(dtype).min)[:, None, None, :]
+            neg = tokens.padding_bias
+            if neg is None or neg.dtype != dtype:
+                neg = padding_bias(tokens.key_padding, torch.finfo(dtype).min, dtype)
             bias = neg if bias is None else bias + neg
         return bias
 
@@ -202,8 +220,10 @@ class Attention(nn.Module):
         elif self.kernel == "sdpa_bias" or rel:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.attn_bias(tokens, N, q.dtype))
         else:  # "sdpa", or "flex" with nothing to mask
-            keep = None if tokens.key_padding is None else ~tokens.key_padding[:, None, None, :]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+            mask = tokens.padding_bias
+            if tokens.key_padding is not None and (mask is None or mask.dtype != q.dtype):
+                mask = ~tokens.key_padding[:, None, None, :]  # SDPA turns it into `padding_bias` itself
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
