@@ -273,9 +273,9 @@ def test_towers_return_one_level_per_feature_layer():
 # -- counts ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flavor", ["evlm_tiny", "evlm_tiny_moe"])
-def test_analytic_counts_equal_the_built_model(flavor):
-    cfg = get_config(flavor, media_token_id=MEDIA)
+@pytest.mark.parametrize("flavor,time_embed", [("evlm_tiny", 0), ("evlm_tiny_moe", 0), ("evlm_tiny", 4)])
+def test_analytic_counts_equal_the_built_model(flavor, time_embed):
+    cfg = get_config(flavor, media_token_id=MEDIA, video_time_embed=time_embed)
     counts = param_counts(cfg)
     model = EVLMModel(cfg)
     assert counts["total_params"] == sum(p.numel() for p in model.parameters())

@@ -206,3 +206,37 @@ def test_prompts_of_several_layouts_decode_together_as_each_alone_and_read_their
     multi = [p for p in prompts if len(p.media) > 1]
     flipped = decode(model, multi, feats, lambda p: p.media[::-1], 256)
     assert flipped != [together[prompts.index(p)] for p in multi]  # the order of the images reaches the text
+
+
+def test_the_frame_table_starts_at_zero_and_lets_the_text_read_the_order_of_the_frames(tok):
+    """model.video_time_embed: with its table at zero the model is the one without it; trained (here: set at
+    random), reversing a clip's frames changes what the text reads, and stills are untouched."""
+    ds = CaptionScenes(6, "train", 0, 64, tok, 8, extra_kinds={"video": 0.5})
+    batch = collate([ds[i] for i in range(6)])
+    assert batch["num_slots"] == VIDEO_FRAMES and {ds[i]["kind"] for i in range(6)} >= {"video"}
+    batch["images"] = batch.pop("image").float() / 255
+    logits = {}
+    for frames in (0, VIDEO_FRAMES):
+        torch.manual_seed(0)
+        model = EVLMModel(evlm_tiny(media_token_id=1, video_time_embed=frames)).eval()
+        for layer in model.layers:
+            layer.xattn.attn_gate.data.fill_(2.0)
+            layer.xattn.ff_gate.data.fill_(2.0)
+        with torch.no_grad():
+            logits[frames] = model(batch).logits
+    assert torch.equal(logits[0], logits[VIDEO_FRAMES])
+    assert any(p is model.time_embed for p in model.trainable_parameters("stage1")["fusion"])
+    with torch.no_grad():
+        model.time_embed.normal_()
+        video = [i for i in range(6) if ds[i]["kind"] == "video"]
+        order = torch.arange(len(batch["images"]))
+        for i in video:  # reverse every clip's frames
+            rows = (batch["image_slot"][:, 0] == i).nonzero().flatten()
+            order[rows] = rows.flip(0)
+        forward = model(batch).logits
+        backward = model({**batch, "images": batch["images"][order]}).logits
+    still = [i for i in range(6) if i not in video]
+    assert not torch.allclose(forward[video], backward[video])
+    torch.testing.assert_close(forward[still], logits[0][still])
+    with pytest.raises(ValueError, match=re.escape("a clip of 4 frames; model.video_time_embed=2")):
+        EVLMModel(evlm_tiny(media_token_id=1, video_time_embed=2))(batch)

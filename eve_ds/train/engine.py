@@ -90,6 +90,7 @@ NO_DECAY_NAMES = (
     "relative_position_bias_table",
     "modality_bias",
     "media_tokens",  # EVLM's learned image tokens (a table, like the [CLS] and mask tokens)
+    "time_embed",  # EVLM's opt-in frame table (model.video_time_embed)
 )
 
 

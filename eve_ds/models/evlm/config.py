@@ -69,6 +69,11 @@ class EVLMConfig:
     media_token: str = "<|evlm_media|>"
     media_token_id: int = -1  # -1: looked up as `media_token` in the tokenizer of lm_path
     init_std: float = 0.02
+    # Video [ours, after Flamingo's learned temporal embeddings]: a learned table of this many rows, row f
+    # added to the ViT features (every level) of a clip's frame f before the cross-attention reads them,
+    # zero at initialisation (the model is the one without it). The text reads a clip's frames as one set
+    # of keys, so without it their order reaches the text only through the media tokens in the LM. 0: off.
+    video_time_embed: int = 0
     # The freeze policy the model is built with (`EVLMModel.trainable_parameters`): one of STAGES.
     stage: str = "stage1"
     # EVLM-MoE ([paper] N copies x M slices, top-k, + a world expert; [ours] tanh(beta) gate at 0).
@@ -119,6 +124,7 @@ class EVLMConfig:
             f"a divisor of the cross-attention width r_xc * h = {self.xattn_dim}",
         )
         check(self.num_media_tokens >= 1, "model.num_media_tokens", self.num_media_tokens, ">= 1")
+        check(self.video_time_embed >= 0, "model.video_time_embed", self.video_time_embed, ">= 0 (0: off)")
         # DeepSpeed's TopKGate sends k > 2 to `topkgating`, so any k up to the expert count works.
         e = self.num_experts
         check(1 <= self.top_k <= e, "model.top_k", self.top_k, f"in [1, num_experts={e}]")

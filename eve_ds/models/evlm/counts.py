@@ -76,9 +76,10 @@ def param_counts(cfg: EVLMConfig) -> dict:
         "vision": vision_params(cfg),
         "xattn": n_layers * (x["attn"] + x["ffn"]),
         "media_tokens": cfg.num_media_tokens * cfg.lm_hidden,
+        "time_embed": cfg.video_time_embed * cfg.vision_width,
     }
     total = sum(parts.values())
-    fusion = parts["xattn"] + parts["media_tokens"]
+    fusion = parts["xattn"] + parts["media_tokens"] + parts["time_embed"]
     trainable = {"stage1_early": fusion}
     kept = max(cfg.feature_layers) + 1
     for stage in STAGES:

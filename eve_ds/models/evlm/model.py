@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from eve_ds.models.evlm.config import VISION_TRAINABLE_FROM, EVLMConfig
+from eve_ds.models.evlm.masks import slot_ranges
 from eve_ds.models.evlm.moe_xattn import WorldMoE, upcycle
 from eve_ds.models.evlm.vision import build_vision, set_trainable_from
 from eve_ds.models.evlm.wrap import XAttnDecoderLayer, layer_levels, wrap_decoder_layers
@@ -94,6 +95,9 @@ class EVLMModel(nn.Module):
         self.vision = build_vision(cfg, tower)
         self.media_tokens = nn.Parameter(torch.empty(cfg.num_media_tokens, cfg.lm_hidden))
         trunc_normal_(self.media_tokens, std=cfg.init_std)
+        self.time_embed = None
+        if cfg.video_time_embed:
+            self.time_embed = nn.Parameter(torch.zeros(cfg.video_time_embed, cfg.vision_width))
         levels = layer_levels(lm_cfg.num_hidden_layers, len(cfg.feature_layers), cfg.level_map)
         self.layers = wrap_decoder_layers(self.lm, self._xattn, levels)
         self.init_experts(ep_rank=0)  # a trainer with ep_size > 1 draws its rank's experts again
@@ -134,6 +138,8 @@ class EVLMModel(nn.Module):
                 p.requires_grad_(True)
             return {"fusion": lm, "vision": []}
         fusion = [self.media_tokens, *(p for layer in self.layers for p in layer.xattn.parameters())]
+        if self.time_embed is not None:
+            fusion.append(self.time_embed)
         for p in fusion:
             p.requires_grad_(True)
         return {"fusion": fusion, "vision": set_trainable_from(self.vision, VISION_TRAINABLE_FROM[stage])}
@@ -216,9 +222,24 @@ class EVLMModel(nn.Module):
         idx = (is_media.cumsum(1) - 1).clamp(min=0) % K  # (B, S) index of each placeholder in its run
         return torch.where(is_media[..., None], self.media_tokens[idx].to(x.dtype), x)
 
+    def with_time(self, feats: list[Tensor], clip_of_slot: Tensor | None) -> list[Tensor]:
+        """feats [(B, M, 1 + P, Dv)] per level, clip_of_slot (B, M) -> the features with `time_embed`'s row f
+        added to the slots that are frame f of a clip (as they are with `video_time_embed` off, or without
+        clips)."""
+        if self.time_embed is None or clip_of_slot is None:
+            return feats
+        first, _ = slot_ranges(clip_of_slot)
+        frame = torch.arange(clip_of_slot.shape[1], device=first.device) - first  # (B, M); stills: 0
+        F = self.time_embed.shape[0]
+        if int(frame.max()) >= F:  # one host read per forward, with the option on
+            raise ValueError(f"a clip of {int(frame.max()) + 1} frames; model.video_time_embed={F} rows")
+        add = self.time_embed[frame] * (clip_of_slot >= 0)[..., None]  # (B, M, Dv)
+        return [f + add[:, :, None].to(f.dtype) for f in feats]
+
     def media(
-        self, images: Tensor | None, image_slot: Tensor, B: int, M: int, lo: Tensor, hi: Tensor
-    ) -> Media:
+        self, images: Tensor | None, image_slot: Tensor, B: int, M: int, lo: Tensor, hi: Tensor,
+        clip_of_slot: Tensor | None = None,
+    ) -> Media:  # fmt: skip
         """images: (N, 3, H, W); image_slot: (N, 2) = (row, slot) -> Media with feats [(B, M, 1 + P, Dv)]
         per level (unused slots zero: no interval covers them)."""
         if images is None or images.shape[0] == 0:
@@ -238,7 +259,7 @@ class EVLMModel(nn.Module):
             full = level.new_zeros(B, M, *level.shape[1:])
             full[rows, slots] = level
             feats.append(full)
-        return Media(feats, lo, hi)
+        return Media(self.with_time(feats, clip_of_slot), lo, hi)
 
     def _images_per_row(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, int]:
         """-> image_slot (N, 2), images per row (B,), slots per row M."""
@@ -262,7 +283,15 @@ class EVLMModel(nn.Module):
         slot, per_row, M = self._images_per_row(batch)
         media = None
         if self.cfg.stage != "stage0":
-            media = self.media(batch.get("images"), slot, ids.shape[0], M, batch["lo"], batch["hi"])
+            media = self.media(
+                batch.get("images"),
+                slot,
+                ids.shape[0],
+                M,
+                batch["lo"],
+                batch["hi"],
+                batch.get("clip_of_slot"),
+            )
             media.valid = batch.get("valid")
         out = self.lm(
             inputs_embeds=self.embed(ids, per_row),
@@ -299,7 +328,9 @@ class EVLMModel(nn.Module):
         B, S = ids.shape
         slot, per_row, M = self._images_per_row(batch)
         if media is None:
-            media = self.media(batch.get("images"), slot, B, M, batch["lo"], batch["hi"])
+            media = self.media(
+                batch.get("images"), slot, B, M, batch["lo"], batch["hi"], batch.get("clip_of_slot")
+            )
         pos = batch.get("position_ids")
         pos = torch.arange(S, device=ids.device).expand(B, S) if pos is None else pos
         embeds = self.embed(ids, per_row)

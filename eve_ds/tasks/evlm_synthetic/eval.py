@@ -199,7 +199,9 @@ def decode(
             [torch.arange(B, device=device).repeat_interleave(M), torch.arange(M, device=device).repeat(B)], 1
         )
         batch["num_slots"] = M
-        media = Media([f[index] for f in feats], batch["lo"], batch["hi"])
+        media = Media(
+            backbone.with_time([f[index] for f in feats], batch["clip_of_slot"]), batch["lo"], batch["hi"]
+        )
         tokens = backbone.generate_greedy(batch, steps, ids[EOS], media=media)
         for n, row in zip(chunk, tokens.tolist()):
             words = [VOCAB[t] for t in row]
