@@ -64,6 +64,15 @@ def make_batch(cfg, B: int = 2, L: int = 12, seed: int = 0) -> dict:
     return {"image": image, "text_ids": ids, "text_mask": mask}
 
 
+def open_gates(model, value: float = 2.0):
+    """An EVLM model with every cross-attention gate set to `value` (they start at 0, where the images change
+    nothing): the images steer the tokens. -> the model."""
+    for layer in model.layers:
+        layer.xattn.attn_gate.data.fill_(value)
+        layer.xattn.ff_gate.data.fill_(value)
+    return model
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: one intra-op thread is faster than two, a lot faster on a shared, loaded CPU."""

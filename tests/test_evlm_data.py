@@ -13,7 +13,7 @@ import random
 
 import pytest
 import torch
-from conftest import image_bytes, read_tars
+from conftest import image_bytes, open_gates, read_tars
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
@@ -400,9 +400,7 @@ def tiny_model():
     torch.manual_seed(0)
     model = EVLMModel(get_config("evlm_tiny", media_token_id=MEDIA, num_media_tokens=K, image_size=S,
                                  vision_patch=8)).eval()  # fmt: skip
-    for layer in model.layers:  # open gates: the images change the logits
-        layer.xattn.attn_gate.data.fill_(1.0)
-        layer.xattn.ff_gate.data.fill_(1.0)
+    open_gates(model, 1.0)  # the images must steer the tokens
     return model
 
 

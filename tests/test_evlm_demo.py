@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import open_gates
 from transformers import AutoModelForCausalLM
 
 from eve_ds.cli.pretrain import main
@@ -80,9 +81,7 @@ def test_rows_tokenise_without_unknown_words_and_label_only_the_answer(tmp_path)
 def test_greedy_decoding_with_the_kv_cache_equals_recomputing_without_it():
     torch.manual_seed(0)
     model = EVLMModel(evlm_tiny(media_token_id=1)).eval()
-    for layer in model.layers:  # open the gates: the images must steer the tokens
-        layer.xattn.attn_gate.data.fill_(2.0)
-        layer.xattn.ff_gate.data.fill_(2.0)
+    open_gates(model)  # the images must steer the tokens
     rows = [layout_row([[{"image": 0}, {"text": [3, 5 + i, 7]}]], 1, 8) for i in range(4)]
     batch = stack_rows(rows, 0)
     batch.update(images=torch.randn(4, 3, 64, 64), image_slot=torch.tensor([[i, 0] for i in range(4)]),
@@ -98,9 +97,7 @@ def test_greedy_decoding_with_the_kv_cache_equals_recomputing_without_it():
 def test_left_padded_prompts_of_several_lengths_decode_as_each_alone():
     torch.manual_seed(0)
     model = EVLMModel(evlm_tiny(media_token_id=1)).eval()
-    for layer in model.layers:
-        layer.xattn.attn_gate.data.fill_(2.0)
-        layer.xattn.ff_gate.data.fill_(2.0)
+    open_gates(model)  # the images must steer the tokens
     prompts = [[3, 5, 7], [4, 6, 8, 9, 10, 11], [12], [5, 6, 7, 8]]
     rows = [layout_row([[{"image": 0}, {"text": p}]], 1, 8) for p in prompts]
     images = torch.randn(4, 3, 64, 64)

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import open_gates
 
 from eve_ds.models.evlm.config import evlm_tiny
 from eve_ds.models.evlm.model import EVLMModel
@@ -182,9 +183,7 @@ def test_the_blind_control_gives_every_image_the_same_role_in_the_previous_scene
 def test_prompts_of_several_layouts_decode_together_as_each_alone_and_read_their_own_images():
     torch.manual_seed(0)
     model = EVLMModel(evlm_tiny(media_token_id=1)).eval()
-    for layer in model.layers:  # open the gates: the images must steer the tokens
-        layer.xattn.attn_gate.data.fill_(2.0)
-        layer.xattn.ff_gate.data.fill_(2.0)
+    open_gates(model)  # the images must steer the tokens
     n = 3
     where = ExtraImages(n, True, VIDEO_FRAMES)
     rng = np.random.default_rng(0)
@@ -219,9 +218,7 @@ def test_the_frame_table_starts_at_zero_and_lets_the_text_read_the_order_of_the_
     for frames in (0, VIDEO_FRAMES):
         torch.manual_seed(0)
         model = EVLMModel(evlm_tiny(media_token_id=1, video_time_embed=frames)).eval()
-        for layer in model.layers:
-            layer.xattn.attn_gate.data.fill_(2.0)
-            layer.xattn.ff_gate.data.fill_(2.0)
+        open_gates(model)  # the images must steer the tokens
         with torch.no_grad():
             logits[frames] = model(batch).logits
     assert torch.equal(logits[0], logits[VIDEO_FRAMES])

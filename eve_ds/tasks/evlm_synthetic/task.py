@@ -118,7 +118,7 @@ class EVLMSyntheticTask(Task):
         if dataset.text_only:
             model.train(was_training)
             return {**out, "num_samples": len(dataset)}
-        out |= self.generated(model.encoder, items, mine, split, device, dtype, counted)
+        out |= self.generated(model.encoder, items, mine, dataset, device, dtype, counted)
         model.train(was_training)
         return {**out, "num_samples": len(dataset)}
 
@@ -145,15 +145,15 @@ class EVLMSyntheticTask(Task):
         backbone,
         items: list[dict],
         indices: list[int],
-        split: str,
+        dataset: CaptionScenes,
         device,
         dtype,
         counted: int | None = None,
     ) -> dict:
-        """Greedy answers and captions of every scene, with its image and with the previous scene's; the
-        scenes from `counted` on are decoded (equal forwards on every rank) but left out of the metrics."""
-        seed = self.cfg.synthetic_seed
-        dataset = self.dataset(split)
+        """Greedy answers and captions of the scenes of `dataset` at `indices` (`items`), with their images and
+        with the previous scene's; the scenes from `counted` on are decoded (equal forwards on every rank)
+        but left out of the metrics."""
+        seed, split = self.cfg.synthetic_seed, dataset.split
         scenes = [it["scene"] for it in items]
         n, size = len(items), self.ctx.image_size
         kinds = sorted(dataset.extra_kinds)
